@@ -1,0 +1,1 @@
+"""cmserve service package."""
