@@ -97,9 +97,7 @@ class CheckpointMeta:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"config metadata is incomplete or invalid: {e}") from None
         if meta.class_names is not None and len(meta.class_names) != config.num_classes:
-            raise CheckpointError(
-                f"{len(meta.class_names)} class names for a model with {config.num_classes} classes"
-            )
+            raise CheckpointError(f"{len(meta.class_names)} class names for a model with {config.num_classes} classes")
         return meta
 
 
@@ -173,9 +171,7 @@ def read_header(data: bytes, name: str = "file") -> dict[str, Any]:
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER_BYTES or n > len(data) - 8:
         hint = " (a pickle or zip file, not safetensors?)" if data[:2] in (b"\x80\x02", b"PK") else ""
-        raise CheckpointError(
-            f"{name}: header length {n} exceeds the file or the {MAX_HEADER_BYTES}-byte limit{hint}"
-        )
+        raise CheckpointError(f"{name}: header length {n} exceeds the file or the {MAX_HEADER_BYTES}-byte limit{hint}")
     try:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -202,8 +198,9 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Te
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        parts = [f"missing tensors {missing[:5]}" if missing else "", f"unexpected tensors {extra[:5]}" if extra else ""]
-        raise CheckpointError(f"{name}: weights do not match the config: " + "; ".join(p for p in parts if p))
+        parts = [f"missing tensors {missing[:5]}"] if missing else []
+        parts += [f"unexpected tensors {extra[:5]}"] if extra else []
+        raise CheckpointError(f"{name}: weights do not match the config: " + "; ".join(parts))
     for key, ref in expected.items():
         t = tensors[key]
         if t.shape != ref.shape:
@@ -245,4 +242,3 @@ def recommended_sigmas(meta: CheckpointMeta, steps: int) -> list[float]:
     if steps in meta.schedules:
         return list(meta.schedules[steps])
     return default_sigmas(steps, meta.config.sigma_min, meta.config.sigma_max)
-

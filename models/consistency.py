@@ -54,11 +54,11 @@ class ConsistencyModel(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in boundary_scalings(sigma, self.sigma_min, self.sigma_data))
+        scalings = boundary_scalings(sigma, self.sigma_min, self.sigma_data)
+        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in scalings)  # each (B, 1, 1, 1)
         c_noise = noise_conditioning(sigma, self.cfg.embedding)
         f_x = self.backbone((c_in * x).to(x.dtype), c_noise, class_labels)
         return (c_skip * x + c_out * f_x.to(torch.float32)).to(x.dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,9 +14,7 @@ RHO = 7.0
 LABEL_SEED_SALT = 0x5DEECE66D  # keeps an image's class-label draw apart from its noise stream
 
 
-def karras_sigmas(
-    n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
-) -> torch.Tensor:
+def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> torch.Tensor:
     """Ascending Karras grid σ_1 < … < σ_n (EDM eq. 5; CM §3, iCT §3), float64."""
     if n < 2:
         raise ValueError(f"a Karras grid needs n >= 2 levels, got {n}")
@@ -49,7 +48,7 @@ def validate_sigmas(sigmas: Sequence[float], sigma_min: float, sigma_max: float)
         raise ValueError("sigmas must be finite numbers")
     if sig[0] > sigma_max:
         raise ValueError(f"sigmas[0] = {sig[0]} exceeds sigma_max = {sigma_max}")
-    if any(b >= a for a, b in zip(sig, sig[1:], strict=False)):
+    if any(b >= a for a, b in itertools.pairwise(sig)):
         raise ValueError(f"sigmas must be strictly decreasing, got {sig}")
     if sig[-1] <= sigma_min:
         raise ValueError(f"every sigma must be > sigma_min = {sigma_min}, got {sig[-1]}")

@@ -180,9 +180,7 @@ class UNet(nn.Module):
             raise ValueError("this model is unconditional: class_labels must be None")
         return F.silu(self.map1(emb))
 
-    def forward(
-        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.embed(c_noise, class_labels)
         h = self.conv_in(x)
         skips = [h]

@@ -1,0 +1,99 @@
+"""Small inspection commands: `python -m models info PRESET|FILE` and `python -m models sample FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .checkpoint import CheckpointError, load, recommended_sigmas
+from .config import PRESETS, ModelConfig, preset
+from .consistency import ConsistencyModel
+from .sampling import sample, to_uint8
+
+
+def flops_per_image(model: ConsistencyModel) -> int:
+    """FLOPs of one f(x, σ) evaluation for a single image (multiply-add = 2 FLOPs)."""
+    cfg = model.cfg
+    x = torch.zeros(1, *cfg.image_shape)
+    labels = torch.zeros(1, dtype=torch.long) if cfg.num_classes else None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.ones(1), labels)
+    return counter.get_total_flops()
+
+
+def describe(cfg: ModelConfig, model: ConsistencyModel) -> str:
+    lines = [f"{k:>18}: {v}" for k, v in cfg.to_dict().items()]
+    lines.append(f"{'parameters':>18}: {model.num_parameters():,} ({model.num_parameters() / 1e6:.2f} M)")
+    lines.append(f"{'GFLOPs per image':>18}: {flops_per_image(model) / 1e9:.4f} (one network evaluation)")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    target = args.target
+    if target in PRESETS:
+        cfg = preset(target)
+        print(f"preset {target}\n{describe(cfg, ConsistencyModel.from_config(cfg))}")
+        return
+    if not Path(target).exists():
+        raise SystemExit(f"error: {target!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+    ck = load(target)
+    meta = ck.meta
+    print(f"checkpoint {target} (sha256 {ck.sha256[:16]}…)\n{describe(meta.config, ck.model)}")
+    print(f"{'preset':>18}: {meta.preset}\n{'training step':>18}: {meta.training_step}")
+    print(f"{'class names':>18}: {meta.class_names}\n{'schedules':>18}: {meta.schedules}")
+    print(f"{'provenance':>18}: {meta.provenance}")
+
+
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """(B, H, W, C) uint8 -> one (rows*H, columns*W, C) grid, empty cells black."""
+    b, h, w, c = images.shape
+    rows = math.ceil(b / columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    return grid
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    ck = load(args.checkpoint)
+    sigmas = recommended_sigmas(ck.meta, args.steps)
+    images = to_uint8(sample(ck.model, [args.seed + i for i in range(args.n)], sigmas))
+    grid = image_grid(images, columns=min(args.n, 8))
+    scale = max(1, 256 // grid.shape[1])
+    pil = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+    pil.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(args.out)
+    print(f"wrote {args.n} images ({args.steps} step(s), sigmas {sigmas}) to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="parameters and GFLOPs of a preset or a checkpoint")
+    p.add_argument("target", help=f"a preset ({', '.join(sorted(PRESETS))}) or a .safetensors checkpoint")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
