@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.__main__ import flops_per_image  # noqa: E402
-from models.config import preset  # noqa: E402
-from models.consistency import ConsistencyModel  # noqa: E402
-from models.sampling import default_sigmas, sample  # noqa: E402
+from models.__main__ import flops_per_image
+from models.config import preset
+from models.consistency import ConsistencyModel
+from models.sampling import default_sigmas, sample
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
