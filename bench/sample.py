@@ -52,9 +52,10 @@ def best_rate(fn: Callable[[], object], work: float, device: torch.device, secon
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """The best dense matmul FLOP/s reached here, over sizes and (on CPU) both BLAS back ends."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     best = 0.0
-    for n in (1024, 2048, 4096):
+    for n in (1024, 2048, 4096) + ((8192,) if device.type == "cuda" else ()):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         best = max(best, best_rate(lambda a=a, b=b: a @ b, 2 * n**3, device))
@@ -62,6 +63,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> flo
             x = torch.randn(16, n, 16, 16).to(memory_format=torch.channels_last)
             w = torch.randn(n, n, 1, 1)
             best = max(best, best_rate(lambda x=x, w=w: F.conv2d(x, w), 2 * 16 * 256 * n * n, device))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     return best
 
 
@@ -74,8 +76,10 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--tf32", action="store_true", help="let cuDNN/cuBLAS use TF32 for fp32 (their default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    torch.backends.cudnn.allow_tf32 = args.tf32  # off: fp32 really is fp32, comparable with the fp32 peak
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -95,7 +99,8 @@ def main() -> None:
     peak_dtype = matmul_peak(device, dtype) if dtype != torch.float32 else peak
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# {args.preset}: {model.num_parameters() / 1e6:.2f} M parameters, {flops / 1e9:.4f} GFLOPs per evaluation")
-    print(f"# device {name}, threads {torch.get_num_threads()}, dtype {args.dtype}, compile {args.compile}")
+    print(f"# device {name}, threads {torch.get_num_threads()}, dtype {args.dtype}, compile {args.compile}, "
+          f"tf32 {args.tf32}, torch {torch.__version__}")
     print(f"# measured matmul peak: fp32 {peak / 1e12:.3f} TFLOP/s, {args.dtype} {peak_dtype / 1e12:.3f} TFLOP/s")
     print(f"{'steps':>5} {'batch':>6} {'images/s':>10} {'ms/batch':>9} {'MFU fp32':>9} {'MFU dtype':>9}")
     results = []

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one short script, for a machine with one NVIDIA GPU.
+# Writes its results under $OUT (default ./artifacts/gpu) and prints a summary; about 6-8 minutes on an H100.
+#   OUT=/tmp/gpu bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-artifacts/gpu}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log() { echo "=== $* ($(date +%T))"; }
+
+{
+log "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+
+log "tests marked gpu"
+$PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+
+log "sampling: cifar10 preset, bf16 and fp32, eager and torch.compile (issue 2)"
+for dtype in bf16 fp32; do
+  $PY bench/sample.py --preset cifar10 --device cuda --dtype $dtype --batches 1,64,256 --steps 1,2 \
+    --json "$OUT/sample_cifar10_${dtype}_eager.json"
+  $PY bench/sample.py --preset cifar10 --device cuda --dtype $dtype --batches 256 --steps 1,2 --compile \
+    --channels-last --json "$OUT/sample_cifar10_${dtype}_compile.json"
+done
+
+if [ -f bench/train_speed.py ]; then
+  log "training throughput: cifar10 preset, bf16 (issue 3)"
+  $PY bench/train_speed.py --preset cifar10 --device cuda --precision bf16 --json "$OUT/train_cifar10_bf16.json"
+fi
+
+if [ -f bench/load.py ] && $PY -c 'import fastapi, uvicorn, pydantic_settings' 2>/dev/null; then
+  log "serving: cifar10 preset through the HTTP service on the GPU (issue 4)"
+  $PY bench/load.py --gpu-check --out "$OUT/load_cifar10.json"
+fi
+} 2>&1 | tee "$OUT/gpu_check.log"
