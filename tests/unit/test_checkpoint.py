@@ -90,12 +90,14 @@ def test_load_needs_nothing_but_the_file(saved: Path, tiny_model: ConsistencyMod
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
     code = (
         "import sys, torch; from models.checkpoint import load\n"
+        "torch.set_num_threads(int(sys.argv[3]))  # the same reduction order as the parent\n"
         "io = torch.load(sys.argv[2], weights_only=True)\n"
         "m = load(sys.argv[1]).model\n"
         "out = m(io['x'], torch.tensor([80.0, 1.0]), torch.tensor([3, 4]))\n"
         "sys.exit(0 if torch.equal(out, io['expected']) else 1)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(saved), str(tmp_path / "io.pt")], cwd=ROOT)
+    args = [sys.executable, "-c", code, str(saved), str(tmp_path / "io.pt"), str(torch.get_num_threads())]
+    result = subprocess.run(args, cwd=ROOT)
     assert result.returncode == 0
 
 

@@ -1,0 +1,395 @@
+"""Closed-loop load against a real `python -m service` process, with the ceilings measured in the same run.
+
+    python bench/load.py                          # digits: concurrency 1,4,16,64 × n 1,8 × 1-step, 2-step, mix
+    python bench/load.py --duration 3 --concurrency 1,64 --n 1
+
+The load comes from wrk (Debian's `apt-get install -y wrk`) with bench/wrk/post.lua: one C process drives
+thousands of requests per second, so the client is not the bottleneck (the bare-endpoint figure below is
+the proof). A "mix" runs two wrk processes at once, half the connections sending 1-step requests and half
+4-step ones, so each step count gets its own latency percentiles.
+
+Printed for each scenario: images/s, p50/p95/p99 latency per step count, mean images per network
+evaluation (from the server's /metrics), and the ceilings:
+  model     the engine alone (no HTTP): images/s at the batch size the scenario can reach, best thread count
+  HTTP      a bare FastAPI endpoint returning a fixed PNG, same uvicorn, same wrk concurrency (requests/s)
+  combined  1 / (1/model + 1/(HTTP × n)) images/s: the two share the same cores
+Targets (CPU, digits): concurrency 64 images/s ≥ 0.8 × combined (n = 1 and 8); concurrency 1 p50 ≤ one
+forward pass + 3 ms; 1-step p99 under the 1/4 mix ≤ 1.5 × 1-step p99 alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models import checkpoint  # noqa: E402
+from models.config import preset  # noqa: E402
+from models.consistency import ConsistencyModel  # noqa: E402
+from service.engine import Engine  # noqa: E402
+from service.registry import EMBEDDED_DEFAULT  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
+MIX = "mix"  # half the connections 1-step, half 4-step
+
+
+# ---------------------------------------------------------------------- ceilings
+
+
+def model_ceiling(path: Path, batches: list[int], seconds: float = 1.0) -> dict[int, dict[str, float]]:
+    """Per batch size: the best evaluation time over 1 and all-CPU torch threads (the engine, no HTTP)."""
+    loaded = checkpoint.load(path)
+    engine = Engine(loaded.model)
+    shape = loaded.meta.config.image_shape
+    saved = torch.get_num_threads()
+    results: dict[int, dict[str, float]] = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        for b in batches:
+            x, sigma = torch.randn(b, *shape), torch.full((b,), 80.0)
+            labels = torch.zeros(b, dtype=torch.long) if loaded.meta.config.num_classes else None
+            for _ in range(3):
+                engine.evaluate(x, sigma, labels)
+            times = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end or len(times) < 5:
+                t = time.perf_counter()
+                engine.evaluate(x, sigma, labels)
+                times.append(time.perf_counter() - t)
+            median = statistics.median(times)
+            best = results.get(b)
+            if best is None or median < best["forward_s"]:
+                results[b] = {"forward_s": median, "images_per_s": b / median, "threads": threads}
+    torch.set_num_threads(saved)
+    return results
+
+
+def bare_app() -> Any:
+    """The HTTP-alone ceiling: FastAPI answering POST /v1/generate with a fixed 8x8 PNG (imported lazily)."""
+    import numpy as np
+    from fastapi import FastAPI
+    from starlette.responses import Response
+
+    from service.encode import encode_png
+
+    png = encode_png(np.full((8, 8, 1), 128, dtype=np.uint8))
+    app = FastAPI()
+
+    @app.post("/v1/generate")
+    async def generate() -> Response:
+        return Response(png, media_type="image/png")
+
+    return app
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} not ready within {timeout} s")
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(ready_url, proc)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sum of every cmserve_ sample by name (labels dropped)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("cmserve_"):
+                totals[s.name] = totals.get(s.name, 0.0) + s.value
+    return totals
+
+
+# ---------------------------------------------------------------------- wrk
+
+
+@dataclass
+class WrkRun:
+    body: dict[str, Any]
+    connections: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.stats["requests"] / (self.stats["duration_us"] / 1e6)
+
+    @property
+    def errors(self) -> int:
+        keys = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+        return int(sum(self.stats[k] for k in keys))
+
+
+def start_wrk(url: str, run: WrkRun, duration: float) -> subprocess.Popen[str]:
+    env = {**os.environ, "WRK_BODY": json.dumps(run.body)}
+    seconds = max(1, round(duration))
+    argv = ["wrk", "-t1", f"-c{run.connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(WRK_SCRIPT),
+            url + "/v1/generate"]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_wrk(proc: subprocess.Popen[str], run: WrkRun) -> None:
+    out, _ = proc.communicate()
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no result:\n{out}")
+    run.stats = json.loads(line.removeprefix("WRK_JSON "))
+
+
+def drive(url: str, runs: list[WrkRun], duration: float) -> None:
+    """Run the wrk processes at the same time."""
+    procs = [start_wrk(url, run, duration) for run in runs]
+    for proc, run in zip(procs, runs, strict=True):
+        finish_wrk(proc, run)
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Scenario:
+    concurrency: int
+    n: int
+    steps: int | str  # 1, 2 or MIX
+    runs: list[WrkRun] = field(default_factory=list)
+    images_per_forward: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"c={self.concurrency:<3d} n={self.n:<2d} steps={self.steps}"
+
+    def plan(self) -> list[WrkRun]:
+        if self.steps == MIX:
+            half = self.concurrency // 2
+            return [WrkRun({"n": self.n, "steps": 1}, half), WrkRun({"n": self.n, "steps": 4}, half)]
+        return [WrkRun({"n": self.n, "steps": self.steps}, self.concurrency)]
+
+    @property
+    def images_per_s(self) -> float:
+        return sum(r.requests_per_s * r.body["n"] for r in self.runs)
+
+    @property
+    def mean_steps(self) -> float:
+        done = [(r.requests_per_s * r.body["n"], r.body["steps"]) for r in self.runs]
+        total = sum(images for images, _ in done)
+        return sum(images * steps for images, steps in done) / total if total else 1.0
+
+
+def run_scenario(url: str, scenario: Scenario, duration: float) -> None:
+    before = scrape(url)
+    scenario.runs = scenario.plan()
+    drive(url, scenario.runs, duration)
+    after = scrape(url)
+    count = after["cmserve_batch_size_count"] - before["cmserve_batch_size_count"]
+    images = after["cmserve_batch_size_sum"] - before["cmserve_batch_size_sum"]
+    scenario.images_per_forward = images / count if count else 0.0
+
+
+def model_images_per_s(model: dict[int, dict[str, float]], batch: int, steps: float) -> float:
+    """Engine-alone images/s for `steps`-step images at the largest measured batch ≤ `batch`."""
+    usable = max(b for b in model if b <= batch)
+    return model[usable]["images_per_s"] / steps
+
+
+def combined(model_img_s: float, http_req_s: float, n: int) -> float:
+    """1 / (1/model + 1/HTTP) per image: the model and the HTTP work share the cores."""
+    return 1 / (1 / model_img_s + 1 / (http_req_s * n))
+
+
+# ---------------------------------------------------------------------- main
+
+
+def default_checkpoint(tmp: Path) -> tuple[Path, str]:
+    if EMBEDDED_DEFAULT.is_file():
+        return EMBEDDED_DEFAULT, "embedded default (trained)"
+    torch.manual_seed(0)
+    model = ConsistencyModel.from_config(preset("digits"))
+    path = checkpoint.save(tmp / "digits-random.safetensors", model, preset="digits")
+    return path, "digits preset, random weights (the embedded default does not exist yet; same cost per image)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="model to serve (default: the embedded digits model)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--n", default="1,8", help="images per request")
+    parser.add_argument("--steps", default="1,2,mix", help="1, 2 and/or mix (half 1-step, half 4-step clients)")
+    parser.add_argument("--max-batch", type=int, default=256, help="CM_MAX_BATCH of the server")
+    parser.add_argument("--log-level", default="info", help="CM_LOG_LEVEL of the server (one JSON line per request)")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.serve_bare:
+        import uvicorn
+
+        uvicorn.run(bare_app(), host="127.0.0.1", port=args.serve_bare, log_level="warning", access_log=False)
+        return
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    ns = [int(n) for n in args.n.split(",")]
+    step_kinds: list[int | str] = [s if s == MIX else int(s) for s in args.steps.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="cmserve-load-"))
+    ckpt, ckpt_note = default_checkpoint(tmp) if args.checkpoint is None else (args.checkpoint, str(args.checkpoint))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
+    print(f"model: {ckpt_note}")
+    print("note: server, wrk and this script share the same cores (and, on a shared machine, other jobs)\n")
+
+    # Ceiling 1: the engine alone.
+    batches = sorted({1, *(min(c * n, args.max_batch) for c in concurrency for n in ns), args.max_batch})
+    model = model_ceiling(ckpt, batches)
+    print("model ceiling (engine alone, no HTTP), one evaluation:")
+    for b, m in model.items():
+        print(f"  batch {b:4d}: {m['forward_s'] * 1e3:8.2f} ms  {m['images_per_s']:8.0f} images/s  "
+              f"({m['threads']} threads)")
+
+    # Ceiling 2: a bare FastAPI endpoint, same uvicorn, same wrk.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    port = free_port()
+    bare_url = f"http://127.0.0.1:{port}"
+    http: dict[int, float] = {}
+    with process([sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)], env,
+                 bare_url + "/docs", tmp / "bare.log"):
+        for c in concurrency:
+            run = WrkRun({"n": 1}, c)
+            drive(bare_url, [run], min(args.duration, 3.0))
+            http[c] = run.requests_per_s
+    print("\nHTTP ceiling (bare FastAPI endpoint returning a fixed PNG, wrk):")
+    for c, rps in http.items():
+        print(f"  concurrency {c:3d}: {rps:8.0f} requests/s")
+
+    # The service under load.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_env = {**env, "CM_MODELS": f"digits={ckpt}", "CM_PORT": str(port), "CM_LOG_LEVEL": args.log_level,
+                  "CM_MAX_BATCH": str(args.max_batch), "CM_MAX_IMAGES_PER_REQUEST": str(max(ns))}
+    threads = Settings(**{"max_batch": args.max_batch}).cpu_threads
+    print(f"\nservice: python -m service, CM_MAX_BATCH={args.max_batch}, torch threads {threads}, "
+          f"log level {args.log_level} (log: {tmp / 'service.log'})")
+    # A mix needs two connections (one per step count), so it starts at concurrency 2.
+    scenarios = [Scenario(c, n, s) for n in ns for s in step_kinds for c in concurrency if s != MIX or c >= 2]
+    with process([sys.executable, "-m", "service"], server_env, url + "/readyz", tmp / "service.log"):
+        drive(url, [WrkRun({"n": 1, "steps": 1}, 4)], 1.0)  # warm the path
+        header = (f"{'scenario':<24} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'img/eval':>8}  "
+                  "latency ms p50 / p95 / p99 by steps")
+        print(header)
+        for scenario in scenarios:
+            run_scenario(url, scenario, args.duration)
+            print(format_row(scenario, model, http, args.max_batch))
+    report = targets(scenarios, model, http, args.max_batch)
+    print("\ntargets:")
+    for line in report:
+        print("  " + line)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "model": {str(b): m for b, m in model.items()},
+            "http_requests_per_s": http,
+            "scenarios": [{"concurrency": s.concurrency, "n": s.n, "steps": s.steps, "images_per_s": s.images_per_s,
+                           "images_per_forward": s.images_per_forward,
+                           "runs": [{"body": r.body, "connections": r.connections, **r.stats} for r in s.runs]}
+                          for s in scenarios],
+            "targets": report,
+        }, indent=2))
+
+
+def ceiling_of(scenario: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int) -> float:
+    batch = min(scenario.concurrency * scenario.n, max_batch)
+    return combined(model_images_per_s(model, batch, scenario.mean_steps), http[scenario.concurrency], scenario.n)
+
+
+def format_row(s: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int) -> str:
+    ceiling = ceiling_of(s, model, http, max_batch)
+    latencies = "  ".join(
+        f"{r.body['steps']}-step {r.stats['p50_us'] / 1e3:.1f} / {r.stats['p95_us'] / 1e3:.1f} / "
+        f"{r.stats['p99_us'] / 1e3:.1f}" + (f" ({r.errors} errors)" if r.errors else "")
+        for r in s.runs
+    )
+    return (f"{s.name:<24} {s.images_per_s:9.0f} {ceiling:8.0f} {s.images_per_s / ceiling:6.2f} "
+            f"{s.images_per_forward:8.1f}  {latencies}")
+
+
+def targets(scenarios: list[Scenario], model: dict[int, dict[str, float]], http: dict[int, float],
+            max_batch: int) -> list[str]:
+    lines = []
+    by_key = {(s.concurrency, s.n, s.steps): s for s in scenarios}
+    for (c, n, steps), s in by_key.items():
+        if c == 64 and steps == 1:
+            ratio = s.images_per_s / ceiling_of(s, model, http, max_batch)
+            lines.append(f"c=64 n={n} 1-step: {s.images_per_s:.0f} images/s = {ratio:.2f} × combined ceiling "
+                         f"(target ≥ 0.80): {'PASS' if ratio >= 0.8 else 'MISS'}")
+        if c == 1 and steps == 1:
+            forward_ms = model[min(n, max_batch)]["forward_s"] * 1e3
+            p50 = s.runs[0].stats["p50_us"] / 1e3
+            ok = p50 <= forward_ms + 3
+            lines.append(f"c=1 n={n} 1-step: p50 {p50:.2f} ms vs one forward pass {forward_ms:.2f} ms + 3 ms: "
+                         f"{'PASS' if ok else 'MISS'}")
+        if steps == MIX and (c, n, 1) in by_key:
+            alone = by_key[(c, n, 1)].runs[0].stats["p99_us"] / 1e3
+            mixed = s.runs[0].stats["p99_us"] / 1e3
+            ok = mixed <= 1.5 * alone
+            lines.append(f"c={c} n={n}: 1-step p99 in the 1/4 mix {mixed:.1f} ms vs alone {alone:.1f} ms "
+                         f"(≤ 1.5×): {'PASS' if ok else 'MISS'}")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

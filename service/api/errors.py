@@ -1,0 +1,162 @@
+"""Domain errors become HTTP here, and only here: status codes, headers and the error JSON shape.
+
+Every error body is {"error": {"type", "message", "field"}}. Validation errors (FastAPI's 422) are
+rewritten into that shape, naming the field; nothing a client sends can produce a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from ..errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    EngineFailure,
+    InvalidRequest,
+    NotAcceptable,
+    NotReady,
+    OutOfMemory,
+    QueueFull,
+    RateLimited,
+    ServiceError,
+    Unauthorized,
+    UnknownModel,
+)
+from ..schemas import GenerateRequest
+
+logger = logging.getLogger("cmserve.api")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that went away; never reaches the client
+NOT_READY_RETRY_AFTER_S = 5
+
+# Most specific class first: the first isinstance match wins.
+ERROR_STATUS: list[tuple[type[ServiceError], int, str]] = [
+    (UnknownModel, 404, "unknown_model"),
+    (NotAcceptable, 406, "not_acceptable"),
+    (InvalidRequest, 422, "invalid_request"),
+    (Unauthorized, 401, "unauthorized"),
+    (RateLimited, 429, "rate_limited"),
+    (QueueFull, 503, "queue_full"),
+    (Draining, 503, "draining"),
+    (NotReady, 503, "not_ready"),
+    (OutOfMemory, 503, "out_of_memory"),
+    (DeadlineExceeded, 504, "deadline_exceeded"),
+    (Cancelled, CLIENT_CLOSED_REQUEST, "cancelled"),
+    (EngineFailure, 500, "internal"),
+]
+HTTP_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
+FIELDS = tuple(GenerateRequest.model_fields)
+
+
+def error_response(status: int, type_: str, message: str, field: str | None = None, headers: Any = None) -> Response:
+    body = json.dumps({"error": {"type": type_, "message": message, "field": field}}, ensure_ascii=False)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def service_error_response(error: ServiceError) -> Response:
+    """The HTTP response for a domain error."""
+    status, type_ = next(((s, t) for cls, s, t in ERROR_STATUS if isinstance(error, cls)), (500, "internal"))
+    headers: dict[str, str] = {}
+    if isinstance(error, QueueFull | RateLimited):
+        headers["Retry-After"] = str(error.retry_after_s)
+    elif isinstance(error, NotReady) and not isinstance(error, Draining):
+        headers["Retry-After"] = str(NOT_READY_RETRY_AFTER_S)
+    elif isinstance(error, OutOfMemory):
+        headers["Retry-After"] = "1"
+    elif isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(status, type_, error.message, error.field, headers)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'sigmas', 2) -> 'sigmas[2]'; union member tags ('int', 'str') are dropped; the body -> None."""
+    parts = [p for p in loc if p != "body"]
+    if not parts or not isinstance(parts[0], str):
+        return None
+    return parts[0] + "".join(f"[{p}]" for p in parts[1:] if isinstance(p, int))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f" (got {text})" if len(text) <= 80 else ""
+
+
+def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A message naming the first bad field, the value and what is allowed; and that field.
+
+    Several errors for one field (a value that fits no member of a union) are joined with 'or'.
+    """
+    error = errors[0]
+    kind, loc, msg = error.get("type", ""), tuple(error.get("loc", ())), error.get("msg", "invalid")
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {error.get('ctx', {}).get('error', msg)}", None
+    field = _field_name(loc)
+    if field is None:
+        return "request body must be a JSON object with the fields " + ", ".join(FIELDS), None
+    if kind == "extra_forbidden":
+        return f"{field}: unknown field; allowed fields: {', '.join(FIELDS)}", field
+    same = [e for e in errors if _field_name(tuple(e.get("loc", ()))) == field]
+    msgs = dict.fromkeys(str(e.get("msg", "invalid")).removeprefix("Value error, ") for e in same)
+    message = f"{field}: {' or '.join(msgs)}{_shown(error.get('input'))}"
+    others = len({_field_name(tuple(e.get("loc", ()))) for e in errors} - {field})
+    if others:
+        message += f" (and {others} more invalid field{'s' if others > 1 else ''})"
+    return message, field
+
+
+async def _on_service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return service_error_response(exc)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.lower() and any(e.get("loc") == ("body",) for e in errors):
+        return error_response(
+            415, "unsupported_media_type",
+            f"send the body as JSON with Content-Type: application/json, not {content_type}",
+        )
+    message, field = describe_validation_error(errors) if errors else ("invalid request", None)
+    return error_response(422, "invalid_request", message, field)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = HTTP_TYPES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    return error_response(exc.status_code, type_, message, None, exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(500, "internal", "internal server error; the request id identifies it in the logs")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,259 @@
+"""The HTTP routes: thin. They validate, call the scheduler and encoder, and shape responses."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import FileResponse
+from starlette.responses import Response
+
+from ..encode import MIME
+from ..errors import Cancelled, DeadlineExceeded, InvalidRequest, ServiceError
+from ..registry import ServedModel
+from ..scheduler import Job
+from ..schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    ModelInfo,
+    ModelsResponse,
+    ReadyResponse,
+    StatsResponse,
+)
+from ..state import ServiceState
+from .errors import CLIENT_CLOSED_REQUEST, error_response
+from .middleware import request_log
+from .negotiate import choose_representation
+from .security import ApiKeys, RateLimiter
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+_seeds = random.Random()  # seeds need not be secret: this is fast, and seeded from os.urandom
+NO_CACHE = {"Cache-Control": "no-store"}
+
+
+async def get_state(request: Request) -> ServiceState:  # async: a sync dependency would hop to a thread
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+async def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """Bearer key check (when CM_API_KEYS is set) and the per-key rate limit."""
+    keys: ApiKeys = request.app.state.api_keys
+    limiter: RateLimiter = request.app.state.rate_limiter
+    key = keys.check(authorization)
+    limiter.check(key)
+    return key
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON with base64 images; or, with `Accept: image/png` (jpeg, webp) and n = 1, the raw "
+        "image with its seed and schedule in the X-Seed, X-Sigmas and X-Class-Label headers",
+        "content": {mime: {"schema": {"type": "string", "format": "binary"}} for mime in MIME.values()},
+    },
+    **_errors(401, 404, 406, 413, 415, 422, 429, 500, 503, 504),
+}
+
+
+async def generate(body: GenerateRequest, request: Request, state: State) -> Response:
+    """Sample n images with one network evaluation per step, batched with other requests' images."""
+    log = request_log(request.scope)
+    state.check_ready()
+    served = state.registry.get(body.model)
+    log.model = served.name
+    settings = state.settings
+    if body.n > settings.max_images_per_request:
+        raise InvalidRequest(
+            f"n must be 1…{settings.max_images_per_request} (CM_MAX_IMAGES_PER_REQUEST), got {body.n}", field="n"
+        )
+    raw_format = choose_representation(request.headers.get("accept"), body.format, "format" in body.model_fields_set,
+                                       body.n)
+    sigmas = served.resolve_sigmas(body.steps, body.sigmas)
+    label = served.resolve_class_label(body.class_label)
+    seed = _seeds.getrandbits(63) if body.seed is None else body.seed
+    log.fields.update(n=body.n, steps=len(sigmas), seed=seed)
+
+    job = served.make_job(seed=seed, n=body.n, sigmas=sigmas, class_label=label,
+                          deadline=log.started + settings.request_timeout_s)
+    try:
+        await _run_job(state, job, request)
+    except Cancelled:
+        log.fields["status_note"] = "client disconnected"
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    fmt = raw_format or body.format
+    encoded, encode_s = await state.encoder.encode(job.images, fmt)  # type: ignore[union-attr]
+    state.metrics.observe_encode(fmt, encode_s)
+    timings = _timings_ms(job, encode_s, log.started)
+    log.fields["timings_ms"] = timings
+    labels = job.class_labels
+    if raw_format is not None:
+        return _raw_image(encoded[0], raw_format, served, seed, sigmas, labels[0])
+    return _json_images(encoded, fmt, served, seed, sigmas, labels, timings)
+
+
+async def _run_job(state: ServiceState, job: Job, request: Request) -> None:
+    """Queue the job and wait for it, racing the client's disconnect and the deadline."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    job.on_done = lambda _: loop.call_soon_threadsafe(_resolve, done)
+    state.scheduler.submit(job)
+    disconnect = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((done, disconnect), timeout=job.deadline - time.monotonic(),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+    if not done.done():
+        error: ServiceError = Cancelled("the client disconnected") if disconnect.done() and not disconnect.cancelled() \
+            else DeadlineExceeded(f"the request took longer than {state.settings.request_timeout_s:g} s "
+                                  "(CM_REQUEST_TIMEOUT_S); its remaining images were dropped")
+        state.scheduler.cancel(job, error)  # False if it finished meanwhile: then its result stands
+    if job.error is not None:
+        raise job.error
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so receive() only reports that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _timings_ms(job: Job, encode_s: float, arrived: float) -> dict[str, float]:
+    started = job.started_at or job.submitted_at
+    finished = job.finished_at or started
+    return {
+        "queue": round((started - job.submitted_at) * 1000, 3),
+        "compute": round((finished - started) * 1000, 3),
+        "encode": round(encode_s * 1000, 3),
+        "total": round((time.monotonic() - arrived) * 1000, 3),
+    }
+
+
+def _json_images(
+    encoded: list[bytes], fmt: str, served: ServedModel, seed: int, sigmas: list[float],
+    labels: list[int | None], timings: dict[str, float],
+) -> Response:
+    mime = MIME[fmt]
+    doc = {
+        "model": served.name,
+        "created": int(time.time()),
+        "seed": seed,
+        "sigmas": sigmas,
+        "images": [
+            {"index": i, "seed": seed + i, "class_label": labels[i], "mime": mime,
+             "b64": base64.b64encode(data).decode()}
+            for i, data in enumerate(encoded)
+        ],
+        "timings_ms": timings,
+    }
+    return Response(json.dumps(doc, separators=(",", ":")), media_type="application/json")
+
+
+def _raw_image(
+    data: bytes, fmt: str, served: ServedModel, seed: int, sigmas: list[float], label: int | None
+) -> Response:
+    headers = {"X-Model": served.name, "X-Seed": str(seed), "X-Sigmas": ",".join(repr(s) for s in sigmas)}
+    if label is not None:
+        headers["X-Class-Label"] = str(label)
+    return Response(data, media_type=MIME[fmt], headers=headers)
+
+
+async def list_models(state: State) -> ModelsResponse:
+    """The loaded models: image shape, classes, σ range and the recommended schedule for each step count."""
+    return ModelsResponse(
+        default_model=state.registry.default,
+        models=[_model_info(m, state) for m in state.registry],
+    )
+
+
+def _model_info(served: ServedModel, state: ServiceState) -> ModelInfo:
+    cfg = served.config
+    return ModelInfo(
+        name=served.name,
+        default=served.name == state.registry.default,
+        preset=served.meta.preset,
+        image_shape=list(cfg.image_shape),
+        num_classes=cfg.num_classes,
+        class_names=served.class_names,
+        sigma_min=cfg.sigma_min,
+        sigma_max=cfg.sigma_max,
+        recommended_schedules={str(k): v for k, v in served.schedules.items()},
+        max_steps=served.max_steps,
+        max_images_per_request=state.settings.max_images_per_request,
+        checkpoint_sha256=served.sha256,
+        training_step=served.meta.training_step,
+    )
+
+
+async def stats(state: State) -> StatsResponse:
+    """Recent request and image rates, queue depth, mean images per evaluation; from the /metrics objects."""
+    return StatsResponse(**state.metrics.stats(ready=state.ready))
+
+
+async def healthz() -> Response:
+    """200 while the process serves HTTP, whatever the load (never needs a key)."""
+    return Response('{"status":"ok"}', media_type="application/json", headers=NO_CACHE)
+
+
+async def readyz(state: State) -> Response:
+    """200 once every model is loaded and every batch bucket warmed up; 503 before that and while draining."""
+    body = ReadyResponse(ready=state.ready, status=state.status).model_dump_json()
+    return Response(body, status_code=200 if state.ready else 503, media_type="application/json", headers=NO_CACHE)
+
+
+async def metrics(state: State) -> Response:
+    """Prometheus text exposition (never needs a key)."""
+    body, content_type = state.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def index() -> Response:
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        return error_response(404, "not_found", "the playground is not installed")
+    return FileResponse(page, media_type="text/html")
+
+
+def install_routes(app: FastAPI) -> None:
+    """Add the routes to the app itself (an included APIRouter costs an extra route-matching pass per request)."""
+    app.add_api_route(
+        "/v1/generate", generate, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,
+        summary="Generate images", dependencies=[Depends(require_api_key)],
+    )
+    app.add_api_route(
+        "/v1/models", list_models, methods=["GET"], response_model=ModelsResponse, summary="Served models"
+    )
+    app.add_api_route(
+        "/v1/stats", stats, methods=["GET"], response_model=StatsResponse, summary="Live summary for the playground"
+    )
+    app.add_api_route("/healthz", healthz, methods=["GET"], response_model=HealthResponse, summary="Liveness")
+    app.add_api_route(
+        "/readyz", readyz, methods=["GET"], response_model=ReadyResponse, summary="Readiness",
+        responses={503: {"model": ReadyResponse, "description": "Loading, draining, or start-up failed"}},
+    )
+    app.add_api_route(
+        "/metrics", metrics, methods=["GET"], summary="Prometheus metrics", response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)

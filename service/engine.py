@@ -1,0 +1,177 @@
+"""The engine owns the device: one network evaluation f(x, σ) of a batch, with one σ and label per image.
+
+Options: device, dtype, channels_last, torch.compile with a fixed set of batch-size buckets (a batch is
+padded up to the next bucket, so each bucket compiles once), warm-up of every bucket, and out-of-memory
+recovery: when the device runs out of memory the batch is halved and retried; only an image that fails
+even alone is reported failed. Inputs and outputs are float32 CPU tensors; the device stays in here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.consistency import ConsistencyModel
+
+logger = logging.getLogger("cmserve.engine")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PAD_SIGMA = 1.0  # σ of padding rows: any valid level works, padding rows never touch the real ones
+
+
+def resolve_device(name: str) -> torch.device:
+    """CM_DEVICE -> a torch device; 'auto' picks the first CUDA device when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"CM_DEVICE={name!r} but this machine has no CUDA device; use cpu or auto")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"CM_DEVICE={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+@dataclass
+class Evaluation:
+    """The result of one evaluation: f(x, σ) clamped to [-1, 1], and the rows that could not be computed."""
+
+    out: torch.Tensor  # (B, C, H, W) float32 on the CPU
+    failed: list[int]  # rows that ran out of device memory even in a batch of one (their `out` rows are 0)
+
+
+class Engine:
+    """Runs the consistency function on one device; the scheduler's thread is its only caller."""
+
+    def __init__(
+        self,
+        model: ConsistencyModel,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
+        buckets: Sequence[int] = (1,),
+        pad: bool | None = None,  # pad batches to the next bucket; default: only when compiling
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        if self.device.type == "cuda" and dtype == "fp32":
+            # Same seed, same image in any batch: with cuDNN's default TF32 convolutions 1.6 % of uint8 values
+            # differed between batch compositions on an H200 (cifar10 preset); with TF32 off, none did.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.channels_last = channels_last
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.cfg = model.cfg
+        self.buckets = sorted(set(buckets))
+        self.pad = compile if pad is None else pad
+        self.compiled = compile
+        self._net = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.oom_splits = 0  # how many times a batch was halved after running out of memory
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.cfg.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def sigma_min(self) -> float:
+        return self.cfg.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.cfg.sigma_max
+
+    def bucket(self, size: int) -> int:
+        """The batch size a batch of `size` images runs at: the next bucket up when padding, else itself."""
+        if not self.pad:
+            return size
+        return next((b for b in self.buckets if b >= size), size)
+
+    def warmup(self) -> None:
+        """Run every bucket once (compiling it when torch.compile is on), so no request pays for it."""
+        for size in self.buckets:
+            x = torch.zeros(size, *self.image_shape)
+            sigma = torch.full((size,), self.sigma_max)
+            labels = torch.zeros(size, dtype=torch.long) if self.num_classes else None
+            self.evaluate(x, sigma, labels)
+        self.synchronize()
+
+    def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
+        """f(x, σ) clamped to [-1, 1] for a CPU batch (B, C, H, W) with σ (B,) and labels (B,) or None."""
+        failed: list[int] = []
+        out = self._evaluate_or_split(x, sigma, labels, failed, offset=0)
+        return Evaluation(out=out, failed=failed)
+
+    def _evaluate_or_split(
+        self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, failed: list[int], offset: int
+    ) -> torch.Tensor:
+        try:
+            return self._evaluate_padded(x, sigma, labels)
+        except torch.OutOfMemoryError:
+            pass  # recover outside the except block: the exception's traceback keeps the batch's tensors alive
+        self.release_memory()
+        size = x.shape[0]
+        if size == 1:
+            logger.error("out of device memory for a batch of one image; failing it")
+            failed.append(offset)
+            return torch.zeros_like(x)
+        self.oom_splits += 1
+        half = (size + 1) // 2
+        logger.warning("out of device memory for a batch of %d images; retrying as %d + %d", size, half, size - half)
+        first = self._evaluate_or_split(x[:half], sigma[:half], _rows(labels, 0, half), failed, offset)
+        rest = self._evaluate_or_split(x[half:], sigma[half:], _rows(labels, half, size), failed, offset + half)
+        return torch.cat([first, rest])
+
+    def _evaluate_padded(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        size = x.shape[0]
+        padded = self.bucket(size)
+        if padded > size:  # padding rows: zeros at a valid σ; every op of the network is per image
+            extra = padded - size
+            x = torch.cat([x, x.new_zeros(extra, *x.shape[1:])])
+            sigma = torch.cat([sigma, sigma.new_full((extra,), PAD_SIGMA)])
+            labels = None if labels is None else torch.cat([labels, labels.new_zeros(extra)])
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        sigma = sigma.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        if labels is not None:
+            labels = labels.to(device=self.device, non_blocking=True)
+        with torch.inference_mode():
+            out = self._forward(x, sigma, labels)[:size].clamp(-1, 1)  # (B, C, H, W), CM Algorithm 1 clamp
+            return out.to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """One call of the network on the device (the seam where tests inject failures)."""
+        return self._net(x, sigma, labels)
+
+    def release_memory(self) -> None:
+        """Give cached device memory back after an out-of-memory error."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def memory_bytes(self) -> tuple[int, int] | None:
+        """(allocated, reserved) device memory in bytes; None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+
+
+def _rows(labels: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if labels is None else labels[start:stop]

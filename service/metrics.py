@@ -1,0 +1,196 @@
+"""Prometheus metrics (names of docs/serving.md), on a registry of their own, plus the /v1/stats summary.
+
+Every label value is bounded: model names come from the settings, codes and reasons from fixed sets.
+Series whose labels are known in advance exist (at 0) from the start, so rate() and absent() behave.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from .scheduler import SchedulerObserver
+
+VERSION = "0.1.0"
+FAILURE_REASONS = ("rejected", "timeout", "cancelled", "invalid", "oom", "error")
+FORMATS = ("png", "jpeg", "webp")
+UNKNOWN_MODEL = "unknown"  # the model label of requests that never named a served model
+# Seconds, about 1 ms to 120 s; 0.1 s and 1 s are the latency objectives, 30 s the default deadline.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+ENCODE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+STATS_WINDOW_S = 10.0  # /v1/stats rates are averages over about this long
+
+
+class Metrics(SchedulerObserver):
+    """All metric objects of one server; also the scheduler's observer."""
+
+    def __init__(self, model_names: Iterable[str], batch_buckets: Iterable[int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "cmserve_requests", "Generate requests by final status code", ["model", "code"], registry=r
+        )
+        self.failures = Counter(
+            "cmserve_request_failures", "Generate requests that failed, by reason", ["model", "reason"], registry=r
+        )
+        self.request_duration = Histogram(
+            "cmserve_request_duration_seconds", "Generate request latency", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "cmserve_queue_wait_seconds", "Time from admission to a request's first evaluation", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.forward_duration = Histogram(
+            "cmserve_forward_duration_seconds", "One network evaluation of a batch", ["model"],
+            buckets=FORWARD_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "cmserve_batch_size", "Images per network evaluation", ["model"],
+            buckets=tuple(float(b) for b in sorted(set(batch_buckets))), registry=r,
+        )
+        self.forward_passes = Counter("cmserve_forward_passes", "Network evaluations", ["model"], registry=r)
+        self.images = Counter("cmserve_images_generated", "Images that took their last step", ["model"], registry=r)
+        self.encode_duration = Histogram(
+            "cmserve_encode_duration_seconds", "Encoding one request's images", ["format"],
+            buckets=ENCODE_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("cmserve_queue_depth", "Images waiting for an evaluation", ["model"], registry=r)
+        self.in_progress = Gauge("cmserve_requests_in_progress", "Generate requests being handled", registry=r)
+        self.model_info = Gauge(
+            "cmserve_model_info", "Served model", ["model", "checkpoint_sha256", "preset"], registry=r
+        )
+        self.ready = Gauge("cmserve_ready", "1 when models are loaded and warmed up and not draining", registry=r)
+        self.build_info = Gauge("cmserve_build_info", "cmserve version", ["version"], registry=r)
+        self.build_info.labels(VERSION).set(1)
+        self._per_model: dict[str, tuple] = {}
+        self._memory_tracked = False
+        self._stats_lock = threading.Lock()
+        self._samples: deque[tuple[float, ...]] = deque()  # (time, requests, images, batch sum, batch count)
+        for name in model_names:
+            self._children(name)
+        for name in FORMATS:
+            self.encode_duration.labels(name)
+
+    def _children(self, model: str) -> tuple:
+        """Label children of one model, created once (they then show at 0) and cached for the hot path."""
+        found = self._per_model.get(model)
+        if found is None:
+            for reason in FAILURE_REASONS:
+                self.failures.labels(model, reason)
+            self.requests.labels(model, "200")
+            found = (
+                self.forward_duration.labels(model),
+                self.batch_size.labels(model),
+                self.forward_passes.labels(model),
+                self.images.labels(model),
+                self.queue_wait.labels(model),
+                self.request_duration.labels(model),
+                self.queue_depth.labels(model),
+            )
+            self._per_model[model] = found
+        return found
+
+    # ------------------------------------------------------------------ scheduler observer (engine thread)
+
+    def on_evaluation(self, model: str, batch_size: int, seconds: float) -> None:
+        forward, batch, passes, *_ = self._children(model)
+        forward.observe(seconds)
+        batch.observe(batch_size)
+        passes.inc()
+
+    def on_queue_wait(self, model: str, seconds: float) -> None:
+        self._children(model)[4].observe(seconds)
+
+    def on_images_finished(self, model: str, count: int) -> None:
+        self._children(model)[3].inc(count)
+
+    # ------------------------------------------------------------------ request outcomes (event loop)
+
+    def observe_request(self, model: str, code: int, seconds: float, reason: str | None) -> None:
+        """One generate request ended with `code`; `reason` is its failure label (None for success)."""
+        self.requests.labels(model, str(code)).inc()
+        if reason is not None:
+            self.failures.labels(model, reason).inc()
+        if model in self._per_model:
+            self._children(model)[5].observe(seconds)
+
+    def observe_encode(self, fmt: str, seconds: float) -> None:
+        self.encode_duration.labels(fmt).observe(seconds)
+
+    def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
+        self._children(model)[6].set_function(depth)
+
+    def track_ready(self, ready: Callable[[], bool]) -> None:
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
+
+    def track_device_memory(self, memory: Callable[[], tuple[int, int] | None]) -> None:
+        """cmserve_gpu_memory_*_bytes, registered only for a CUDA device (absent on the CPU)."""
+        if memory() is None or self._memory_tracked:
+            return  # on the CPU, or already tracked (all models share one device)
+        self._memory_tracked = True
+        allocated = Gauge("cmserve_gpu_memory_allocated_bytes", "Device memory held by tensors", registry=self.registry)
+        reserved = Gauge("cmserve_gpu_memory_reserved_bytes", "Device memory reserved by the allocator",
+                         registry=self.registry)
+        allocated.set_function(lambda: (memory() or (0, 0))[0])
+        reserved.set_function(lambda: (memory() or (0, 0))[1])
+
+    def set_model_info(self, model: str, sha256: str, preset: str | None) -> None:
+        self.model_info.labels(model, sha256, preset or "").set(1)
+
+    # ------------------------------------------------------------------ exposition
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def total(self, name: str) -> float:
+        """Sum of a metric's samples called `name` over all label values."""
+        return sum(s.value for m in self.registry.collect() for s in m.samples if s.name == name)
+
+    def stats(self, ready: bool) -> dict[str, float | int | bool]:
+        """The playground's summary: rates over the last ~10 s and the current state, from the metrics above."""
+        now = time.monotonic()
+        current = (
+            self.total("cmserve_requests_total"),
+            self.total("cmserve_images_generated_total"),
+            self.total("cmserve_batch_size_sum"),
+            self.total("cmserve_batch_size_count"),
+        )
+        with self._stats_lock:
+            samples = self._samples
+            if not samples or now - samples[-1][0] >= 0.5:
+                samples.append((now, *current))
+            while len(samples) > 1 and now - samples[1][0] >= STATS_WINDOW_S:
+                samples.popleft()
+            t0, *first = samples[0]
+        span = now - t0
+        requests, images, batch_sum, batch_count = (c - f for c, f in zip(current, first, strict=True))
+        if not batch_count:  # nothing ran in the window: the mean since start
+            batch_sum, batch_count = current[2], current[3]
+        return {
+            "requests_per_s": round(requests / span, 3) if span > 0 else 0.0,
+            "images_per_s": round(images / span, 3) if span > 0 else 0.0,
+            "queue_depth": int(self.total("cmserve_queue_depth")),
+            "mean_images_per_forward": round(batch_sum / batch_count, 3) if batch_count else 0.0,
+            "ready": ready,
+            "in_progress": int(self.value("cmserve_requests_in_progress")),
+        }

@@ -1,0 +1,181 @@
+"""The served models by name: checkpoint metadata, schedules, engine, and how a request becomes a Job.
+
+Models come only from local safetensors files named in the settings (CM_MODELS, or the embedded default);
+nothing here is reachable from an endpoint, so no request can make the server load a file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import models
+from models import checkpoint
+from models.checkpoint import CheckpointMeta
+from models.config import ModelConfig
+from models.sampling import validate_sigmas
+
+from .engine import Engine, resolve_device
+from .errors import InvalidRequest, UnknownModel
+from .scheduler import Job
+from .settings import DEFAULT_MODEL_NAME, Settings
+
+logger = logging.getLogger("cmserve.registry")
+
+EMBEDDED_DEFAULT = Path(models.__file__).resolve().parent / "pretrained" / "digits.safetensors"
+
+
+class ModelFilesError(ValueError):
+    """A configured model file that does not exist; raised before the server starts."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: Path
+
+
+def model_specs(settings: Settings) -> list[ModelSpec]:
+    """The models to serve: CM_MODELS, or the embedded default digits model when it is empty."""
+    if settings.models:
+        return [ModelSpec(name, Path(path)) for name, path in settings.models.items()]
+    return [ModelSpec(DEFAULT_MODEL_NAME, EMBEDDED_DEFAULT)]
+
+
+def check_model_files(settings: Settings) -> list[ModelSpec]:
+    """Fail early, with a clear message, when a configured model file is missing."""
+    specs = model_specs(settings)
+    if not settings.models and not EMBEDDED_DEFAULT.is_file():
+        raise ModelFilesError(
+            f"no model to serve: CM_MODELS is empty and the embedded default checkpoint {EMBEDDED_DEFAULT} "
+            "does not exist; set CM_MODELS=name=/path/to/file.safetensors (train and export one with "
+            "python -m training.train / training.export)"
+        )
+    missing = [f"{s.name}={s.path}" for s in specs if not s.path.is_file()]
+    if missing:
+        raise ModelFilesError(f"CM_MODELS names files that do not exist: {', '.join(missing)}")
+    return specs
+
+
+@dataclass
+class ServedModel:
+    """A loaded checkpoint ready to serve: its engine, metadata and per-step schedules."""
+
+    name: str
+    engine: Engine
+    meta: CheckpointMeta
+    path: Path
+    sha256: str
+    max_steps: int
+    schedules: dict[int, list[float]] = field(init=False)  # steps -> σ schedule, 1 … max_steps
+
+    def __post_init__(self) -> None:
+        self.schedules = {k: checkpoint.recommended_sigmas(self.meta, k) for k in range(1, self.max_steps + 1)}
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.meta.config
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.meta.class_names
+
+    def resolve_sigmas(self, steps: int | None, sigmas: Sequence[float] | None) -> list[float]:
+        """The request's schedule: explicit sigmas (checked) or the recommended one for `steps` (default 1)."""
+        if sigmas is not None:
+            if len(sigmas) > self.max_steps:
+                raise InvalidRequest(
+                    f"sigmas has {len(sigmas)} values; at most {self.max_steps} steps are allowed (CM_MAX_STEPS)",
+                    field="sigmas",
+                )
+            try:
+                return validate_sigmas(sigmas, self.config.sigma_min, self.config.sigma_max)
+            except ValueError as e:
+                raise InvalidRequest(f"sigmas: {e}", field="sigmas") from None
+        steps = 1 if steps is None else steps
+        if not 1 <= steps <= self.max_steps:
+            raise InvalidRequest(f"steps must be 1…{self.max_steps} (CM_MAX_STEPS), got {steps}", field="steps")
+        return self.schedules[steps]
+
+    def resolve_class_label(self, label: int | str | None) -> int | None:
+        """A class index from an index or a class name; None means: draw it from each image's seed."""
+        if label is None:
+            return None
+        num = self.config.num_classes
+        if not num:
+            raise InvalidRequest(f"model {self.name!r} is unconditional; omit class_label", field="class_label")
+        if isinstance(label, str):
+            names = self.class_names or []
+            if label in names:
+                return names.index(label)
+            if label.isdigit() and not names:
+                label = int(label)
+            else:
+                allowed = names or list(range(num))
+                raise InvalidRequest(f"class_label {label!r} is not one of {allowed}", field="class_label")
+        if not 0 <= label < num:
+            raise InvalidRequest(f"class_label must be 0…{num - 1} or a class name, got {label}", field="class_label")
+        return label
+
+    def make_job(self, *, seed: int, n: int, sigmas: list[float], class_label: int | None, deadline: float) -> Job:
+        """Image i of the job uses seed + i; the engine thread draws the noise (models.sampling.image_noise)."""
+        return Job(model=self.name, sigmas=sigmas, seed=seed, n=n, class_label=class_label, deadline=deadline)
+
+
+class Registry:
+    """Models by name; the first one (or CM_DEFAULT_MODEL) answers requests that name none."""
+
+    def __init__(self, default: str) -> None:
+        self.default = default
+        self._models: dict[str, ServedModel] = {}
+
+    def add(self, model: ServedModel) -> None:
+        self._models[model.name] = model
+
+    def get(self, name: str | None) -> ServedModel:
+        key = name or self.default
+        try:
+            return self._models[key]
+        except KeyError:
+            raise UnknownModel(f"unknown model {key!r}; served models: {sorted(self._models)}", field="model") from None
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+EngineFactory = Callable[..., Engine]
+
+
+def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactory = Engine) -> ServedModel:
+    """Read a safetensors checkpoint (no pickle), build its engine on the configured device and warm it up."""
+    device = resolve_device(settings.device)
+    loaded = checkpoint.load(spec.path, device="cpu")
+    engine = engine_factory(
+        loaded.model,
+        device=device,
+        dtype=settings.dtype,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        buckets=settings.buckets,
+    )
+    engine.warmup()
+    logger.info(
+        "model %s ready: %s (sha256 %s…) on %s, %s, buckets %s",
+        spec.name, spec.path, loaded.sha256[:12], device, settings.dtype, engine.buckets,
+    )
+    return ServedModel(
+        name=spec.name,
+        engine=engine,
+        meta=loaded.meta,
+        path=spec.path,
+        sha256=loaded.sha256,
+        max_steps=settings.max_steps,
+    )

@@ -1,0 +1,515 @@
+"""Per-evaluation scheduling: a queue of images, batched one network evaluation at a time.
+
+A request becomes a `Job` of n images; each image carries its σ schedule, its own seeded noise and its
+current step. Queue entries are `Run`s, consecutive images of one job at the same step, so that
+bookkeeping costs one Python object per request rather than per image. One engine thread loops:
+
+  collect  take up to max_batch images from the front of a model's queue (any request, any step),
+           dropping those of expired or cancelled requests before they cost compute; when the device
+           was idle and images are arriving quickly, wait up to max_wait for a fuller batch
+  run      build each image's step input (CM Algorithm 1) and evaluate the batch once
+  requeue  images with steps left go back to the FRONT of the queue, in order
+  complete a request whose last image finished (or that failed) gets its `on_done` callback
+
+No web framework here: the API layer turns the domain errors into HTTP and the callback into a future.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.sampling import image_class_label, image_noise, to_uint8
+
+from .engine import Engine
+from .errors import DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull, ServiceError
+
+logger = logging.getLogger("cmserve.scheduler")
+
+MAX_RETRY_AFTER_S = 60
+SCHEDULE_CACHE = 256  # distinct σ schedules remembered per model
+
+
+def noise_scales(sigmas: Sequence[float], sigma_min: float) -> list[float]:
+    """Each step's noise scale in float32: σ_1 for x_T = σ_1·z_1, then √(τ² − σ_min²) (CM Algorithm 1, line 5)."""
+    sig32 = torch.tensor(list(sigmas), dtype=torch.float32)
+    scales = (sig32.to(torch.float64) ** 2 - sigma_min**2).sqrt().to(torch.float32)  # as sampling.step_input
+    scales[0] = sig32[0]
+    return scales.tolist()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: n images with one σ schedule; image i draws all its noise (and its class label when none
+    is given) from its own seed + i, so it is the same image whatever else shares its batches."""
+
+    model: str
+    sigmas: list[float]  # the schedule σ_1 > … > σ_steps
+    seed: int
+    n: int
+    class_label: int | None  # None: each image draws its own (conditional models)
+    deadline: float  # monotonic seconds; past it the request's remaining images are dropped
+    on_done: Callable[[Job], None] = lambda job: None  # called once, from the engine thread or a canceller
+    # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
+    noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
+    labels: torch.Tensor | None = field(init=False, default=None, repr=False)  # (n,) long
+    x: torch.Tensor = field(init=False, repr=False)  # (n, C, H, W) current estimates (zeros before step 1)
+    sigma32: list[float] = field(init=False, repr=False)  # σ per step, rounded to float32
+    scales: list[float] = field(init=False, repr=False)  # noise scale per step (noise_scales)
+    images: np.ndarray = field(init=False, repr=False)  # (n, H, W, C) uint8, filled as images finish
+    prepared: bool = field(init=False, default=False)
+    # Bookkeeping.
+    remaining: int = field(init=False)  # images not yet finished
+    error: ServiceError | None = field(init=False, default=None)
+    finished: bool = field(init=False, default=False)
+    submitted_at: float = field(init=False, default=0.0)
+    started_at: float | None = field(init=False, default=None)  # first evaluation that held one of its images
+    finished_at: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.remaining = self.n
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def result(self) -> torch.Tensor:
+        """(n, C, H, W) images in [-1, 1] once the job finished without error."""
+        return self.x
+
+    @property
+    def class_labels(self) -> list[int | None]:
+        """Each image's class label (None for unconditional models); known once the job has started."""
+        return [None] * self.n if self.labels is None else self.labels.tolist()
+
+    def prepare(self, engine: Engine, schedule: tuple[list[float], list[float]]) -> None:
+        """Draw every image's noise and label from its seed; runs on the engine thread."""
+        shape, num_classes = engine.image_shape, engine.num_classes
+        self.noise = torch.stack([image_noise(self.seed + i, shape, self.steps) for i in range(self.n)])
+        if num_classes:
+            labels = [self.class_label] * self.n if self.class_label is not None else [
+                image_class_label(self.seed + i, num_classes) for i in range(self.n)]
+            self.labels = torch.tensor(labels, dtype=torch.long)
+        self.x = torch.zeros(self.n, *shape)
+        self.sigma32, self.scales = schedule
+        self.images = np.empty((self.n, shape[1], shape[2], shape[0]), dtype=np.uint8)
+        self.prepared = True
+
+
+@dataclass(slots=True)
+class Run:
+    """Images start … stop-1 of one job, all about to take step `step` (0-based)."""
+
+    job: Job
+    start: int
+    stop: int
+    step: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def evaluations_left(self) -> int:
+        return self.size * (self.job.steps - self.step)
+
+
+class SchedulerObserver:
+    """Hooks the scheduler calls (from the engine thread); the default does nothing. Metrics subclass it."""
+
+    def on_evaluation(self, model: str, batch_size: int, seconds: float) -> None:
+        """One network evaluation of `batch_size` images took `seconds`."""
+
+    def on_queue_wait(self, model: str, seconds: float) -> None:
+        """A job's first image reached the device `seconds` after the job was submitted."""
+
+    def on_images_finished(self, model: str, count: int) -> None:
+        """`count` images took their last step."""
+
+
+@dataclass
+class Lane:
+    """One model's queue and engine."""
+
+    name: str
+    engine: Engine
+    queue: deque[Run] = field(default_factory=deque)
+    queued: int = 0  # images in `queue`
+    schedules: dict[tuple[float, ...], tuple[list[float], list[float]]] = field(default_factory=dict)
+
+    def schedule(self, sigmas: list[float]) -> tuple[list[float], list[float]]:
+        """(σ per step in float32, noise scale per step) for a schedule, remembered."""
+        key = tuple(sigmas)
+        found = self.schedules.get(key)
+        if found is None:
+            if len(self.schedules) >= SCHEDULE_CACHE:
+                self.schedules.clear()
+            sigma32 = torch.tensor(sigmas, dtype=torch.float32).tolist()
+            found = self.schedules[key] = (sigma32, noise_scales(sigmas, self.engine.sigma_min))
+        return found
+
+
+class Scheduler:
+    """The queue of images of every served model and the one thread that feeds the device."""
+
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        observer: SchedulerObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.observer = observer or SchedulerObserver()
+        self.clock = clock
+        self._lanes: dict[str, Lane] = {}
+        self._order: list[Lane] = []  # round-robin order over models
+        self._next = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._queued = 0  # images waiting, all models
+        self._pending_evaluations = 0  # image-evaluations admitted and not yet run (for Retry-After)
+        self._last_submit = -math.inf
+        self._last_gap = math.inf  # seconds between the two latest submissions
+        self._idle = True
+        self._engine_waiting = False  # the engine thread sleeps on the condition
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._evaluation_s = 0.0  # moving average of one evaluation's duration
+        self.evaluations = 0  # network evaluations run
+        self.images_evaluated = 0  # image-evaluations run (sum of batch sizes)
+
+    # ------------------------------------------------------------------ models and jobs
+
+    def add_model(self, name: str, engine: Engine) -> None:
+        with self._cond:
+            if name in self._lanes:
+                raise ValueError(f"model {name!r} is already scheduled")
+            lane = Lane(name, engine)
+            self._lanes[name] = lane
+            self._order.append(lane)
+
+    def models(self) -> list[str]:
+        return list(self._lanes)
+
+    def submit(self, job: Job) -> None:
+        """Admit a job at the back of its model's queue, or raise QueueFull at once."""
+        lane = self._lanes[job.model]  # the API resolved the name; a KeyError here is a bug
+        with self._cond:
+            if self._stopping:
+                raise NotReady("the server is shutting down")
+            if self._queued + job.n > self.max_queue:
+                raise QueueFull(
+                    f"the queue holds {self._queued} images and admits at most {self.max_queue} "
+                    f"(CM_MAX_QUEUE); this request has {job.n}",
+                    retry_after_s=self._retry_after_locked(),
+                )
+            now = self.clock()
+            job.submitted_at = now
+            self._last_gap, self._last_submit = now - self._last_submit, now
+            lane.queue.append(Run(job, 0, job.n, 0))
+            lane.queued += job.n
+            self._queued += job.n
+            self._pending_evaluations += job.n * job.steps
+            if self._engine_waiting:  # waking a thread costs a system call: only when it sleeps
+                self._cond.notify()
+
+    def cancel(self, job: Job, error: ServiceError) -> bool:
+        """End a job with `error` and drop its queued images; False if it had already finished."""
+        with self._cond:
+            if not self._finish_locked(job, error):
+                return False
+            self._remove_runs_locked(self._lanes[job.model], job)
+        job.on_done(job)
+        return True
+
+    def queue_depth(self, model: str | None = None) -> int:
+        """Images waiting for an evaluation (not counting those on the device now)."""
+        if model is None:
+            return self._queued
+        lane = self._lanes.get(model)
+        return lane.queued if lane else 0
+
+    def retry_after_s(self) -> int:
+        with self._cond:
+            return self._retry_after_locked()
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="cmserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the engine thread after its current evaluation; jobs still queued fail with NotReady."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            leftover = [run.job for lane in self._order for run in lane.queue]
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for job in dict.fromkeys(leftover):
+            self.cancel(job, NotReady("the server shut down before this request finished"))
+
+    def _loop(self) -> None:
+        while self.run_once(block=True):
+            pass
+
+    def run_once(self, block: bool = True) -> bool:
+        """One collect → run → requeue → complete cycle; False once stopping (or, unblocked, when idle)."""
+        picked = self._collect(block)
+        if picked is None:
+            return not self._stopping and block
+        lane, runs = picked
+        try:
+            with torch.no_grad():
+                done = self._run(lane, runs)
+        except Exception as e:  # a bug or a device fault: fail this batch's requests, keep serving
+            logger.exception("network evaluation failed for model %s", lane.name)
+            done = self._fail_runs(lane, runs, EngineFailure(f"the network evaluation failed ({type(e).__name__})"))
+        for job in done:
+            job.on_done(job)
+        return True
+
+    # collect ------------------------------------------------------------
+
+    def _collect(self, block: bool) -> tuple[Lane, list[Run]] | None:
+        expired: list[Job] = []
+        try:
+            with self._cond:
+                while not self._stopping:
+                    lane = self._next_lane_locked()
+                    if lane is None:
+                        self._idle = True
+                        if not block:
+                            return None
+                        self._wait_locked(None)
+                        continue
+                    if self._idle and block:
+                        self._wait_for_fuller_batch_locked(lane)
+                    self._idle = False
+                    runs = self._take_locked(lane, expired)
+                    if runs:
+                        return lane, runs
+                return None
+        finally:
+            for job in expired:
+                job.on_done(job)
+
+    def _wait_locked(self, timeout: float | None) -> None:
+        self._engine_waiting = True
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._engine_waiting = False
+
+    def _next_lane_locked(self) -> Lane | None:
+        for i in range(len(self._order)):
+            lane = self._order[(self._next + i) % len(self._order)]
+            if lane.queued:
+                self._next = (self._next + i + 1) % len(self._order)
+                return lane
+        return None
+
+    def _wait_for_fuller_batch_locked(self, lane: Lane) -> None:
+        """The device is idle: wait up to max_wait for more images, but only while they arrive that fast."""
+        if self._last_gap >= self.max_wait_s:
+            return  # a lone request: waiting would only add latency
+        until = self.clock() + self.max_wait_s
+        while lane.queued < self.max_batch and not self._stopping:
+            left = until - self.clock()
+            if left <= 0:
+                return
+            self._wait_locked(left)
+
+    def _take_locked(self, lane: Lane, expired: list[Job]) -> list[Run]:
+        """Pop up to max_batch images from the lane's front, splitting the last run if needed."""
+        runs: list[Run] = []
+        count = 0
+        now = self.clock()
+        while lane.queue and count < self.max_batch:
+            run = lane.queue.popleft()
+            self._dequeued_locked(lane, run.size)
+            job = run.job
+            if job.finished:  # cancelled while queued (its runs are normally removed at once)
+                continue
+            if job.deadline <= now:
+                self._pending_evaluations -= run.evaluations_left
+                self._finish_locked(job, DeadlineExceeded(_deadline_message(job)))
+                self._remove_runs_locked(lane, job)
+                expired.append(job)
+                continue
+            room = self.max_batch - count
+            if run.size > room:  # split: the rest keeps its place at the front
+                rest = Run(job, run.start + room, run.stop, run.step)
+                lane.queue.appendleft(rest)
+                self._enqueued_locked(lane, rest.size)
+                run = Run(job, run.start, run.start + room, run.step)
+            runs.append(run)
+            count += run.size
+        return runs
+
+    # run ----------------------------------------------------------------
+
+    def _run(self, lane: Lane, runs: list[Run]) -> list[Job]:
+        """Evaluate the batch, store each image's estimate, requeue unfinished images; return ended jobs."""
+        started = self.clock()
+        for run in runs:
+            job = run.job
+            if not job.prepared:
+                job.prepare(lane.engine, lane.schedule(job.sigmas))
+            if job.started_at is None:
+                job.started_at = started
+                self.observer.on_queue_wait(lane.name, started - job.submitted_at)
+        x, sigma, labels = _batch_inputs(runs)
+        evaluation = lane.engine.evaluate(x, sigma, labels)
+        seconds = self.clock() - started
+        size = x.shape[0]
+        self.observer.on_evaluation(lane.name, size, seconds)
+        self._evaluation_s = seconds if not self.evaluations else 0.9 * self._evaluation_s + 0.1 * seconds
+
+        out, row = evaluation.out, 0
+        finishing = any(run.step + 1 == run.job.steps for run in runs)
+        pixels = to_uint8(out) if finishing else None  # (B, H, W, C): one conversion for the whole batch
+        for run in runs:
+            run.job.x[run.start : run.stop] = out[row : row + run.size]
+            if pixels is not None and run.step + 1 == run.job.steps:
+                run.job.images[run.start : run.stop] = pixels[row : row + run.size]
+            row += run.size
+        return self._after_evaluation(lane, runs, evaluation.failed)
+
+    def _after_evaluation(self, lane: Lane, runs: list[Run], failed_rows: list[int]) -> list[Job]:
+        failed_jobs = _jobs_of_rows(runs, failed_rows)
+        ended: list[Job] = []
+        finished_images = 0
+        again: list[Run] = []
+        with self._cond:
+            self.evaluations += 1
+            batch = sum(run.size for run in runs)
+            self.images_evaluated += batch
+            self._pending_evaluations -= batch
+            for job in failed_jobs:
+                if self._finish_locked(job, OutOfMemory("the device ran out of memory even for one image")):
+                    self._remove_runs_locked(lane, job)
+                    ended.append(job)
+            for run in runs:
+                job = run.job
+                if job.finished:  # failed above, or cancelled during the evaluation: drop its later steps
+                    self._pending_evaluations -= run.evaluations_left - run.size
+                    continue
+                if run.step + 1 < job.steps:
+                    again.append(Run(job, run.start, run.stop, run.step + 1))
+                    continue
+                finished_images += run.size
+                job.remaining -= run.size
+                if job.remaining == 0 and self._finish_locked(job, None):
+                    ended.append(job)
+            for run in reversed(again):  # back to the front, in their order
+                lane.queue.appendleft(run)
+                self._enqueued_locked(lane, run.size)
+            if again:
+                self._cond.notify()
+        if finished_images:
+            self.observer.on_images_finished(lane.name, finished_images)
+        return ended
+
+    def _fail_runs(self, lane: Lane, runs: list[Run], error: ServiceError) -> list[Job]:
+        ended = []
+        with self._cond:
+            for run in runs:
+                self._pending_evaluations -= run.evaluations_left
+            for job in dict.fromkeys(run.job for run in runs):
+                if self._finish_locked(job, error):
+                    self._remove_runs_locked(lane, job)
+                    ended.append(job)
+        return ended
+
+    # bookkeeping (hold the lock) -----------------------------------------
+
+    def _finish_locked(self, job: Job, error: ServiceError | None) -> bool:
+        if job.finished:
+            return False
+        job.finished = True
+        job.error = error
+        job.finished_at = self.clock()
+        return True
+
+    def _remove_runs_locked(self, lane: Lane, job: Job) -> None:
+        kept: deque[Run] = deque()
+        for run in lane.queue:
+            if run.job is job:
+                self._dequeued_locked(lane, run.size)
+                self._pending_evaluations -= run.evaluations_left
+            else:
+                kept.append(run)
+        lane.queue = kept
+
+    def _dequeued_locked(self, lane: Lane, count: int) -> None:
+        lane.queued -= count
+        self._queued -= count
+
+    def _enqueued_locked(self, lane: Lane, count: int) -> None:
+        lane.queued += count
+        self._queued += count
+
+    def _retry_after_locked(self) -> int:
+        """Seconds until the admitted work is likely done: evaluations left / batch × evaluation time."""
+        evaluations = self._pending_evaluations / self.max_batch
+        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(evaluations * self._evaluation_s))))
+
+
+def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Step inputs (B, C, H, W), σ (B,) and labels (B,) for a batch: x + scale·z (CM Algorithm 1).
+
+    At step 1 an image's estimate is zeros and its scale is σ_1, so the input is σ_1·z_1 (= x_T);
+    later the scale is √(τ² − σ_min²), exactly as models.sampling.step_input computes it.
+    """
+    if len(runs) == 1:
+        run = runs[0]
+        job, a, b, j = run.job, run.start, run.stop, run.step
+        x = job.x[a:b] + job.scales[j] * job.noise[a:b, j]  # (B, C, H, W)
+        sigma = torch.full((b - a,), job.sigma32[j])
+        labels = None if job.labels is None else job.labels[a:b]
+        return x, sigma, labels
+    sizes = torch.tensor([run.size for run in runs])
+    scale = torch.tensor([run.job.scales[run.step] for run in runs]).repeat_interleave(sizes)
+    sigma = torch.tensor([run.job.sigma32[run.step] for run in runs]).repeat_interleave(sizes)
+    estimates = torch.cat([run.job.x[run.start : run.stop] for run in runs])  # (B, C, H, W)
+    noise = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
+    x = estimates + scale.view(-1, 1, 1, 1) * noise
+    labels = None
+    if runs[0].job.labels is not None:
+        labels = torch.cat([run.job.labels[run.start : run.stop] for run in runs])
+    return x, sigma, labels
+
+
+def _jobs_of_rows(runs: list[Run], rows: list[int]) -> list[Job]:
+    if not rows:
+        return []
+    jobs: dict[Job, None] = {}
+    bounds, edge = [], 0
+    for run in runs:
+        bounds.append((edge, edge + run.size, run.job))
+        edge += run.size
+    for row in rows:
+        jobs.update({job: None for lo, hi, job in bounds if lo <= row < hi})
+    return list(jobs)
+
+
+def _deadline_message(job: Job) -> str:
+    done = job.n - job.remaining
+    return f"the request's deadline passed with {job.n - done} of {job.n} images unfinished (CM_REQUEST_TIMEOUT_S)"

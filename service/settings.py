@@ -1,0 +1,248 @@
+"""The service's one `Settings` object: environment variables with the prefix CM_, or a --config file.
+
+Every field below is a documented setting (README "Settings"); unknown CM_ names in a config file are an
+error that lists the known ones. Values that parse but are unsafe or inconsistent are refused here, at
+start-up, with a message naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CM_"
+DEFAULT_MODEL_NAME = "digits"  # the name the embedded default checkpoint is served under
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the variable, the value and what is allowed."""
+
+
+def _split_csv(value: Any) -> Any:
+    """'a,b , c' -> ['a', 'b', 'c'] (empty items dropped); lists pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """cmserve's settings; each field is the environment variable CM_<FIELD NAME IN CAPITALS>."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False)
+
+    host: str = Field("127.0.0.1", description="Bind address; the container sets 0.0.0.0")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port, logged at start)")
+    models: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description="Models to serve, `name=path,name=path` (local .safetensors files); empty = the embedded "
+        "default checkpoint models/pretrained/digits.safetensors, served as `digits`",
+    )
+    default_model: str = Field("", description="Model for requests that name none; empty = the first of CM_MODELS")
+    device: str = Field("auto", description="`auto` (first CUDA device, else CPU), `cpu`, `cuda` or `cuda:N`")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Network dtype on the device")
+    channels_last: bool = Field(False, description="NHWC activations (faster convolutions on recent GPUs)")
+    compile: bool = Field(False, description="torch.compile the network, one graph per batch bucket")
+    batch_buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        description="Batch sizes warmed up (and, with CM_COMPILE, compiled; batches are padded up to the next)",
+    )
+    max_batch: int = Field(256, ge=1, description="Most images in one network evaluation")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000,
+        description="When the device is idle and images arrive faster than this, wait up to this long for a "
+        "fuller batch",
+    )
+    max_queue: int = Field(
+        4096, ge=1, description="Most images waiting for the device; a request beyond it gets 503 + Retry-After"
+    )
+    max_images_per_request: int = Field(64, ge=1, le=4096, description="Largest `n` of a request")
+    max_steps: int = Field(8, ge=1, le=64, description="Most sampling steps (`steps`, or values in `sigmas`)")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline from a request's arrival; its unfinished images are dropped, 504"
+    )
+    drain_s: float = Field(
+        20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish before exit"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma-separated keys (16+ characters) for `Authorization: Bearer` on POST /v1/generate; "
+        "empty = no authentication",
+    )
+    max_body_bytes: int = Field(65536, ge=256, description="Largest request body; beyond it 413")
+    encode_threads: int = Field(2, ge=1, le=64, description="Threads encoding PNG / JPEG / WebP")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="JSON log lines on stderr at this level (one per request at info)"
+    )
+    torch_threads: int = Field(
+        0, ge=0, le=1024,
+        description="CPU threads for the network (torch intra-op); 0 = one less than the CPU count, at least 1, "
+        "so that HTTP handling keeps a core",
+    )
+    rate_limit_per_key: float = Field(
+        0.0, ge=0,
+        description="Requests per second per API key (bursts of max(1, rate); without CM_API_KEYS all clients "
+        "share one budget), beyond it 429; 0 = off",
+    )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        models: dict[str, str] = {}
+        for item in _split_csv(value):
+            name, sep, path = item.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise ValueError(f"CM_MODELS item {item!r} is not name=path (e.g. digits=/srv/digits.safetensors)")
+            if name in models:
+                raise ValueError(f"CM_MODELS names the model {name!r} twice")
+            models[name] = path
+        return models
+
+    @field_validator("models")
+    @classmethod
+    def _check_model_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if not MODEL_NAME_PATTERN.match(name):
+                raise ValueError(f"CM_MODELS model name {name!r} must match {MODEL_NAME_PATTERN.pattern}")
+        return value
+
+    @field_validator("batch_buckets", mode="before")
+    @classmethod
+    def _parse_buckets(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _check_buckets(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 1:
+            raise ValueError(f"CM_BATCH_BUCKETS must list positive batch sizes, got {value}")
+        return sorted(set(value))
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        short = [k for k in value if len(k) < 16]
+        if short:
+            raise ValueError(f"CM_API_KEYS holds {len(short)} key(s) shorter than 16 characters; use long random keys")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"CM_DEVICE={value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.max_batch > self.batch_buckets[-1]:
+            raise ValueError(
+                f"CM_MAX_BATCH={self.max_batch} exceeds the largest of CM_BATCH_BUCKETS {self.batch_buckets}; "
+                "add a bucket at least that large or lower CM_MAX_BATCH"
+            )
+        names = self.model_names
+        if self.default_model and self.default_model not in names:
+            raise ValueError(f"CM_DEFAULT_MODEL={self.default_model!r} is not one of the served models {names}")
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        """Names of the served models, in CM_MODELS order (the embedded default alone when it is empty)."""
+        return list(self.models) if self.models else [DEFAULT_MODEL_NAME]
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.model_names[0]
+
+    @property
+    def buckets(self) -> list[int]:
+        """The batch buckets the engine uses: up to the first one that holds CM_MAX_BATCH images."""
+        used = [b for b in self.batch_buckets if b < self.max_batch]
+        return [*used, next(b for b in self.batch_buckets if b >= self.max_batch)]
+
+    @property
+    def cpu_threads(self) -> int:
+        """Intra-op threads for torch: CM_TORCH_THREADS, or one less than the CPUs this process may use."""
+        if self.torch_threads:
+            return self.torch_threads
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cpus - 1)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000
+
+
+def settings_table() -> str:
+    """The README's settings table (Markdown): variable, default, meaning."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(str(v) for v in default)
+        shown = f"`{default}`" if default not in ("", {}, None) else "(empty)"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {info.description} |")
+    return "\n".join(rows)
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, on top of an optional dotenv-style config file (CM_NAME=value lines).
+
+    Environment variables win over the file; `overrides` (keyword arguments) win over both.
+    Any problem becomes a `SettingsError` whose message names each bad variable.
+    """
+    kwargs: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SettingsError(f"--config {str(path)!r}: no such file")
+        _check_config_keys(path)
+        kwargs["_env_file"] = path
+    try:
+        return Settings(**kwargs, **overrides)
+    except ValidationError as e:
+        raise SettingsError(_describe(e)) from None
+
+
+def _check_config_keys(path: Path) -> None:
+    """Every key of a config file must be a known CM_ setting (typos would silently fall back to defaults)."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key = line.removeprefix("export ").partition("=")[0].strip().upper()
+        if key not in known:
+            raise SettingsError(f"--config {path}:{lineno}: unknown setting {key!r}; known settings: {sorted(known)}")
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem, naming the CM_ variable."""
+    lines = []
+    for item in error.errors():
+        loc = item.get("loc") or ()
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        if not loc:  # a check across settings: its message names the variables
+            lines.append(message)
+            continue
+        name = ENV_PREFIX + str(loc[0]).upper()
+        value = item.get("input")
+        shown = "" if name == ENV_PREFIX + "API_KEYS" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{name}: {message}{shown}")
+    return "invalid settings: " + "; ".join(lines)

@@ -1,0 +1,116 @@
+"""The running server's state: its parts, the load-and-warm-up sequence, readiness and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from .encode import Encoder
+from .errors import Draining, NotReady
+from .metrics import Metrics
+from .registry import EngineFactory, Registry, check_model_files, load_model
+from .scheduler import Scheduler
+from .settings import Settings
+
+logger = logging.getLogger("cmserve.state")
+
+
+class ServiceState:
+    """Everything a request handler needs, plus the lifecycle flags the probes report."""
+
+    def __init__(self, settings: Settings, engine_factory: EngineFactory) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.metrics = Metrics(settings.model_names, settings.buckets)
+        self.registry = Registry(settings.default_model_name)
+        self.scheduler = Scheduler(
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_s,
+            max_queue=settings.max_queue,
+            observer=self.metrics,
+        )
+        self.encoder: Encoder | None = None
+        self.ready = False
+        self.draining = False
+        self.failure: str | None = None  # why start-up failed, if it did
+        self.in_flight = 0  # generate requests being handled (the drain waits for 0)
+        self.on_fatal: Callable[[str], None] = lambda message: None  # __main__ stops the server here
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._settled: asyncio.Event | None = None  # set when ready or failed
+        self.metrics.track_ready(lambda: self.ready)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Called by the lifespan: start the engine thread and load the models in the background."""
+        check_model_files(self.settings)
+        self._loop = asyncio.get_running_loop()
+        self._settled = asyncio.Event()
+        self.encoder = Encoder(self.settings.encode_threads)
+        self.scheduler.start()
+        threading.Thread(target=self._load_all, name="cmserve-loader", daemon=True).start()
+
+    def stop(self) -> None:
+        """Called by the lifespan at shutdown, after uvicorn has finished the in-flight requests."""
+        self.ready = False
+        self.draining = True
+        self.scheduler.stop()
+        if self.encoder is not None:
+            self.encoder.close()
+
+    def begin_drain(self) -> None:
+        """SIGTERM: /readyz turns 503 and new requests are refused; in-flight ones go on."""
+        if not self.draining:
+            logger.info("draining: %d request(s) in flight", self.in_flight)
+        self.draining = True
+        self.ready = False
+
+    async def wait_settled(self) -> None:
+        """Wait until the models are loaded and warmed up (or loading failed)."""
+        assert self._settled is not None, "the app's lifespan has not started"
+        await self._settled.wait()
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise Draining("the server is shutting down and accepts no new requests")
+        if not self.ready:
+            raise NotReady("the server is loading and warming up its models")
+
+    @property
+    def status(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.failure:
+            return "failed"
+        return "ready" if self.ready else "loading"
+
+    # ------------------------------------------------------------------ loading (background thread)
+
+    def _load_all(self) -> None:
+        specs = check_model_files(self.settings)
+        for spec in specs:
+            try:
+                served = load_model(spec, self.settings, self.engine_factory)
+            except Exception as e:  # a broken file must not stop the other models from serving
+                logger.error("model %s not served: %s", spec.name, e)
+                continue
+            self.registry.add(served)
+            self.scheduler.add_model(served.name, served.engine)
+            self.metrics.set_model_info(served.name, served.sha256, served.meta.preset)
+            self.metrics.track_queue_depth(served.name, lambda name=served.name: self.scheduler.queue_depth(name))
+            self.metrics.track_device_memory(served.engine.memory_bytes)
+        if not len(self.registry):
+            self.failure = "no model could be loaded (see the errors above)"
+            logger.critical("start-up failed: %s", self.failure)
+            self.on_fatal(self.failure)
+        else:
+            if self.registry.default not in self.registry.names():
+                fallback = self.registry.names()[0]
+                logger.warning("default model %s is not served; using %s", self.registry.default, fallback)
+                self.registry.default = fallback
+            self.ready = not self.draining
+            logger.info("ready: serving %s (default %s)", self.registry.names(), self.registry.default)
+        assert self._loop is not None and self._settled is not None
+        self._loop.call_soon_threadsafe(self._settled.set)

@@ -1,0 +1,541 @@
+// cmserve playground: plain browser JavaScript, no build step, talks only to the server that served it.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "cmserve.apiKey"; // sessionStorage: gone when the tab closes
+  const STATS_INTERVAL_MS = 2000;
+  const COMPARE_STEPS = [1, 2, 4];
+  const DICE_MAX = 2 ** 32; // dice seeds stay short enough to read; the API takes up to 2^63 - 1
+
+  const $ = (id) => document.getElementById(id);
+  const models = new Map(); // name -> normalised model description
+  let busy = false;
+
+  // ---------------------------------------------------------------- HTTP
+
+  class ApiError extends Error {
+    constructor(status, type, message, field, retryAfter) {
+      super(message);
+      this.status = status;
+      this.type = type;
+      this.field = field;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  /** Big integers wrapped so that `toJson` writes their digits verbatim (JS numbers are exact only to 2^53). */
+  class BigNumber {
+    constructor(digits) {
+      this.digits = digits;
+    }
+  }
+
+  function toJson(obj) {
+    const parts = [];
+    for (const [k, v] of Object.entries(obj)) {
+      if (v === undefined) continue;
+      parts.push(`${JSON.stringify(k)}:${v instanceof BigNumber ? v.digits : JSON.stringify(v)}`);
+    }
+    return `{${parts.join(",")}}`;
+  }
+
+  /** Seeds reach 2^63 - 1: read them as strings before JSON.parse rounds them (base64 never holds a quote). */
+  function quoteSeeds(text) {
+    return text.replace(/"seed"\s*:\s*(-?\d+)/g, '"seed":"$1"');
+  }
+
+  function authHeaders() {
+    const key = $("api-key").value.trim();
+    return key ? { Authorization: `Bearer ${key}` } : {};
+  }
+
+  async function api(method, path, body) {
+    const headers = { Accept: "application/json", ...authHeaders() };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    let resp;
+    try {
+      resp = await fetch(path, { method, headers, body, cache: "no-store" });
+    } catch (e) {
+      throw new ApiError(0, "network_error", `could not reach the server (${e.message})`, null, null);
+    }
+    const text = await resp.text();
+    let doc = null;
+    try {
+      doc = JSON.parse(quoteSeeds(text));
+    } catch {
+      doc = null;
+    }
+    if (!resp.ok) throw errorFrom(resp, doc, text);
+    if (doc === null) throw new ApiError(resp.status, "bad_response", "the server's answer is not JSON", null, null);
+    return doc;
+  }
+
+  function errorFrom(resp, doc, text) {
+    const retryAfter = resp.headers.get("Retry-After");
+    const err = doc && typeof doc === "object" ? doc.error : null;
+    if (err && typeof err === "object") {
+      const message = typeof err.message === "string" ? err.message : JSON.stringify(err.message);
+      return new ApiError(resp.status, err.type ?? "error", message, err.field ?? null, retryAfter);
+    }
+    const detail = doc && doc.detail !== undefined ? JSON.stringify(doc.detail) : text.slice(0, 500);
+    return new ApiError(resp.status, "http_error", detail || resp.statusText, null, retryAfter);
+  }
+
+  // ---------------------------------------------------------------- models
+
+  /** Accepts {"models": [...]}, {"data": [...]} or a bare list; each entry as GET /v1/models describes it. */
+  function normaliseModels(doc) {
+    const list = Array.isArray(doc) ? doc : doc.models ?? doc.data ?? [];
+    const defaultName = Array.isArray(doc) ? null : doc.default ?? doc.default_model ?? null;
+    return {
+      defaultName,
+      list: list.map((m) => {
+        const sigma = m.sigma ?? {};
+        let classes = m.class_names ?? m.classes ?? null;
+        const numClasses = m.num_classes ?? (Array.isArray(classes) ? classes.length : 0);
+        if (!Array.isArray(classes)) classes = numClasses ? [...Array(numClasses).keys()].map(String) : [];
+        return {
+          name: m.name ?? m.id ?? m.model,
+          shape: m.image_shape ?? m.data_shape ?? m.shape ?? null,
+          classes,
+          sigmaMin: m.sigma_min ?? sigma.min ?? (m.sigma_range ? m.sigma_range[0] : null),
+          sigmaMax: m.sigma_max ?? sigma.max ?? (m.sigma_range ? m.sigma_range[1] : null),
+          schedules: m.recommended_schedules ?? m.schedules ?? {},
+          maxSteps: m.max_steps ?? null,
+          maxImages: m.max_images_per_request ?? null,
+          isDefault: Boolean(m.default),
+        };
+      }),
+    };
+  }
+
+  async function loadModels() {
+    const select = $("model");
+    let doc;
+    try {
+      doc = await api("GET", "/v1/models");
+    } catch (e) {
+      select.replaceChildren(new Option("(models unavailable)", ""));
+      showError(e, "GET /v1/models");
+      updateModelInfo();
+      return;
+    }
+    const { defaultName, list } = normaliseModels(doc);
+    const previous = select.value;
+    models.clear();
+    select.replaceChildren();
+    for (const m of list) {
+      models.set(m.name, m);
+      select.add(new Option(m.name, m.name));
+    }
+    const preferred = [previous, defaultName, list.find((m) => m.isDefault)?.name].find((n) => n && models.has(n));
+    if (preferred) select.value = preferred;
+    hideError();
+    updateModelInfo();
+  }
+
+  function currentModel() {
+    return models.get($("model").value) ?? null;
+  }
+
+  function recommendedSigmas(model, steps) {
+    const s = model ? model.schedules[String(steps)] ?? model.schedules[steps] : null;
+    return Array.isArray(s) ? s : null;
+  }
+
+  function fmtSigma(x) {
+    return Number(x).toPrecision(4).replace(/\.?0+$/, "").replace(/\.?0+e/, "e");
+  }
+
+  function updateModelInfo() {
+    const m = currentModel();
+    const info = [];
+    if (m) {
+      if (Array.isArray(m.shape)) info.push(m.shape.join("×"));
+      info.push(m.classes.length ? `${m.classes.length} classes` : "unconditional");
+      if (m.sigmaMin != null && m.sigmaMax != null) info.push(`σ ${fmtSigma(m.sigmaMin)} – ${fmtSigma(m.sigmaMax)}`);
+    }
+    $("model-info").textContent = info.join(" · ");
+    // the limits only inform the spinners; the server is the judge (novalidate form)
+    $("n").max = m && m.maxImages ? String(m.maxImages) : "";
+    $("steps").max = m && m.maxSteps ? String(m.maxSteps) : "";
+    $("sigmas-help").textContent =
+      m && m.sigmaMax != null ? `strictly decreasing, first ≤ ${fmtSigma(m.sigmaMax)}, all > ${fmtSigma(m.sigmaMin)}` : "";
+
+    const select = $("class-label");
+    const keep = select.value;
+    select.replaceChildren(new Option("random", ""));
+    for (const [i, name] of (m ? m.classes : []).entries()) {
+      select.add(new Option(name === String(i) ? name : `${i} · ${name}`, String(i)));
+    }
+    select.value = [...select.options].some((o) => o.value === keep) ? keep : "";
+    select.disabled = !m || m.classes.length === 0;
+    updateStepsHelp();
+  }
+
+  function updateStepsHelp() {
+    const m = currentModel();
+    const sig = recommendedSigmas(m, $("steps").value);
+    const limit = m && m.maxSteps ? `1 to ${m.maxSteps}` : "";
+    const schedule = sig ? `σ ${sig.map(fmtSigma).join(", ")}` : "";
+    $("steps-help").textContent = [limit, schedule].filter(Boolean).join(" · ");
+  }
+
+  /** "7 · seven" (or "seven" when short), "7" when the classes have no names, "—" when unconditional. */
+  function classText(model, label, short = false) {
+    if (label === null || label === undefined) return "—";
+    const names = model ? model.classes : [];
+    if (typeof label === "number" && names[label] !== undefined && names[label] !== String(label)) {
+      return short ? names[label] : `${label} · ${names[label]}`;
+    }
+    return String(label);
+  }
+
+  // ---------------------------------------------------------------- request
+
+  function mode() {
+    return $("mode-sigmas").checked ? "sigmas" : "steps";
+  }
+
+  /** A number field's value; what the server should judge is passed through so its message names it. */
+  function numberField(input) {
+    const raw = input.value.trim();
+    if (raw === "") return input.validity.badInput ? "" : undefined;
+    const x = Number(raw);
+    return Number.isFinite(x) ? x : raw;
+  }
+
+  function seedField() {
+    const raw = $("seed").value.trim();
+    if (raw === "") return undefined;
+    if (/^\d+$/.test(raw)) return new BigNumber(BigInt(raw).toString());
+    return raw; // not a whole number: the server says what is allowed
+  }
+
+  function sigmasField() {
+    return $("sigmas")
+      .value.split(/[\s,;]+/)
+      .filter((t) => t !== "")
+      .map((t) => (Number.isFinite(Number(t)) ? Number(t) : t));
+  }
+
+  function requestBody(overrides = {}) {
+    const cls = $("class-label").value;
+    const body = {
+      model: $("model").value || undefined,
+      n: numberField($("n")),
+      seed: seedField(),
+      class_label: cls === "" || $("class-label").disabled ? undefined : Number(cls),
+    };
+    if (mode() === "sigmas") body.sigmas = sigmasField();
+    else body.steps = numberField($("steps"));
+    return { ...body, ...overrides };
+  }
+
+  async function generate(body) {
+    const t0 = performance.now();
+    const doc = await api("POST", "/v1/generate", toJson(body));
+    doc.roundTripMs = performance.now() - t0;
+    return doc;
+  }
+
+  // ---------------------------------------------------------------- rendering
+
+  function showError(e, what) {
+    const box = $("error");
+    const head = document.createElement("div");
+    head.className = "error-head";
+    head.textContent = e.status ? `${e.status} · ${e.type}` : e.type;
+    if (what) head.textContent += ` — ${what}`;
+    const msg = document.createElement("div");
+    msg.id = "error-message";
+    msg.className = "error-message";
+    msg.textContent = e.message;
+    box.replaceChildren(head, msg);
+    if (e.field) {
+      const field = document.createElement("div");
+      field.className = "error-field";
+      field.textContent = `field: ${e.field}`;
+      box.append(field);
+    }
+    if (e.retryAfter) {
+      const retry = document.createElement("div");
+      retry.className = "error-field";
+      retry.textContent = `retry after ${e.retryAfter} s`;
+      box.append(retry);
+    }
+    box.hidden = false;
+  }
+
+  function hideError() {
+    $("error").hidden = true;
+    $("error").replaceChildren();
+  }
+
+  function asError(e) {
+    return e instanceof ApiError ? e : new ApiError(0, "client_error", String(e && e.message ? e.message : e));
+  }
+
+  function renderTimings(doc) {
+    const t = doc.timings_ms ?? {};
+    const rows = [
+      ["queue", t.queue],
+      ["compute", t.compute],
+      ["encode", t.encode],
+      ["total", t.total],
+      ["round trip", doc.roundTripMs],
+    ];
+    const dl = $("timings");
+    dl.replaceChildren();
+    for (const [name, ms] of rows) {
+      if (typeof ms !== "number") continue;
+      const div = document.createElement("div");
+      div.dataset.timing = name;
+      const dt = document.createElement("dt");
+      dt.textContent = name;
+      const dd = document.createElement("dd");
+      dd.textContent = `${ms.toFixed(1)} ms`;
+      div.append(dt, dd);
+      dl.append(div);
+    }
+    dl.hidden = false;
+  }
+
+  function sigmaSummary(sigmas) {
+    return Array.isArray(sigmas) ? sigmas.map(fmtSigma).join(" → ") : "?";
+  }
+
+  function tile(doc, im, size) {
+    const model = models.get(doc.model) ?? currentModel();
+    const fig = document.createElement("figure");
+    fig.className = `tile ${size}`;
+    fig.dataset.seed = String(im.seed);
+    fig.dataset.classLabel = String(im.class_label ?? "");
+    const btn = document.createElement("button");
+    btn.type = "button";
+    btn.className = "thumb";
+    const img = document.createElement("img");
+    img.src = `data:${im.mime};base64,${im.b64}`;
+    img.alt = `generated image, seed ${im.seed}, class ${classText(model, im.class_label)}`;
+    btn.append(img);
+    btn.setAttribute("aria-label", `enlarge image with seed ${im.seed}`);
+    btn.addEventListener("click", () => openLightbox(doc, im));
+    const cap = document.createElement("figcaption");
+    const seed = document.createElement("span");
+    seed.className = "seed";
+    seed.textContent = String(im.seed);
+    const cls = document.createElement("span");
+    cls.className = "cls";
+    cls.textContent = classText(model, im.class_label, true);
+    cls.title = `class ${classText(model, im.class_label)}`;
+    seed.title = `seed ${im.seed}`;
+    cap.append(seed, cls);
+    fig.append(btn, cap);
+    return fig;
+  }
+
+  function renderGrid(doc) {
+    $("grid").replaceChildren(...doc.images.map((im) => tile(doc, im, "big")));
+    $("empty").hidden = true;
+    renderTimings(doc);
+    $("run-info").textContent =
+      `${doc.model} · seed ${doc.seed} · σ ${sigmaSummary(doc.sigmas)} · ${doc.images.length} image` +
+      (doc.images.length === 1 ? "" : "s");
+  }
+
+  function renderCompare(docs) {
+    const table = document.createElement("table");
+    const head = table.createTHead().insertRow();
+    const th0 = document.createElement("th");
+    th0.scope = "col";
+    th0.textContent = "seed";
+    head.append(th0);
+    for (const [i, doc] of docs.entries()) {
+      const th = document.createElement("th");
+      th.scope = "col";
+      th.dataset.steps = String(COMPARE_STEPS[i]);
+      const steps = COMPARE_STEPS[i];
+      th.append(`${steps} step${steps === 1 ? "" : "s"}`);
+      const sub = document.createElement("span");
+      sub.className = "muted small";
+      const total = doc.timings_ms && typeof doc.timings_ms.total === "number" ? ` · ${doc.timings_ms.total.toFixed(1)} ms` : "";
+      sub.textContent = `σ ${sigmaSummary(doc.sigmas)}${total}`;
+      th.append(document.createElement("br"), sub);
+      head.append(th);
+    }
+    const tbody = table.createTBody();
+    for (const [row, im] of docs[0].images.entries()) {
+      const tr = tbody.insertRow();
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.textContent = String(im.seed);
+      tr.append(th);
+      for (const doc of docs) {
+        const td = tr.insertCell();
+        td.append(tile(doc, doc.images[row], "small"));
+      }
+    }
+    $("compare-grid").replaceChildren(table);
+    $("compare-view").hidden = false;
+  }
+
+  // ---------------------------------------------------------------- lightbox
+
+  function openLightbox(doc, im) {
+    const model = models.get(doc.model) ?? currentModel();
+    const src = `data:${im.mime};base64,${im.b64}`;
+    const ext = (im.mime.split("/")[1] || "png").replace("jpeg", "jpg");
+    $("lightbox-img").src = src;
+    $("lightbox-img").alt = `generated image, seed ${im.seed}`;
+    $("lightbox-caption").textContent =
+      `${doc.model} · seed ${im.seed} · class ${classText(model, im.class_label)} · σ ${sigmaSummary(doc.sigmas)}`;
+    const link = $("lightbox-download");
+    link.href = src;
+    link.download = `${doc.model}-seed${im.seed}${im.class_label == null ? "" : `-class${im.class_label}`}.${ext}`;
+    const dialog = $("lightbox");
+    if (typeof dialog.showModal === "function") dialog.showModal();
+    else dialog.setAttribute("open", "");
+  }
+
+  function closeLightbox() {
+    const dialog = $("lightbox");
+    if (typeof dialog.close === "function") dialog.close();
+    else dialog.removeAttribute("open");
+  }
+
+  // ---------------------------------------------------------------- actions
+
+  async function run(label, action) {
+    if (busy) return;
+    busy = true;
+    $("generate").disabled = true;
+    $("compare").disabled = true;
+    $("status").textContent = label;
+    document.querySelector(".results").setAttribute("aria-busy", "true");
+    try {
+      await action();
+      hideError();
+      $("status").textContent = "";
+    } catch (e) {
+      showError(asError(e), null);
+      $("status").textContent = "";
+    } finally {
+      busy = false;
+      $("generate").disabled = false;
+      $("compare").disabled = false;
+      document.querySelector(".results").removeAttribute("aria-busy");
+    }
+  }
+
+  function onGenerate(event) {
+    event.preventDefault();
+    run("Generating…", async () => renderGrid(await generate(requestBody())));
+  }
+
+  function onCompare() {
+    run("Comparing 1, 2 and 4 steps…", async () => {
+      // the first answer fixes the seed (the server picks one if the field is empty); the rest reuse it
+      const base = requestBody({ steps: undefined, sigmas: undefined });
+      const first = await generate({ ...base, steps: COMPARE_STEPS[0] });
+      const seed = new BigNumber(String(first.seed));
+      const rest = await Promise.all(COMPARE_STEPS.slice(1).map((steps) => generate({ ...base, seed, steps })));
+      renderCompare([first, ...rest]);
+    });
+  }
+
+  function rollDice() {
+    const [x] = crypto.getRandomValues(new Uint32Array(1));
+    $("seed").value = String(x % DICE_MAX);
+  }
+
+  function onModeChange() {
+    const sigmas = mode() === "sigmas";
+    $("steps-box").hidden = sigmas;
+    $("sigmas-box").hidden = !sigmas;
+    if (sigmas && $("sigmas").value.trim() === "") {
+      const sig = recommendedSigmas(currentModel(), $("steps").value);
+      if (sig) $("sigmas").value = sig.map(fmtSigma).join(", ");
+    }
+  }
+
+  // ---------------------------------------------------------------- live server stats
+
+  function fmtStat(x, digits) {
+    if (typeof x !== "number" || !Number.isFinite(x)) return "—";
+    return x.toFixed(digits);
+  }
+
+  function total(x) {
+    // a per-model breakdown ({"digits": 3}) is summed; a plain number is returned as is
+    if (x && typeof x === "object") return Object.values(x).reduce((a, b) => a + Number(b), 0);
+    return x;
+  }
+
+  function renderStats(s) {
+    $("stat-rps").textContent = fmtStat(s.requests_per_s, 1);
+    $("stat-ips").textContent = fmtStat(s.images_per_s, 1);
+    $("stat-queue").textContent = fmtStat(total(s.queue_depth), 0);
+    $("stat-batch").textContent = fmtStat(s.mean_images_per_forward, 2);
+    $("stat-inprog").textContent = fmtStat(total(s.in_progress), 0);
+    const badge = $("stat-ready");
+    badge.textContent = s.ready ? "ready" : "not ready";
+    badge.className = `badge ${s.ready ? "ok" : "warn"}`;
+    $("stats-error").hidden = true;
+  }
+
+  async function pollStats() {
+    if (!document.hidden) {
+      try {
+        renderStats(await api("GET", "/v1/stats"));
+      } catch (e) {
+        const err = asError(e);
+        $("stat-ready").textContent = "unknown";
+        $("stat-ready").className = "badge warn";
+        $("stats-error").textContent = `stats: ${err.status ? `${err.status} · ` : ""}${err.message}`;
+        $("stats-error").hidden = false;
+      }
+    }
+    setTimeout(pollStats, STATS_INTERVAL_MS);
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  function init() {
+    let stored = "";
+    try {
+      stored = sessionStorage.getItem(KEY_STORAGE) ?? "";
+    } catch {
+      stored = ""; // storage disabled: the key then lives only in the field
+    }
+    $("api-key").value = stored;
+    $("api-key").addEventListener("input", () => {
+      const key = $("api-key").value.trim();
+      try {
+        if (key) sessionStorage.setItem(KEY_STORAGE, key);
+        else sessionStorage.removeItem(KEY_STORAGE);
+      } catch {
+        /* storage disabled */
+      }
+    });
+    $("api-key").addEventListener("change", () => loadModels());
+    $("key-form").addEventListener("submit", (e) => {
+      e.preventDefault(); // Enter in the key field: use the key now
+      loadModels();
+    });
+    $("gen-form").addEventListener("submit", onGenerate);
+    $("compare").addEventListener("click", onCompare);
+    $("dice").addEventListener("click", rollDice);
+    $("model").addEventListener("change", updateModelInfo);
+    $("steps").addEventListener("input", updateStepsHelp);
+    $("mode-steps").addEventListener("change", onModeChange);
+    $("mode-sigmas").addEventListener("change", onModeChange);
+    $("lightbox-close").addEventListener("click", closeLightbox);
+    $("lightbox").addEventListener("click", (e) => {
+      if (e.target === $("lightbox")) closeLightbox(); // a click on the backdrop
+    });
+    loadModels();
+    pollStats();
+  }
+
+  init();
+})();

@@ -1,0 +1,394 @@
+"""The scheduler alone: per-evaluation batching, exact seeded sampling, fairness, bound, deadline, cancel, OOM."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from models.consistency import ConsistencyModel
+from models.sampling import image_class_label, sample, to_uint8
+from service.engine import Engine
+from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull
+from service.scheduler import Job, Scheduler, SchedulerObserver
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread, as the server uses on 2 cores: OpenMP barriers stall when other work shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE = [80.0]
+TWO = [80.0, 0.821]
+FOUR = [80.0, 17.5, 2.5, 0.17]
+
+
+class RecordingEngine(Engine):
+    """The real engine, recording what each network evaluation was asked to do."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[list[float], list[int]]] = []  # (σ per image, label per image)
+        self.before_forward = lambda: None
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        self.calls.append((sigma.tolist(), [] if labels is None else labels.tolist()))
+        self.before_forward()
+        return super()._forward(x, sigma, labels)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(s) for s, _ in self.calls]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Finished:
+    """Collects on_done calls."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def __call__(self, job: Job) -> None:
+        self.jobs.append(job)
+
+
+def make_job(model: ConsistencyModel, seed: int, n: int, sigmas: list[float], deadline: float = 1e12,
+             name: str = "m", on_done: Any = None, class_label: int | None = None) -> Job:
+    return Job(name, list(sigmas), seed, n, class_label, deadline, on_done or Finished())
+
+
+def scheduler_for(engine: Engine, max_batch: int = 64, max_queue: int = 1000, clock: FakeClock | None = None,
+                  observer: SchedulerObserver | None = None) -> Scheduler:
+    kwargs = {"clock": clock} if clock else {}
+    scheduler = Scheduler(max_batch=max_batch, max_wait_s=0.0, max_queue=max_queue, observer=observer, **kwargs)
+    scheduler.add_model("m", engine)
+    return scheduler
+
+
+def drain(scheduler: Scheduler) -> int:
+    """Run evaluations until the queue is empty; how many ran."""
+    count = 0
+    while scheduler.run_once(block=False):
+        count += 1
+    return count
+
+
+def reference(model: ConsistencyModel, seed: int, n: int, sigmas: list[float]) -> torch.Tensor:
+    return sample(model, [seed + i for i in range(n)], sigmas)
+
+
+def test_a_job_alone_is_exactly_models_sampling(tiny_model: ConsistencyModel) -> None:
+    scheduler = scheduler_for(Engine(tiny_model))
+    job = make_job(tiny_model, 123, 5, FOUR)
+    scheduler.submit(job)
+    assert drain(scheduler) == 4  # one evaluation per step
+    assert job.finished and job.error is None
+    assert torch.equal(job.result, reference(tiny_model, 123, 5, FOUR))  # bit for bit
+
+
+def test_finished_images_come_as_uint8_with_their_labels(tiny_model: ConsistencyModel) -> None:
+    scheduler = scheduler_for(Engine(tiny_model))
+    drawn, fixed = make_job(tiny_model, 40, 3, TWO), make_job(tiny_model, 50, 2, ONE, class_label=6)
+    scheduler.submit(drawn)
+    scheduler.submit(fixed)
+    drain(scheduler)
+    np.testing.assert_array_equal(drawn.images, to_uint8(drawn.result))
+    np.testing.assert_array_equal(drawn.images, to_uint8(reference(tiny_model, 40, 3, TWO)))
+    assert drawn.class_labels == [image_class_label(40 + i, 10) for i in range(3)]
+    assert fixed.class_labels == [6, 6]
+    np.testing.assert_array_equal(
+        fixed.images, to_uint8(sample(tiny_model, [50, 51], ONE, class_labels=[6, 6]))
+    )
+
+
+def test_mixed_batches_give_the_same_images(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, max_batch=5)  # forces runs to split across evaluations
+    specs = [(7, 3, FOUR), (1000, 1, ONE), (42, 4, TWO), (9, 2, ONE), (77, 3, FOUR)]
+    jobs = [make_job(tiny_model, seed, n, sig) for seed, n, sig in specs]
+    for job in jobs:
+        scheduler.submit(job)
+    drain(scheduler)
+    assert max(engine.sizes) == 5 and sum(engine.sizes) == sum(n * len(sig) for _, n, sig in specs)
+    for job, (seed, n, sig) in zip(jobs, specs, strict=True):
+        assert job.error is None
+        np.testing.assert_array_equal(to_uint8(job.result), to_uint8(reference(tiny_model, seed, n, sig)))
+
+
+def test_one_evaluation_holds_every_image_with_its_own_sigma(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine)
+    two, one = make_job(tiny_model, 1, 2, TWO), make_job(tiny_model, 50, 1, ONE)
+    scheduler.submit(two)
+    scheduler.submit(one)
+    assert drain(scheduler) == 2
+    sigma32 = torch.tensor(TWO, dtype=torch.float32).tolist()
+    assert engine.calls[0][0] == [sigma32[0]] * 3  # both requests' first step, one evaluation
+    assert engine.calls[1][0] == [sigma32[1]] * 2  # only the 2-step request's second step
+    assert engine.calls[0][1] == two.labels.tolist() + one.labels.tolist()
+
+
+def test_a_one_step_request_does_not_wait_behind_four_step_requests(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, max_batch=16)
+    done = Finished()
+    long_jobs = [make_job(tiny_model, 10 * i, 3, FOUR, on_done=done) for i in range(3)]
+    for job in long_jobs:
+        scheduler.submit(job)
+    assert scheduler.run_once(block=False)  # the 4-step requests take their first step
+    short = make_job(tiny_model, 999, 1, ONE, on_done=done)
+    scheduler.submit(short)
+    assert scheduler.run_once(block=False)  # the 1-step request joins their second step ...
+    assert done.jobs == [short]  # ... and is finished after that single evaluation
+    drain(scheduler)
+    assert done.jobs == [short, *long_jobs] and len(engine.calls) == 4
+    np.testing.assert_array_equal(to_uint8(short.result), to_uint8(reference(tiny_model, 999, 1, ONE)))
+
+
+def test_continuing_images_go_back_to_the_front(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, max_batch=2)
+    first, second = make_job(tiny_model, 1, 2, TWO), make_job(tiny_model, 2, 2, ONE)
+    scheduler.submit(first)
+    scheduler.submit(second)
+    drain(scheduler)
+    sig = torch.tensor(TWO, dtype=torch.float32).tolist()
+    assert [s for s, _ in engine.calls] == [[sig[0]] * 2, [sig[1]] * 2, [80.0] * 2]  # started work finishes first
+
+
+def test_queue_bound_refuses_at_once_with_retry_after(tiny_model: ConsistencyModel) -> None:
+    scheduler = scheduler_for(Engine(tiny_model), max_queue=5)
+    scheduler.submit(make_job(tiny_model, 0, 3, ONE))
+    full = r"holds 3 images and admits at most 5 \(CM_MAX_QUEUE\); this request has 3"
+    with pytest.raises(QueueFull, match=full) as e:
+        scheduler.submit(make_job(tiny_model, 5, 3, ONE))
+    assert e.value.retry_after_s >= 1
+    assert scheduler.queue_depth("m") == 3
+    scheduler.submit(make_job(tiny_model, 9, 2, ONE))  # exactly full is fine
+    assert scheduler.queue_depth() == 5
+    drain(scheduler)
+    assert scheduler.queue_depth() == 0
+    scheduler.submit(make_job(tiny_model, 5, 3, ONE))  # room again
+
+
+def test_expired_images_are_dropped_before_compute(tiny_model: ConsistencyModel) -> None:
+    clock = FakeClock()
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, clock=clock)
+    done = Finished()
+    late = make_job(tiny_model, 1, 3, ONE, deadline=clock.now + 1, on_done=done)
+    scheduler.submit(late)
+    clock.now += 2
+    assert scheduler.run_once(block=False) is False  # nothing left to run
+    assert engine.calls == []  # never reached the network
+    assert done.jobs == [late] and isinstance(late.error, DeadlineExceeded)
+    assert "3 of 3 images unfinished" in late.error.message
+    assert scheduler.queue_depth() == 0
+
+
+def test_a_deadline_in_mid_flight_drops_the_remaining_steps(tiny_model: ConsistencyModel) -> None:
+    clock = FakeClock()
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, clock=clock)
+    job = make_job(tiny_model, 1, 2, FOUR, deadline=clock.now + 1)
+    other = make_job(tiny_model, 2, 1, TWO)
+    scheduler.submit(job)
+    scheduler.submit(other)
+    scheduler.run_once(block=False)
+    scheduler.run_once(block=False)
+    clock.now += 5
+    drain(scheduler)
+    assert isinstance(job.error, DeadlineExceeded) and other.error is None
+    assert engine.sizes == [3, 3]  # two evaluations, then the 4-step job's last two steps never ran
+
+
+def test_cancel_removes_the_queued_images(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine)
+    done = Finished()
+    gone, kept = make_job(tiny_model, 1, 3, TWO, on_done=done), make_job(tiny_model, 2, 2, TWO, on_done=done)
+    scheduler.submit(gone)
+    scheduler.submit(kept)
+    assert scheduler.cancel(gone, Cancelled("client went away"))
+    assert scheduler.queue_depth() == 2
+    assert not scheduler.cancel(gone, Cancelled("twice"))  # already ended: no second callback
+    drain(scheduler)
+    assert engine.sizes == [2, 2]
+    assert done.jobs == [gone, kept] and isinstance(gone.error, Cancelled) and kept.error is None
+
+
+def test_cancel_during_an_evaluation_stops_the_later_steps(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine)
+    gone, kept = make_job(tiny_model, 1, 2, FOUR), make_job(tiny_model, 2, 1, FOUR)
+    scheduler.submit(gone)
+    scheduler.submit(kept)
+    engine.before_forward = lambda: scheduler.cancel(gone, Cancelled("client went away"))
+    scheduler.run_once(block=False)
+    engine.before_forward = lambda: None
+    drain(scheduler)
+    assert engine.sizes == [3, 1, 1, 1]
+    assert isinstance(gone.error, Cancelled) and kept.error is None
+    np.testing.assert_array_equal(to_uint8(kept.result), to_uint8(reference(tiny_model, 2, 1, FOUR)))
+
+
+def test_injected_oom_splits_the_batch_and_every_request_succeeds(tiny_model: ConsistencyModel) -> None:
+    class OOMAboveTwo(RecordingEngine):
+        def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            if x.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return super()._forward(x, sigma, labels)
+
+    engine = OOMAboveTwo(tiny_model)
+    scheduler = scheduler_for(engine, max_batch=8)
+    specs = [(3, 3, TWO), (30, 1, ONE), (300, 3, FOUR)]
+    jobs = [make_job(tiny_model, seed, n, sig) for seed, n, sig in specs]
+    for job in jobs:
+        scheduler.submit(job)
+    drain(scheduler)
+    assert engine.oom_splits > 0 and max(engine.sizes) == 2
+    for job, (seed, n, sig) in zip(jobs, specs, strict=True):
+        assert job.error is None
+        np.testing.assert_array_equal(to_uint8(job.result), to_uint8(reference(tiny_model, seed, n, sig)))
+
+
+def test_an_image_that_never_fits_fails_only_its_request(tiny_model: ConsistencyModel) -> None:
+    class OOMOnLabel(Engine):
+        def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            if labels is not None and bool((labels == 9).any()):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return super()._forward(x, sigma, labels)
+
+    scheduler = scheduler_for(OOMOnLabel(tiny_model))
+    doomed = make_job(tiny_model, 1, 2, TWO, class_label=9)
+    fine = make_job(tiny_model, 2, 2, TWO, class_label=4)
+    scheduler.submit(doomed)
+    scheduler.submit(fine)
+    drain(scheduler)
+    assert isinstance(doomed.error, OutOfMemory) and fine.error is None
+    assert scheduler.queue_depth() == 0
+
+
+def test_an_engine_fault_fails_that_batch_and_the_server_keeps_serving(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine)
+
+    def fail_once() -> None:
+        engine.before_forward = lambda: None
+        raise RuntimeError("device fault")
+
+    engine.before_forward = fail_once
+    broken = make_job(tiny_model, 1, 2, TWO)
+    scheduler.submit(broken)
+    drain(scheduler)
+    assert isinstance(broken.error, EngineFailure) and "RuntimeError" in broken.error.message
+    healthy = make_job(tiny_model, 2, 1, ONE)
+    scheduler.submit(healthy)
+    drain(scheduler)
+    assert healthy.error is None
+
+
+def test_observer_sees_evaluations_waits_and_finished_images(tiny_model: ConsistencyModel) -> None:
+    class Recorder(SchedulerObserver):
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+            self.waits = 0
+            self.images = 0
+
+        def on_evaluation(self, model: str, batch_size: int, seconds: float) -> None:
+            self.batches.append(batch_size)
+
+        def on_queue_wait(self, model: str, seconds: float) -> None:
+            self.waits += 1
+
+        def on_images_finished(self, model: str, count: int) -> None:
+            self.images += count
+
+    recorder = Recorder()
+    scheduler = scheduler_for(Engine(tiny_model), observer=recorder)
+    scheduler.submit(make_job(tiny_model, 1, 3, TWO))
+    scheduler.submit(make_job(tiny_model, 2, 2, ONE))
+    drain(scheduler)
+    assert recorder.batches == [5, 3] and recorder.waits == 2 and recorder.images == 5
+    assert (scheduler.evaluations, scheduler.images_evaluated) == (2, 8)
+
+
+def test_models_take_turns(tiny_model: ConsistencyModel) -> None:
+    a, b = RecordingEngine(tiny_model), RecordingEngine(tiny_model)
+    scheduler = Scheduler(max_batch=8, max_wait_s=0.0, max_queue=100)
+    scheduler.add_model("a", a)
+    scheduler.add_model("b", b)
+    scheduler.submit(make_job(tiny_model, 1, 2, FOUR, name="a"))
+    scheduler.submit(make_job(tiny_model, 2, 1, TWO, name="b"))
+    order = []
+    while scheduler.run_once(block=False):
+        order.append(len(a.calls) * 10 + len(b.calls))
+    assert order == [10, 11, 21, 22, 32, 42]  # a, b, a, b, then a alone
+
+
+def test_engine_thread_batches_what_arrived_while_the_device_was_busy(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_first() -> None:
+        engine.before_forward = lambda: None
+        entered.set()
+        assert release.wait(30)
+
+    engine.before_forward = hold_first
+    finished = threading.Semaphore(0)
+    jobs = [make_job(tiny_model, 0, 1, ONE, on_done=lambda _: finished.release())]
+    scheduler.start()
+    try:
+        scheduler.submit(jobs[0])
+        assert entered.wait(30)
+        for seed in (10, 20, 30):
+            jobs.append(make_job(tiny_model, seed, 2, ONE, on_done=lambda _: finished.release()))
+            scheduler.submit(jobs[-1])
+        release.set()
+        for _ in jobs:
+            assert finished.acquire(timeout=30)
+    finally:
+        scheduler.stop()
+    assert engine.sizes == [1, 6]  # the three waiting requests shared one evaluation
+
+
+def test_waits_for_a_fuller_batch_when_requests_arrive_quickly(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = Scheduler(max_batch=3, max_wait_s=30.0, max_queue=100)
+    scheduler.add_model("m", engine)
+    scheduler.submit(make_job(tiny_model, 1, 1, ONE))
+    scheduler.submit(make_job(tiny_model, 2, 1, ONE))  # arrived right after the first: worth waiting
+    runner = threading.Thread(target=scheduler.run_once)
+    runner.start()
+    scheduler.submit(make_job(tiny_model, 3, 1, ONE))  # completes the batch and ends the wait
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [3]
+
+
+def test_stop_fails_what_is_still_queued(tiny_model: ConsistencyModel) -> None:
+    scheduler = scheduler_for(Engine(tiny_model))
+    done = Finished()
+    job = make_job(tiny_model, 1, 1, ONE, on_done=done)
+    scheduler.submit(job)
+    scheduler.stop()
+    assert done.jobs == [job] and isinstance(job.error, NotReady)
+    with pytest.raises(NotReady):
+        scheduler.submit(make_job(tiny_model, 2, 1, ONE))

@@ -1,0 +1,136 @@
+"""Request schema, content negotiation, image encoding, API keys and the rate limit: the small pure parts."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from service.api.errors import describe_validation_error
+from service.api.negotiate import choose_representation
+from service.api.security import ANONYMOUS, ApiKeys, RateLimiter
+from service.encode import encode_image, encode_png
+from service.errors import NotAcceptable, RateLimited, Unauthorized
+from service.schemas import MAX_SEED, GenerateRequest
+
+
+def first_error(body: dict) -> tuple[str, str | None]:
+    with pytest.raises(ValidationError) as e:
+        GenerateRequest.model_validate_json(__import__("json").dumps(body))
+    errors = [{**error, "loc": ("body", *error["loc"])} for error in e.value.errors()]  # as FastAPI reports them
+    return describe_validation_error(errors)
+
+
+def test_defaults() -> None:
+    req = GenerateRequest()
+    assert (req.model, req.n, req.steps, req.sigmas, req.seed, req.class_label, req.format) == (
+        None, 1, None, None, None, None, "png"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "text"),
+    [
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"n": "2"}, "n", "valid integer"),
+        ({"n": 1.5}, "n", "valid integer"),
+        ({"steps": 0}, "steps", "greater than or equal to 1"),
+        ({"steps": True}, "steps", "valid integer"),
+        ({"seed": -1}, "seed", "greater than or equal to 0"),
+        ({"seed": MAX_SEED + 1}, "seed", "less than or equal to"),
+        ({"sigmas": []}, "sigmas", "at least 1 item"),
+        ({"sigmas": [80, "x"]}, "sigmas[1]", "valid number"),
+        ({"steps": 2, "sigmas": [80.0, 1.0]}, "sigmas", "either steps or sigmas, not both"),
+        ({"format": "gif"}, "format", "'png', 'jpeg' or 'webp'"),
+        ({"class_label": 1.5}, "class_label", "valid integer or Input should be a valid string"),
+        ({"n": 0, "steps": 0}, "n", "(and 1 more invalid field)"),
+        ({"model": ""}, "model", "at least 1 character"),
+        ({"bogus": 1}, "bogus", "unknown field; allowed fields: model, n, steps, sigmas, seed, class_label, format"),
+    ],
+)
+def test_invalid_fields_are_named(body: dict, field: str, text: str) -> None:
+    message, named = first_error(body)
+    assert named == field
+    assert message.startswith(f"{field}: ") and text in message
+
+
+def test_non_finite_sigmas_are_invalid() -> None:
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate_json('{"sigmas": [Infinity]}')
+
+
+def test_class_label_is_an_index_or_a_name() -> None:
+    assert GenerateRequest(class_label=3).class_label == 3
+    assert GenerateRequest(class_label="three").class_label == "three"
+
+
+@pytest.mark.parametrize(
+    ("accept", "fmt", "given", "n", "chosen"),
+    [
+        (None, "png", False, 1, None),
+        ("*/*", "png", False, 1, None),
+        ("application/json", "png", False, 1, None),
+        ("image/png", "png", False, 1, "png"),
+        ("image/webp", "png", False, 1, "webp"),  # the Accept header picks the format when the body does not
+        ("image/*", "jpeg", True, 1, "jpeg"),
+        ("image/png;q=0.5, application/json", "png", False, 1, None),
+        ("image/png, application/json;q=0.9", "png", False, 1, "png"),
+        ("image/png, */*;q=0.1", "png", False, 4, None),
+        ("text/html, image/jpeg;q=0.8", "png", False, 1, "jpeg"),
+    ],
+)
+def test_content_negotiation(accept: str | None, fmt: str, given: bool, n: int, chosen: str | None) -> None:
+    assert choose_representation(accept, fmt, given, n) == chosen
+
+
+def test_raw_images_need_n_equal_one() -> None:
+    with pytest.raises(NotAcceptable, match="only available for n = 1") as e:
+        choose_representation("image/png", "png", False, 2)
+    assert e.value.field == "n"
+    with pytest.raises(NotAcceptable, match="matches nothing"):
+        choose_representation("image/png", "jpeg", True, 1)  # body says jpeg, Accept only png
+    with pytest.raises(NotAcceptable):
+        choose_representation("text/html", "png", False, 1)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (5, 7, 1), (32, 32, 3)])
+def test_png_encoder_round_trips(shape: tuple[int, int, int]) -> None:
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_png(image))))
+    np.testing.assert_array_equal(decoded.reshape(shape), image)
+
+
+def test_lossless_webp_and_jpeg_decode() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 1), dtype=np.uint8)
+    webp = Image.open(io.BytesIO(encode_image(image, "webp")))
+    assert webp.format == "WEBP"
+    np.testing.assert_array_equal(np.asarray(webp.convert("L")), image[..., 0])
+    jpeg = Image.open(io.BytesIO(encode_image(image, "jpeg")))
+    assert jpeg.format == "JPEG" and jpeg.size == (8, 8)
+
+
+def test_api_keys() -> None:
+    assert ApiKeys([]).check(None) == ANONYMOUS
+    keys = ApiKeys(["a" * 16, "b" * 16])
+    assert keys.check("Bearer " + "b" * 16) == "b" * 16
+    assert keys.check("bearer " + "a" * 16) == "a" * 16
+    for header in (None, "", "Basic abc", "Bearer", "Bearer " + "c" * 16, "Bearer " + "a" * 15):
+        with pytest.raises(Unauthorized):
+            keys.check(header)
+
+
+def test_rate_limit_is_a_token_bucket_per_key() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2.0, clock=lambda: now[0])
+    limiter.check("k")
+    limiter.check("k")  # burst of 2
+    with pytest.raises(RateLimited) as e:
+        limiter.check("k")
+    assert e.value.retry_after_s == 1
+    limiter.check("other")  # its own bucket
+    now[0] += 0.5  # one token back
+    limiter.check("k")
+    RateLimiter(0).check("k")  # off
