@@ -9,15 +9,24 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log() { echo "=== $* ($(date +%T))"; }
+SECTIONS=${SECTIONS:-tests sample train serve}  # a subset reruns part of the check
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# The web stack is not in the GPU image: wheels for it travel in .whl/ (see the device tool's README).
+if [ -d .whl ] && ! $PY -c 'import fastapi' 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 {
 log "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 
+if want tests; then
 log "tests marked gpu"
-$PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+$PY -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_gpu.py 2>&1 | tail -15
+fi
 
+if want sample; then
 log "sampling: cifar10 preset, bf16 and fp32, eager and torch.compile (issue 2)"
 for dtype in bf16 fp32; do
   $PY bench/sample.py --preset cifar10 --device cuda --dtype $dtype --batches 1,64,256 --steps 1,2 \
@@ -25,14 +34,16 @@ for dtype in bf16 fp32; do
   $PY bench/sample.py --preset cifar10 --device cuda --dtype $dtype --batches 256 --steps 1,2 --compile \
     --channels-last --json "$OUT/sample_cifar10_${dtype}_compile.json"
 done
+fi
 
-if [ -f bench/train_speed.py ]; then
+if want train; then
   log "training throughput: cifar10 preset, bf16 (issue 3)"
   $PY bench/train_speed.py --preset cifar10 --device cuda --precision bf16 --json "$OUT/train_cifar10_bf16.json"
 fi
 
-if [ -f bench/load.py ] && $PY -c 'import fastapi, uvicorn, pydantic_settings' 2>/dev/null; then
-  log "serving: cifar10 preset through the HTTP service on the GPU (issue 4)"
-  $PY bench/load.py --gpu-check --out "$OUT/load_cifar10.json"
+if want serve; then
+  log "serving: cifar10 preset through the real HTTP service on the GPU, bf16 (issue 4)"
+  $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 \
+    --json "$OUT/serve_cifar10_bf16.json"
 fi
 } 2>&1 | tee "$OUT/gpu_check.log"
