@@ -143,6 +143,10 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and cause is not None:  # FastAPI could not parse the body: not UTF-8, nested too deep
+        message = f"request body is not valid JSON ({type(cause).__name__}: {cause})"
+        return error_response(422, "invalid_request", message)
     type_ = HTTP_TYPES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     if exc.status_code == 404:
