@@ -13,6 +13,7 @@ next to the floor (held-out vs training split). Finished variants are reused whe
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -56,7 +57,9 @@ def train_variant(cfg: train.RunConfig) -> tuple[Path, float]:
     latest = ckpts.latest() if ckpts.folder.is_dir() else None
     if latest is not None and latest.step == cfg.steps:
         log.info("%s: reusing the finished run", cfg.out)
-        return latest.model, float("nan")
+        with (Path(cfg.out) / "metrics.csv").open() as f:
+            last = list(csv.DictReader(f))[-1]
+        return latest.model, float(last["elapsed_s"])
     start = time.perf_counter()
     train.train(cfg, resume="auto" if latest is not None else None, explicit=set())
     return CheckpointDir(Path(cfg.out) / "checkpoints").latest().model, time.perf_counter() - start

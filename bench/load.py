@@ -272,6 +272,7 @@ def main() -> None:
     parser.add_argument("--n", default="1,8", help="images per request")
     parser.add_argument("--steps", default="1,2,mix", help="1, 2 and/or mix (half 1-step, half 4-step clients)")
     parser.add_argument("--max-batch", type=int, default=256, help="CM_MAX_BATCH of the server")
+    parser.add_argument("--torch-threads", type=int, default=0, help="CM_TORCH_THREADS of the server (0: its default)")
     parser.add_argument("--log-level", default="info", help="CM_LOG_LEVEL of the server (one JSON line per request)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -321,8 +322,9 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_env = {**env, "CM_MODELS": f"digits={ckpt}", "CM_PORT": str(port), "CM_LOG_LEVEL": args.log_level,
-                  "CM_MAX_BATCH": str(args.max_batch), "CM_MAX_IMAGES_PER_REQUEST": str(max(ns))}
-    threads = Settings(**{"max_batch": args.max_batch}).cpu_threads
+                  "CM_MAX_BATCH": str(args.max_batch), "CM_MAX_IMAGES_PER_REQUEST": str(max(ns)),
+                  "CM_TORCH_THREADS": str(args.torch_threads)}
+    threads = Settings(max_batch=args.max_batch, torch_threads=args.torch_threads).cpu_threads
     print(f"\nservice: python -m service, CM_MAX_BATCH={args.max_batch}, torch threads {threads}, "
           f"log level {args.log_level} (log: {tmp / 'service.log'})")
     # A mix needs two connections (one per step count), so it starts at concurrency 2.

@@ -101,6 +101,13 @@ def test_load_needs_nothing_but_the_file(saved: Path, tiny_model: ConsistencyMod
     assert result.returncode == 0
 
 
+def test_saved_file_has_normal_permissions(saved: Path) -> None:
+    """mkstemp creates 0600; a checkpoint mounted into the non-root container must stay readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_load_to_device_and_dtype(saved: Path) -> None:
     ck = load(saved, device="cpu", dtype=torch.bfloat16)
     assert next(ck.model.parameters()).dtype == torch.bfloat16
