@@ -151,6 +151,9 @@ def test_cuda_dropout_masks_need_the_cuda_generator_forked(digits: Dataset) -> N
     loop = LoopConfig(total_steps=80, global_batch=16, lr=1e-3, ema_decay=0.9, grad_clip=1.0, precision="bf16")
     trainer = Trainer(small_cfg(0.5), RECIPES["ict"], loop, digits, DistInfo(), device)
     model = trainer.student.train()
+    with torch.no_grad():  # no zero-initialised layer after a dropout, or every mask gives the same output
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     x, labels = trainer.batch(0)
     sigma = torch.full((x.shape[0],), 1.5, device=device)
     z = torch.randn_like(x)
