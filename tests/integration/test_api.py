@@ -12,14 +12,12 @@ import base64
 import json
 import logging
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi.routing import APIRoute
 from starlette.routing import Mount
 
@@ -62,15 +60,6 @@ METRIC_NAMES = [  # docs/serving.md
     "cmserve_queue_depth", "cmserve_requests_in_progress", "cmserve_model_info", "cmserve_ready",
     "cmserve_build_info",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread, as the server uses on 2 cores: OpenMP barriers stall when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def error_of(response: httpx.Response, status: int, type_: str, field: str | None = None) -> str:

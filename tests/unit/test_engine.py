@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,15 +11,6 @@ import torch
 from models.consistency import ConsistencyModel
 from models.sampling import to_uint8
 from service.engine import Engine, resolve_device
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread, as the server uses on 2 cores: OpenMP barriers stall when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batch(size: int, seed: int = 0, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,16 +14,6 @@ from models.sampling import image_class_label, sample, to_uint8
 from service.engine import Engine
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull
 from service.scheduler import Job, Scheduler, SchedulerObserver
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread, as the server uses on 2 cores: OpenMP barriers stall when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 ONE = [80.0]
 TWO = [80.0, 0.821]
