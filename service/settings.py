@@ -84,8 +84,8 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         0, ge=0, le=1024,
-        description="CPU threads for the network (torch intra-op); 0 = one less than the CPU count, at least 1, "
-        "so that HTTP handling keeps a core",
+        description="CPU threads for the network (torch intra-op); 0 = every CPU this process may use "
+        "(measured best on a dedicated machine; set fewer when other work shares the cores)",
     )
     rate_limit_per_key: float = Field(
         0.0, ge=0,
@@ -178,11 +178,11 @@ class Settings(BaseSettings):
 
     @property
     def cpu_threads(self) -> int:
-        """Intra-op threads for torch: CM_TORCH_THREADS, or one less than the CPUs this process may use."""
+        """Intra-op threads for torch: CM_TORCH_THREADS, or every CPU this process may use."""
         if self.torch_threads:
             return self.torch_threads
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cpus - 1)
+        return max(1, cpus)
 
     @property
     def max_wait_s(self) -> float:
