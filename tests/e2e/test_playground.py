@@ -27,6 +27,7 @@ from models import checkpoint
 from models.config import preset
 from models.consistency import ConsistencyModel
 from tests.conftest import randomize, require_tool
+from tests.integration.conftest import server_env
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -83,9 +84,7 @@ def _free_port() -> int:
 
 def _start_server(ckpt: Path, folder: Path, api_keys: str = "") -> Server:
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
-    env.update(
-        CM_HOST="127.0.0.1",
+    env = server_env(
         CM_PORT=str(port),
         CM_MODELS=f"digits={ckpt}",
         CM_DEVICE="cpu",

@@ -34,6 +34,7 @@ from models import checkpoint
 from models.config import preset
 from models.consistency import ConsistencyModel
 from tests.conftest import randomize, require_tool
+from tests.integration.conftest import server_env
 from tests.integration.test_deploy_files import (
     PROMETHEUS_DIR,
     REPO,
@@ -142,9 +143,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def service_env(port: int, ckpt: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
-    env.update(
-        CM_HOST="127.0.0.1",  # the image sets 0.0.0.0; a test listens on loopback only
+    return server_env(  # loopback, as server_env sets (the image itself binds 0.0.0.0)
         CM_PORT=str(port),
         CM_MODELS=f"digits={ckpt}",
         CM_DEVICE="cpu",
@@ -153,7 +152,6 @@ def service_env(port: int, ckpt: Path) -> dict[str, str]:
         CM_DRAIN_S="5",
         CM_LOG_LEVEL="warning",
     )
-    return env
 
 
 @pytest.fixture(scope="module")
