@@ -24,24 +24,22 @@ class UnknownModel(InvalidRequest):
     """The request names a model that is not served."""
 
 
-class QueueFull(ServiceError):
+class RetryLater(ServiceError):
+    """A refusal that says when to try again (the Retry-After header)."""
+
+    reason = "rejected"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(RetryLater):
     """Admitting the request would put more than CM_MAX_QUEUE images in the queue."""
 
-    reason = "rejected"
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class RateLimited(ServiceError):
+class RateLimited(RetryLater):
     """This API key sent more than CM_RATE_LIMIT_PER_KEY requests per second."""
-
-    reason = "rejected"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class NotReady(ServiceError):

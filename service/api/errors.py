@@ -26,6 +26,7 @@ from ..errors import (
     OutOfMemory,
     QueueFull,
     RateLimited,
+    RetryLater,
     ServiceError,
     Unauthorized,
     UnknownModel,
@@ -76,7 +77,7 @@ def service_error_response(error: ServiceError) -> Response:
     """The HTTP response for a domain error."""
     status, type_ = next(((s, t) for cls, s, t in ERROR_STATUS if isinstance(error, cls)), (500, "internal"))
     headers: dict[str, str] = {}
-    if isinstance(error, QueueFull | RateLimited):
+    if isinstance(error, RetryLater):
         headers["Retry-After"] = str(error.retry_after_s)
     elif isinstance(error, NotReady) and not isinstance(error, Draining):
         headers["Retry-After"] = str(NOT_READY_RETRY_AFTER_S)
