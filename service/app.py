@@ -24,13 +24,20 @@ ones. Errors are JSON `{"error": {"type", "message", "field"}}`."""
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = Engine) -> FastAPI:
-    """The ASGI app. The lifespan starts the engine thread and loads, then warms up, the models."""
+    """The ASGI app. The lifespan starts the engine thread and loads, then warms up, the models.
+
+    One process answers /healthz (and /readyz 503) while it loads. A worker of several (CM_WORKERS > 1)
+    instead finishes loading before uvicorn starts accepting on the shared socket, so connections go to
+    workers that are ready.
+    """
     settings = settings or Settings()
     state = ServiceState(settings, engine_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.start()
+        if settings.workers > 1:
+            await state.wait_settled()
         try:
             yield
         finally:
@@ -47,7 +54,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.api_keys = ApiKeys(settings.api_keys)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key)
     install_error_handlers(app)
-    install_routes(app)
+    install_routes(app, guarded=bool(settings.api_keys) or settings.rate_limit_per_key > 0)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -10,7 +10,14 @@ from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
-    """{"ts", "level", "logger", "msg", ...fields}; `extra={"fields": {...}}` adds the fields."""
+    """{"ts", "level", "logger", "msg", ...fields}; `extra={"fields": {...}}` adds the fields.
+
+    With CM_WORKERS > 1 each worker's lines also carry "worker": its index (0 is the first worker).
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -19,6 +26,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            doc["worker"] = self.worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             doc.update(fields)
@@ -27,10 +36,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", worker: int | None = None) -> None:
     """JSON lines on stderr at `level` for cmserve and uvicorn; uvicorn's access log is ours instead."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

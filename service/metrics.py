@@ -2,10 +2,17 @@
 
 Every label value is bounded: model names come from the settings, codes and reasons from fixed sets.
 Series whose labels are known in advance exist (at 0) from the start, so rate() and absent() behave.
+
+With CM_WORKERS > 1 the parent sets PROMETHEUS_MULTIPROC_DIR and prometheus_client keeps every value in
+files there, so any worker's /metrics and /v1/stats report the sum over workers: counters and histograms
+add up, gauges follow their `multiprocess_mode` (queue depth and requests in progress: sum over live
+workers; ready: 1 only when every live worker is). Gauges read from callbacks (queue depth, ready) are
+then written by each worker every LIVE_REFRESH_S; the process_* metrics are not exported in that mode.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -20,6 +27,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 
 from .scheduler import SchedulerObserver
@@ -33,6 +41,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 ENCODE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 STATS_WINDOW_S = 10.0  # /v1/stats rates are averages over about this long
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LIVE_REFRESH_S = 0.5  # with several workers, how often each writes its callback gauges
 
 
 class Metrics(SchedulerObserver):
@@ -41,8 +51,10 @@ class Metrics(SchedulerObserver):
     def __init__(self, model_names: Iterable[str], batch_buckets: Iterable[int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        if not self.multiprocess:  # per-process figures: meaningless summed over workers
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         self.requests = Counter(
             "cmserve_requests", "Generate requests by final status code", ["model", "code"], registry=r
         )
@@ -71,14 +83,20 @@ class Metrics(SchedulerObserver):
             "cmserve_encode_duration_seconds", "Encoding one request's images", ["format"],
             buckets=ENCODE_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge("cmserve_queue_depth", "Images waiting for an evaluation", ["model"], registry=r)
-        self.in_progress = Gauge("cmserve_requests_in_progress", "Generate requests being handled", registry=r)
+        self.queue_depth = Gauge("cmserve_queue_depth", "Images waiting for an evaluation", ["model"], registry=r,
+                                 multiprocess_mode="livesum")
+        self.in_progress = Gauge("cmserve_requests_in_progress", "Generate requests being handled", registry=r,
+                                 multiprocess_mode="livesum")
         self.model_info = Gauge(
-            "cmserve_model_info", "Served model", ["model", "checkpoint_sha256", "preset"], registry=r
+            "cmserve_model_info", "Served model", ["model", "checkpoint_sha256", "preset"], registry=r,
+            multiprocess_mode="livemax",
         )
-        self.ready = Gauge("cmserve_ready", "1 when models are loaded and warmed up and not draining", registry=r)
-        self.build_info = Gauge("cmserve_build_info", "cmserve version", ["version"], registry=r)
+        self.ready = Gauge("cmserve_ready", "1 when models are loaded and warmed up and not draining", registry=r,
+                           multiprocess_mode="livemin")
+        self.build_info = Gauge("cmserve_build_info", "cmserve version", ["version"], registry=r,
+                                multiprocess_mode="livemax")
         self.build_info.labels(VERSION).set(1)
+        self._live: list[tuple[Gauge, Callable[[], float]]] = []  # gauges whose value a callback gives
         self._per_model: dict[str, tuple] = {}
         self._memory_tracked = False
         self._stats_lock = threading.Lock()
@@ -87,6 +105,8 @@ class Metrics(SchedulerObserver):
             self._children(name)
         for name in FORMATS:
             self.encode_duration.labels(name)
+        if self.multiprocess:
+            threading.Thread(target=self._refresh_forever, name="cmserve-metrics", daemon=True).start()
 
     def _children(self, model: str) -> tuple:
         """Label children of one model, created once (they then show at 0) and cached for the hot path."""
@@ -135,10 +155,20 @@ class Metrics(SchedulerObserver):
         self.encode_duration.labels(fmt).observe(seconds)
 
     def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
-        self._children(model)[6].set_function(depth)
+        self._live.append((self._children(model)[6], depth))
 
     def track_ready(self, ready: Callable[[], bool]) -> None:
-        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
+        self._live.append((self.ready, lambda: 1.0 if ready() else 0.0))
+
+    def refresh(self) -> None:
+        """Write the callback gauges' current values (this process's share, with several workers)."""
+        for gauge, value in list(self._live):
+            gauge.set(value())
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(LIVE_REFRESH_S)
+            self.refresh()
 
     def track_device_memory(self, memory: Callable[[], tuple[int, int] | None]) -> None:
         """cmserve_gpu_memory_*_bytes, registered only for a CUDA device (absent on the CPU)."""
@@ -157,24 +187,40 @@ class Metrics(SchedulerObserver):
     # ------------------------------------------------------------------ exposition
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._readable()), CONTENT_TYPE_LATEST
+
+    def _readable(self) -> CollectorRegistry:
+        """Current values: this registry, or with several workers, the files of all of them."""
+        self.refresh()
+        if not self.multiprocess:
+            return self.registry
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return merged
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
+        return self._readable().get_sample_value(name, labels or {}) or 0.0
 
     def total(self, name: str) -> float:
         """Sum of a metric's samples called `name` over all label values."""
-        return sum(s.value for m in self.registry.collect() for s in m.samples if s.name == name)
+        return self._totals(self._readable(), (name,))[name]
+
+    @staticmethod
+    def _totals(registry: CollectorRegistry, names: Iterable[str]) -> dict[str, float]:
+        totals = dict.fromkeys(names, 0.0)
+        for family in registry.collect():
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+        return totals
 
     def stats(self, ready: bool) -> dict[str, float | int | bool]:
         """The playground's summary: rates over the last ~10 s and the current state, from the metrics above."""
         now = time.monotonic()
-        current = (
-            self.total("cmserve_requests_total"),
-            self.total("cmserve_images_generated_total"),
-            self.total("cmserve_batch_size_sum"),
-            self.total("cmserve_batch_size_count"),
-        )
+        names = ("cmserve_requests_total", "cmserve_images_generated_total", "cmserve_batch_size_sum",
+                 "cmserve_batch_size_count", "cmserve_queue_depth", "cmserve_requests_in_progress")
+        totals = self._totals(self._readable(), names)  # one read of every worker's files
+        current = tuple(totals[name] for name in names[:4])
         with self._stats_lock:
             samples = self._samples
             if not samples or now - samples[-1][0] >= 0.5:
@@ -189,8 +235,8 @@ class Metrics(SchedulerObserver):
         return {
             "requests_per_s": round(requests / span, 3) if span > 0 else 0.0,
             "images_per_s": round(images / span, 3) if span > 0 else 0.0,
-            "queue_depth": int(self.total("cmserve_queue_depth")),
+            "queue_depth": int(totals["cmserve_queue_depth"]),
             "mean_images_per_forward": round(batch_sum / batch_count, 3) if batch_count else 0.0,
             "ready": ready,
-            "in_progress": int(self.value("cmserve_requests_in_progress")),
+            "in_progress": int(totals["cmserve_requests_in_progress"]),
         }

@@ -82,10 +82,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="JSON log lines on stderr at this level (one per request at info)"
     )
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="Server processes sharing the port, each with its own copy of the models, engine thread and "
+        "event loop (CPU only: more throughput when HTTP work, not the network, limits a single process)",
+    )
     torch_threads: int = Field(
         0, ge=0, le=1024,
-        description="CPU threads for the network (torch intra-op); 0 = every CPU this process may use "
-        "(measured best on a dedicated machine; set fewer when other work shares the cores)",
+        description="CPU threads for the network (torch intra-op) per worker; 0 = the CPUs this process may use "
+        "divided by CM_WORKERS (measured best on a dedicated machine; set fewer when other work shares the cores)",
     )
     rate_limit_per_key: float = Field(
         0.0, ge=0,
@@ -156,6 +161,11 @@ class Settings(BaseSettings):
                 f"CM_MAX_BATCH={self.max_batch} exceeds the largest of CM_BATCH_BUCKETS {self.batch_buckets}; "
                 "add a bucket at least that large or lower CM_MAX_BATCH"
             )
+        if self.workers > 1 and self.device.startswith("cuda"):
+            raise ValueError(
+                f"CM_WORKERS={self.workers} needs CM_DEVICE=cpu (or auto on a machine without CUDA): one process "
+                "owns a GPU; run one replica per GPU instead"
+            )
         names = self.model_names
         if self.default_model and self.default_model not in names:
             raise ValueError(f"CM_DEFAULT_MODEL={self.default_model!r} is not one of the served models {names}")
@@ -178,11 +188,11 @@ class Settings(BaseSettings):
 
     @property
     def cpu_threads(self) -> int:
-        """Intra-op threads for torch: CM_TORCH_THREADS, or every CPU this process may use."""
+        """Intra-op threads for torch per worker: CM_TORCH_THREADS, or the usable CPUs shared among the workers."""
         if self.torch_threads:
             return self.torch_threads
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cpus)
+        return max(1, cpus // self.workers)
 
     @property
     def max_wait_s(self) -> float:

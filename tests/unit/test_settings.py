@@ -45,6 +45,14 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "kkkk" not in repr(s)  # keys never printed
 
 
+def test_torch_threads_default_to_the_cpus_shared_among_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert load_settings().workers == 1 and load_settings().cpu_threads == 5
+    assert load_settings(workers=2).cpu_threads == 2
+    assert load_settings(workers=8).cpu_threads == 1
+    assert load_settings(workers=2, torch_threads=3).cpu_threads == 3
+
+
 def test_buckets_stop_at_the_first_that_holds_max_batch() -> None:
     assert load_settings(max_batch=8).buckets == [1, 2, 4, 8]
     assert load_settings(max_batch=5).buckets == [1, 2, 4, 8]
@@ -67,6 +75,8 @@ def test_buckets_stop_at_the_first_that_holds_max_batch() -> None:
         ({"CM_API_KEYS": "short"}, "CM_API_KEYS holds 1 key(s) shorter than 16 characters"),
         ({"CM_MAX_QUEUE": "0"}, "CM_MAX_QUEUE: Input should be greater than or equal to 1"),
         ({"CM_LOG_LEVEL": "loud"}, "CM_LOG_LEVEL: Input should be"),
+        ({"CM_WORKERS": "0"}, "CM_WORKERS: Input should be greater than or equal to 1"),
+        ({"CM_WORKERS": "2", "CM_DEVICE": "cuda:0"}, "CM_WORKERS=2 needs CM_DEVICE=cpu"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(

@@ -1,0 +1,278 @@
+"""Running the app under uvicorn: one process, or CM_WORKERS processes on one listening socket.
+
+SIGTERM (or Ctrl+C) drains: /readyz turns 503 and new requests get 503 while the listener stays open
+(load balancers see the replica leave), in-flight requests finish within CM_DRAIN_S, then the server
+closes and the process exits 0. A second signal stops at once.
+
+With CM_WORKERS = N > 1 (CPU only) the parent binds the socket and starts N workers with the spawn method;
+each is a whole server (models, engine thread, event loop) accepting from the shared socket, so the HTTP
+work of a busy CPU server spreads over processes instead of queueing behind one interpreter lock.
+prometheus_client's multiprocess mode makes /metrics of any worker report all of them. The parent passes
+SIGTERM/SIGINT on (each worker drains its own requests), replaces a worker that dies while serving, and
+stops everything when a worker cannot start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+import torch
+import uvicorn
+
+from .app import create_app
+from .logs import configure_logging
+from .metrics import MULTIPROC_ENV
+from .settings import Settings
+from .state import ServiceState
+
+logger = logging.getLogger("cmserve.main")
+
+EXIT_CONFIG = 2  # settings or model files unusable
+EXIT_STARTUP = 1  # no model could be loaded
+RESTART_WINDOW_S = 60.0  # a worker dying more than MAX_RESTARTS times in this window stops the server
+MAX_RESTARTS = 5
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains before shutting down, and which exits 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState, drain_s: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_s = drain_s
+        self._drain_requested = False
+        self._drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike uvicorn's own handler, do not re-raise the signal after shutdown: a drained exit is 0.
+        if self._drain_requested:
+            logger.warning("second %s: stopping now", signal.Signals(sig).name)
+            self.should_exit = True
+            self.force_exit = True
+            return
+        self._drain_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain_started is None:
+            self._drain_started = time.monotonic()
+            self.state.begin_drain()
+        if self._drain_started is not None:
+            elapsed = time.monotonic() - self._drain_started
+            if self.state.in_flight == 0 or elapsed >= self.drain_s:
+                if self.state.in_flight:
+                    logger.error("drain time CM_DRAIN_S=%gs is up with %d request(s) in flight",
+                                 self.drain_s, self.state.in_flight)
+                self.config.timeout_graceful_shutdown = max(1.0, self.drain_s - elapsed)
+                return True
+        return await super().on_tick(counter)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                logger.info("listening", extra={"fields": {"host": host, "port": port}})
+
+
+def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
+    app = create_app(settings)
+    state: ServiceState = app.state.service
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # logging is configured by configure_logging (JSON lines)
+        access_log=False,  # cmserve.access logs one line per request instead
+        server_header=False,
+        timeout_graceful_shutdown=max(1, int(settings.drain_s)),
+        lifespan="on",
+    )
+    server = DrainingServer(config, state, settings.drain_s)
+
+    def fatal(message: str) -> None:
+        server.should_exit = True
+
+    state.on_fatal = fatal
+    return server, state
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """Run one server process until it is stopped; its exit status."""
+    torch.set_num_threads(settings.cpu_threads)
+    server, state = build_server(settings)
+    server.run(sockets)
+    if state.failure:
+        logger.error("exiting: %s", state.failure)
+        return EXIT_STARTUP
+    return 0
+
+
+# ---------------------------------------------------------------------- several workers
+
+
+def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: int) -> None:
+    """A worker process: its own process group (the parent relays Ctrl+C once), gone with its parent."""
+    os.setpgrp()
+    with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the parent dies, even by SIGKILL
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        raise SystemExit(0)
+    configure_logging(settings.log_level, worker=index)
+    raise SystemExit(serve(settings, [sock]))
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    started: float
+
+
+class Supervisor:
+    """Starts CM_WORKERS workers on one socket and keeps them running until a signal stops them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
+        self._signals: list[int] = []
+        self._stopping = False
+        self._restarts: list[float] = []
+        self._status = 0
+
+    def run(self) -> int:
+        sockets = bind_sockets(self.settings.host, self.settings.port, self.settings.workers)
+        host, port = sockets[0].getsockname()[:2]
+        metrics_dir, own_dir = _multiprocess_dir()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            logger.info("listening", extra={"fields": {"host": host, "port": port, "workers": self.settings.workers,
+                                                       "torch_threads": self.settings.cpu_threads}})
+            workers = [self._start(i, sockets[i]) for i in range(self.settings.workers)]
+            self._supervise(workers, sockets)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sock in sockets:
+                sock.close()
+            if own_dir:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        return self._status
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._signals.append(sig)
+
+    def _start(self, index: int, sock: socket.socket) -> _Worker:
+        process = self._ctx.Process(target=_worker_main, args=(self.settings, sock, index, os.getpid()),
+                                    name=f"cmserve-worker-{index}")
+        process.start()
+        logger.info("worker started", extra={"fields": {"worker": index, "pid": process.pid}})
+        return _Worker(index, process, time.monotonic())
+
+    def _supervise(self, workers: list[_Worker], sockets: list[socket.socket]) -> None:
+        while any(w.process.is_alive() for w in workers) or not self._stopping:
+            time.sleep(0.1)
+            while self._signals:  # each signal is passed on: the first drains, a second stops at once
+                sig = self._signals.pop(0)
+                logger.info("%s: passing it on to the workers", signal.Signals(sig).name)
+                self._stopping = True
+                self._terminate(workers)
+            for i, worker in enumerate(workers):
+                if worker.process.is_alive() or worker.process.exitcode is None:
+                    continue
+                code = worker.process.exitcode
+                _mark_dead(worker.process.pid)
+                if self._stopping:
+                    if code and not self._status:
+                        self._status = EXIT_STARTUP if code > 0 else 1
+                    continue
+                workers[i] = self._after_death(worker, code, workers, sockets[i])
+
+    def _after_death(self, worker: _Worker, code: int, workers: list[_Worker], sock: socket.socket) -> _Worker:
+        """Replace a worker that died while serving; stop all when it could not start or keeps dying."""
+        fields = {"worker": worker.index, "pid": worker.process.pid, "exit_code": code}
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
+        if code in (EXIT_STARTUP, EXIT_CONFIG) or len(self._restarts) > MAX_RESTARTS:
+            logger.critical("worker ended and will not be replaced; stopping the server", extra={"fields": fields})
+            self._status = code if code in (EXIT_STARTUP, EXIT_CONFIG) else EXIT_STARTUP
+            self._stopping = True
+            self._terminate(workers)
+            return worker
+        logger.error("worker died; starting a replacement", extra={"fields": fields})
+        return self._start(worker.index, sock)
+
+    @staticmethod
+    def _terminate(workers: list[_Worker]) -> None:
+        for worker in workers:
+            if worker.process.is_alive() and worker.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGTERM)
+
+
+def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per worker on the same port (SO_REUSEPORT: the kernel spreads new connections
+    evenly over them; on one shared socket, whichever worker wakes first accepts a whole burst of
+    connections and keeps them). Where SO_REUSEPORT is missing, the workers share one socket."""
+    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count if reuse_port else 1):
+            sockets.append(_listen(host, port, reuse_port))
+            port = sockets[0].getsockname()[1]  # port 0 picked a free port: the others take the same one
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets if reuse_port else sockets * count
+
+
+def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _multiprocess_dir() -> tuple[str, bool]:
+    """The prometheus_client multiprocess directory: $PROMETHEUS_MULTIPROC_DIR emptied, or a fresh one."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):  # values of an earlier run would be summed into this one's
+            if name.endswith(".db"):
+                os.remove(os.path.join(given, name))
+        return given, False
+    path = tempfile.mkdtemp(prefix="cmserve-metrics-")
+    os.environ[MULTIPROC_ENV] = path  # inherited by the spawned workers before they import prometheus_client
+    return path, True
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Drop a dead worker's live gauges (queue depth, requests in progress, ready) from the totals."""
+    if pid is None or not os.environ.get(MULTIPROC_ENV):
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
