@@ -2,6 +2,7 @@
 
     python bench/load.py                          # digits: concurrency 1,4,16,64 × n 1,8 × 1-step, 2-step, mix
     python bench/load.py --duration 3 --concurrency 1,64 --n 1
+    python bench/load.py --workers 2              # CM_WORKERS=2: two server processes on one socket
 
 The load comes from wrk (Debian's `apt-get install -y wrk`) with bench/wrk/post.lua: one C process drives
 thousands of requests per second, so the client is not the bottleneck (the bare-endpoint figure below is
@@ -10,19 +11,28 @@ the proof). A "mix" runs two wrk processes at once, half the connections sending
 
 Printed for each scenario: images/s, p50/p95/p99 latency per step count, mean images per network
 evaluation (from the server's /metrics), and the ceilings:
-  model     the engine alone (no HTTP): images/s at the batch size the scenario can reach, best thread count
-  HTTP      a bare FastAPI endpoint returning a fixed PNG, same uvicorn, same wrk concurrency (requests/s)
+  model     the engine alone (no HTTP): images/s at the batch size b the scenario can reach, the best of one
+            process (1 or all-CPU torch threads) and, with --workers N > 1, N processes evaluating at once
+            (max(1, CPUs // N) threads each, b split evenly among them, images/s summed)
+  HTTP      a bare FastAPI endpoint returning a fixed PNG, same uvicorn with as many worker processes on one
+            socket as the service (--workers), same wrk concurrency (requests/s)
   combined  1 / (1/model + 1/(HTTP × n)) images/s: the two share the same cores
+--workers N starts the service with CM_WORKERS=N (N processes sharing the port, each with its own model,
+engine thread and event loop; torch threads per worker: --torch-threads, or the server's default
+max(1, CPUs // N)). Both ceilings above take the same N, so more workers never flatter the ratios.
 Targets (CPU, digits): concurrency 64 images/s ≥ 0.8 × combined (n = 1 and 8); concurrency 1 p50 ≤ one
-forward pass + 3 ms; 1-step p99 under the 1/4 mix ≤ 1.5 × 1-step p99 alone.
+forward pass (the one-process best time, whatever --workers: one request is served by one worker) + 3 ms;
+1-step p99 under the 1/4 mix ≤ 1.5 × 1-step p99 alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import shutil
 import signal
 import socket
@@ -48,7 +58,6 @@ from models.config import preset  # noqa: E402
 from models.consistency import ConsistencyModel  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.registry import EMBEDDED_DEFAULT  # noqa: E402
-from service.settings import Settings  # noqa: E402
 
 WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
 MIX = "mix"  # half the connections 1-step, half 4-step
@@ -57,25 +66,40 @@ MIX = "mix"  # half the connections 1-step, half 4-step
 # ---------------------------------------------------------------------- ceilings
 
 
-def model_ceiling(path: Path, batches: list[int], seconds: float = 1.0) -> dict[int, dict[str, float]]:
-    """Per batch size: the best evaluation time over 1 and all-CPU torch threads (the engine, no HTTP)."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on: what the server divides among its workers for torch threads."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_threads(workers: int, torch_threads: int = 0) -> int:
+    """Torch threads per server worker: CM_TORCH_THREADS, or the server's default max(1, CPUs // workers)."""
+    return torch_threads or max(1, usable_cpus() // workers)
+
+
+def evaluation_inputs(loaded: checkpoint.LoadedCheckpoint, b: int) -> tuple[torch.Tensor, ...]:
+    """Arguments of one engine evaluation of `b` images (labels only for a class-conditional model)."""
+    config = loaded.meta.config
+    labels = torch.zeros(b, dtype=torch.long) if config.num_classes else None
+    return torch.randn(b, *config.image_shape), torch.full((b,), 80.0), labels
+
+
+def single_process_ceiling(path: Path, batches: list[int], seconds: float) -> dict[int, dict[str, float]]:
+    """Per batch size: the best median evaluation time over 1 and all-CPU torch threads, in this process."""
     loaded = checkpoint.load(path)
     engine = Engine(loaded.model)
-    shape = loaded.meta.config.image_shape
     saved = torch.get_num_threads()
     results: dict[int, dict[str, float]] = {}
-    for threads in sorted({1, os.cpu_count() or 1}):
+    for threads in sorted({1, usable_cpus()}):
         torch.set_num_threads(threads)
         for b in batches:
-            x, sigma = torch.randn(b, *shape), torch.full((b,), 80.0)
-            labels = torch.zeros(b, dtype=torch.long) if loaded.meta.config.num_classes else None
+            args = evaluation_inputs(loaded, b)
             for _ in range(3):
-                engine.evaluate(x, sigma, labels)
+                engine.evaluate(*args)
             times = []
             end = time.perf_counter() + seconds
             while time.perf_counter() < end or len(times) < 5:
                 t = time.perf_counter()
-                engine.evaluate(x, sigma, labels)
+                engine.evaluate(*args)
                 times.append(time.perf_counter() - t)
             median = statistics.median(times)
             best = results.get(b)
@@ -83,6 +107,94 @@ def model_ceiling(path: Path, batches: list[int], seconds: float = 1.0) -> dict[
                 results[b] = {"forward_s": median, "images_per_s": b / median, "threads": threads}
     torch.set_num_threads(saved)
     return results
+
+
+def share(b: int, workers: int, index: int) -> int:
+    """Worker `index`'s part of b images split as evenly as possible: the parts add up to b (some 0 when b < N)."""
+    return b // workers + (index < b % workers)
+
+
+def _throughput_worker(index: int, workers: int, path: str, batches: list[int], seconds: float, barrier: Any,
+                       results: Any) -> None:
+    """One of N concurrent processes: its images/s for its share of each batch size, windows started together."""
+    torch.set_num_threads(worker_threads(workers))
+    loaded = checkpoint.load(Path(path))
+    engine = Engine(loaded.model)
+    rates: dict[int, float] = {}
+    for b in batches:
+        mine = share(b, workers, index)
+        args = evaluation_inputs(loaded, max(mine, 1))
+        for _ in range(3 if mine else 0):
+            engine.evaluate(*args)
+        barrier.wait()
+        start = time.perf_counter()
+        count = 0
+        while mine and (count < 1 or time.perf_counter() < start + seconds):
+            engine.evaluate(*args)
+            count += 1
+        rates[b] = mine * count / (time.perf_counter() - start)
+    results.put(rates)
+
+
+def multi_process_ceiling(path: Path, batches: list[int], workers: int, seconds: float) -> dict[int, float]:
+    """Per batch size b: images/s summed over `workers` spawned processes evaluating their shares of b images
+    (about b / workers each) at the same time, with the server's default torch threads per worker."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_throughput_worker, args=(i, workers, str(path), batches, seconds, barrier, results),
+                         daemon=True) for i in range(workers)]
+    rates: list[dict[int, float]] = []
+    try:
+        for proc in procs:
+            proc.start()
+        while len(rates) < workers:
+            try:
+                rates.append(results.get(timeout=1.0))
+            except queue.Empty:
+                if any(proc.exitcode not in (None, 0) for proc in procs):
+                    raise SystemExit("a model-ceiling process failed") from None
+    finally:
+        for proc in procs:
+            if proc.is_alive() and len(rates) < workers:
+                proc.terminate()
+            proc.join()
+    return {b: sum(r[b] for r in rates) for b in batches}
+
+
+def model_ceiling(path: Path, batches: list[int], seconds: float = 1.0,
+                  workers: int = 1) -> dict[int, dict[str, float]]:
+    """Per batch size: the engine alone (no HTTP), the best of one process and `workers` processes at once.
+
+    forward_s stays the one-process best time (one request is served by one worker); images_per_s is the
+    higher of one process and the workers' sum, and threads / processes say which one it is."""
+    results = single_process_ceiling(path, batches, seconds)
+    for m in results.values():
+        m["single_images_per_s"], m["single_threads"], m["processes"] = m["images_per_s"], m["threads"], 1
+    if workers == 1:
+        return results
+    summed = multi_process_ceiling(path, batches, workers, seconds)
+    for b, m in results.items():
+        m["workers_images_per_s"] = summed[b]
+        if summed[b] > m["images_per_s"]:
+            m["images_per_s"], m["threads"], m["processes"] = summed[b], worker_threads(workers), workers
+    return results
+
+
+def print_model_ceiling(model: dict[int, dict[str, float]], workers: int) -> None:
+    if workers == 1:
+        print("model ceiling (engine alone, no HTTP), one evaluation:")
+        for b, m in model.items():
+            print(f"  batch {b:4d}: {m['forward_s'] * 1e3:8.2f} ms  {m['images_per_s']:8.0f} images/s  "
+                  f"({m['threads']} threads)")
+        return
+    threads = worker_threads(workers)
+    print(f"model ceiling (engine alone, no HTTP): one process, best of 1 / {usable_cpus()} threads | "
+          f"{workers} processes at once, {threads} thread{'s' if threads > 1 else ''} each, b split evenly among them "
+          "(summed); the ceiling is the higher:")
+    for b, m in model.items():
+        won = "1 process" if m["processes"] == 1 else f"{workers} processes"
+        print(f"  batch {b:4d}: {m['forward_s'] * 1e3:8.2f} ms  {m['single_images_per_s']:8.0f} images/s "
+              f"({m['single_threads']:.0f} threads) | {m['workers_images_per_s']:8.0f} images/s  → {won}")
 
 
 def bare_app() -> Any:
@@ -141,6 +253,41 @@ def process(argv: list[str], env: dict[str, str], ready_url: str, log: Path) -> 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def wait_workers(log: Path, workers: int, log_level: str, timeout: float = 180.0) -> None:
+    """/readyz answers once the first worker is ready: with several, wait for each one's "ready" log line."""
+    if workers == 1 or log_level not in ("debug", "info"):
+        return
+    deadline = time.monotonic() + timeout
+    while log.read_text(errors="replace").count("ready: serving") < workers:
+        if time.monotonic() > deadline:
+            print(f"note: not every one of the {workers} workers logged ready within {timeout:.0f} s")
+            return
+        time.sleep(0.1)
+
+
+def serve_bare(port: int, workers: int) -> None:
+    """The bare endpoint under uvicorn: `workers` processes on one socket (an import string makes that possible)."""
+    import uvicorn
+
+    uvicorn.run(f"{Path(__file__).stem}:bare_app", factory=True, workers=workers, app_dir=str(Path(__file__).parent),
+                host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def http_ceiling(concurrency: list[int], duration: float, workers: int, env: dict[str, str],
+                 log: Path) -> dict[int, float]:
+    """Requests/s of the bare endpoint at each wrk concurrency."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port), "--workers", str(workers)]
+    http: dict[int, float] = {}
+    with process(argv, env, url + "/docs", log):
+        for c in concurrency:
+            run = WrkRun({"n": 1}, c)
+            drive(url, [run], duration)
+            http[c] = run.requests_per_s
+    return http
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -272,16 +419,19 @@ def main() -> None:
     parser.add_argument("--n", default="1,8", help="images per request")
     parser.add_argument("--steps", default="1,2,mix", help="1, 2 and/or mix (half 1-step, half 4-step clients)")
     parser.add_argument("--max-batch", type=int, default=256, help="CM_MAX_BATCH of the server")
-    parser.add_argument("--torch-threads", type=int, default=0, help="CM_TORCH_THREADS of the server (0: its default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="CM_WORKERS of the server; the bare HTTP endpoint and the model ceiling use as many")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="CM_TORCH_THREADS of the server (0: its default, max(1, CPUs // workers))")
     parser.add_argument("--log-level", default="info", help="CM_LOG_LEVEL of the server (one JSON line per request)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.serve_bare:
-        import uvicorn
-
-        uvicorn.run(bare_app(), host="127.0.0.1", port=args.serve_bare, log_level="warning", access_log=False)
+        serve_bare(args.serve_bare, args.workers)
         return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -291,30 +441,21 @@ def main() -> None:
     step_kinds: list[int | str] = [s if s == MIX else int(s) for s in args.steps.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-load-"))
     ckpt, ckpt_note = default_checkpoint(tmp) if args.checkpoint is None else (args.checkpoint, str(args.checkpoint))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({usable_cpus()} usable); "
+          f"torch {torch.__version__}")
     print(f"model: {ckpt_note}")
     print("note: server, wrk and this script share the same cores (and, on a shared machine, other jobs)\n")
 
     # Ceiling 1: the engine alone.
     batches = sorted({1, *(min(c * n, args.max_batch) for c in concurrency for n in ns), args.max_batch})
-    model = model_ceiling(ckpt, batches)
-    print("model ceiling (engine alone, no HTTP), one evaluation:")
-    for b, m in model.items():
-        print(f"  batch {b:4d}: {m['forward_s'] * 1e3:8.2f} ms  {m['images_per_s']:8.0f} images/s  "
-              f"({m['threads']} threads)")
+    model = model_ceiling(ckpt, batches, workers=args.workers)
+    print_model_ceiling(model, args.workers)
 
-    # Ceiling 2: a bare FastAPI endpoint, same uvicorn, same wrk.
+    # Ceiling 2: a bare FastAPI endpoint, same uvicorn, same number of worker processes, same wrk.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
-    port = free_port()
-    bare_url = f"http://127.0.0.1:{port}"
-    http: dict[int, float] = {}
-    with process([sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)], env,
-                 bare_url + "/docs", tmp / "bare.log"):
-        for c in concurrency:
-            run = WrkRun({"n": 1}, c)
-            drive(bare_url, [run], min(args.duration, 3.0))
-            http[c] = run.requests_per_s
-    print("\nHTTP ceiling (bare FastAPI endpoint returning a fixed PNG, wrk):")
+    http = http_ceiling(concurrency, min(args.duration, 3.0), args.workers, env, tmp / "bare.log")
+    print(f"\nHTTP ceiling (bare FastAPI endpoint returning a fixed PNG, {args.workers} uvicorn worker process"
+          f"{'es' if args.workers > 1 else ''}, wrk):")
     for c, rps in http.items():
         print(f"  concurrency {c:3d}: {rps:8.0f} requests/s")
 
@@ -323,13 +464,14 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server_env = {**env, "CM_MODELS": f"digits={ckpt}", "CM_PORT": str(port), "CM_LOG_LEVEL": args.log_level,
                   "CM_MAX_BATCH": str(args.max_batch), "CM_MAX_IMAGES_PER_REQUEST": str(max(ns)),
-                  "CM_TORCH_THREADS": str(args.torch_threads)}
-    threads = Settings(max_batch=args.max_batch, torch_threads=args.torch_threads).cpu_threads
-    print(f"\nservice: python -m service, CM_MAX_BATCH={args.max_batch}, torch threads {threads}, "
-          f"log level {args.log_level} (log: {tmp / 'service.log'})")
+                  "CM_TORCH_THREADS": str(args.torch_threads), "CM_WORKERS": str(args.workers)}
+    threads = worker_threads(args.workers, args.torch_threads)
+    print(f"\nservice: python -m service, CM_WORKERS={args.workers}, CM_MAX_BATCH={args.max_batch}, "
+          f"torch threads {threads} per worker, log level {args.log_level} (log: {tmp / 'service.log'})")
     # A mix needs two connections (one per step count), so it starts at concurrency 2.
     scenarios = [Scenario(c, n, s) for n in ns for s in step_kinds for c in concurrency if s != MIX or c >= 2]
     with process([sys.executable, "-m", "service"], server_env, url + "/readyz", tmp / "service.log"):
+        wait_workers(tmp / "service.log", args.workers, args.log_level)
         drive(url, [WrkRun({"n": 1, "steps": 1}, 4)], 1.0)  # warm the path
         header = (f"{'scenario':<24} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'img/eval':>8}  "
                   "latency ms p50 / p95 / p99 by steps")
@@ -343,6 +485,8 @@ def main() -> None:
         print("  " + line)
     if args.json:
         args.json.write_text(json.dumps({
+            "workers": args.workers,
+            "torch_threads_per_worker": threads,
             "model": {str(b): m for b, m in model.items()},
             "http_requests_per_s": http,
             "scenarios": [{"concurrency": s.concurrency, "n": s.n, "steps": s.steps, "images_per_s": s.images_per_s,
