@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class ServiceState:
         """Called by the lifespan at shutdown, after uvicorn has finished the in-flight requests."""
         self.ready = False
         self.draining = True
+        gc.unfreeze()  # back to the collector (an app in a test process is not the whole process)
         self.scheduler.stop()
         if self.encoder is not None:
             self.encoder.close()
@@ -110,6 +112,11 @@ class ServiceState:
                 fallback = self.registry.names()[0]
                 logger.warning("default model %s is not served; using %s", self.registry.default, fallback)
                 self.registry.default = fallback
+            # Everything loaded so far (torch, the app, the models) lives as long as the process: freeze it out
+            # of the collector. Otherwise each full collection walks it all: 150 ms pauses every few seconds
+            # under load (p99 at c=16, n=1: 148 ms, with the freeze 35-40 ms; 2-core VM).
+            gc.collect()
+            gc.freeze()
             self.ready = not self.draining
             logger.info("ready: serving %s (default %s)", self.registry.names(), self.registry.default)
         assert self._loop is not None and self._settled is not None
