@@ -11,6 +11,17 @@ bookkeeping costs one Python object per request rather than per image. One engin
   requeue  images with steps left go back to the FRONT of the queue, in order
   complete a request whose last image finished (or that failed) gets its `on_done` callback
 
+The queue's order (CM_SCHEDULE):
+  shortest (default)  images wait in classes by evaluations left; a batch takes the class with the fewest
+                      first, so a new 1-step image goes before a 4-step image with 2 or more to go. Within
+                      a class a requeued image goes to the front (started work finishes first). An image
+                      whose request arrived more than STARVATION_EVALUATIONS evaluations' time ago is taken
+                      before any class, oldest first, so longer requests are delayed under saturation, not
+                      starved.
+  started             one queue: requeued images in front of everything new (the literal "back to the
+                      front"). Under saturation a new 1-step request then waits for every started
+                      multistep image, so its latency in a 1/4-step mix grows with the 4-step traffic.
+
 No web framework here: the API layer turns the domain errors into HTTP and the callback into a future.
 """
 
@@ -36,6 +47,8 @@ logger = logging.getLogger("cmserve.scheduler")
 
 MAX_RETRY_AFTER_S = 60
 SCHEDULE_CACHE = 256  # distinct σ schedules remembered per model
+SCHEDULES = ("shortest", "started")  # queue orders (module docstring)
+STARVATION_EVALUATIONS = 10  # "shortest": past this many evaluations' time in the queue, an image goes first
 
 
 def noise_scales(sigmas: Sequence[float], sigma_min: float) -> list[float]:
@@ -122,6 +135,10 @@ class Run:
     def evaluations_left(self) -> int:
         return self.size * (self.job.steps - self.step)
 
+    @property
+    def steps_left(self) -> int:
+        return self.job.steps - self.step
+
 
 class SchedulerObserver:
     """Hooks the scheduler calls (from the engine thread); the default does nothing. Metrics subclass it."""
@@ -138,13 +155,59 @@ class SchedulerObserver:
 
 @dataclass
 class Lane:
-    """One model's queue and engine."""
+    """One model's queue and engine. The queue is a deque per class (evaluations left, or one class for the
+    "started" order); `queued` counts the images in all of them."""
 
     name: str
     engine: Engine
-    queue: deque[Run] = field(default_factory=deque)
-    queued: int = 0  # images in `queue`
+    by_steps_left: bool = True  # the "shortest" order: one class per number of evaluations left
+    classes: dict[int, deque[Run]] = field(default_factory=dict)
+    queued: int = 0
     schedules: dict[tuple[float, ...], tuple[list[float], list[float]]] = field(default_factory=dict)
+
+    def _class(self, run: Run) -> deque[Run]:
+        key = run.steps_left if self.by_steps_left else 0
+        found = self.classes.get(key)
+        if found is None:
+            found = self.classes[key] = deque()
+            self.classes = dict(sorted(self.classes.items()))  # fewest evaluations left first
+        return found
+
+    def push_back(self, run: Run) -> None:
+        self._class(run).append(run)
+        self.queued += run.size
+
+    def push_front(self, run: Run) -> None:
+        self._class(run).appendleft(run)
+        self.queued += run.size
+
+    def pop(self, now: float, starve_s: float) -> Run | None:
+        """The next run: the front of the first class, unless the request of another class's front arrived more
+        than `starve_s` ago (then the oldest such): once old, a request keeps going first until it is done."""
+        heads = [q for q in self.classes.values() if q]
+        if not heads:
+            return None
+        queue = heads[0]
+        if len(heads) > 1:
+            oldest = min(heads, key=lambda q: q[0].job.submitted_at)
+            if now - oldest[0].job.submitted_at > starve_s:
+                queue = oldest
+        run = queue.popleft()
+        self.queued -= run.size
+        return run
+
+    def runs(self) -> list[Run]:
+        return [run for queue in self.classes.values() for run in queue]
+
+    def remove(self, job: Job) -> list[Run]:
+        """Take every queued run of `job` out; the runs removed."""
+        removed: list[Run] = []
+        for key, queue in self.classes.items():
+            if any(run.job is job for run in queue):
+                removed += [run for run in queue if run.job is job]
+                self.classes[key] = deque(run for run in queue if run.job is not job)
+        self.queued -= sum(run.size for run in removed)
+        return removed
 
     def schedule(self, sigmas: list[float]) -> tuple[list[float], list[float]]:
         """(σ per step in float32, noise scale per step) for a schedule, remembered."""
@@ -169,7 +232,11 @@ class Scheduler:
         max_queue: int,
         observer: SchedulerObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        schedule: str = "shortest",
     ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.schedule = schedule
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -197,7 +264,7 @@ class Scheduler:
         with self._cond:
             if name in self._lanes:
                 raise ValueError(f"model {name!r} is already scheduled")
-            lane = Lane(name, engine)
+            lane = Lane(name, engine, by_steps_left=self.schedule == "shortest")
             self._lanes[name] = lane
             self._order.append(lane)
 
@@ -219,8 +286,7 @@ class Scheduler:
             now = self.clock()
             job.submitted_at = now
             self._last_gap, self._last_submit = now - self._last_submit, now
-            lane.queue.append(Run(job, 0, job.n, 0))
-            lane.queued += job.n
+            lane.push_back(Run(job, 0, job.n, 0))
             self._queued += job.n
             self._pending_evaluations += job.n * job.steps
             if self._engine_waiting:  # waking a thread costs a system call: only when it sleeps
@@ -259,7 +325,7 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-            leftover = [run.job for lane in self._order for run in lane.queue]
+            leftover = [run.job for lane in self._order for run in lane.runs()]
         if self._thread is not None:
             self._thread.join(timeout)
         for job in dict.fromkeys(leftover):
@@ -341,9 +407,12 @@ class Scheduler:
         runs: list[Run] = []
         count = 0
         now = self.clock()
-        while lane.queue and count < self.max_batch:
-            run = lane.queue.popleft()
-            self._dequeued_locked(lane, run.size)
+        starve_s = STARVATION_EVALUATIONS * self._evaluation_s if self.evaluations else math.inf
+        while count < self.max_batch:
+            run = lane.pop(now, starve_s)
+            if run is None:
+                break
+            self._queued -= run.size
             job = run.job
             if job.finished:  # cancelled while queued (its runs are normally removed at once)
                 continue
@@ -356,8 +425,8 @@ class Scheduler:
             room = self.max_batch - count
             if run.size > room:  # split: the rest keeps its place at the front
                 rest = Run(job, run.start + room, run.stop, run.step)
-                lane.queue.appendleft(rest)
-                self._enqueued_locked(lane, rest.size)
+                lane.push_front(rest)
+                self._queued += rest.size
                 run = Run(job, run.start, run.start + room, run.step)
             runs.append(run)
             count += run.size
@@ -418,9 +487,9 @@ class Scheduler:
                 job.remaining -= run.size
                 if job.remaining == 0 and self._finish_locked(job, None):
                     ended.append(job)
-            for run in reversed(again):  # back to the front, in their order
-                lane.queue.appendleft(run)
-                self._enqueued_locked(lane, run.size)
+            for run in reversed(again):  # back to the front (of their class), in their order
+                lane.push_front(run)
+                self._queued += run.size
             if again:
                 self._cond.notify()
         if finished_images:
@@ -449,22 +518,9 @@ class Scheduler:
         return True
 
     def _remove_runs_locked(self, lane: Lane, job: Job) -> None:
-        kept: deque[Run] = deque()
-        for run in lane.queue:
-            if run.job is job:
-                self._dequeued_locked(lane, run.size)
-                self._pending_evaluations -= run.evaluations_left
-            else:
-                kept.append(run)
-        lane.queue = kept
-
-    def _dequeued_locked(self, lane: Lane, count: int) -> None:
-        lane.queued -= count
-        self._queued -= count
-
-    def _enqueued_locked(self, lane: Lane, count: int) -> None:
-        lane.queued += count
-        self._queued += count
+        for run in lane.remove(job):
+            self._queued -= run.size
+            self._pending_evaluations -= run.evaluations_left
 
     def _retry_after_locked(self) -> int:
         """Seconds until the admitted work is likely done: evaluations left / batch × evaluation time."""

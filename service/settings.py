@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="When the device is idle and images arrive faster than this, wait up to this long for a "
         "fuller batch",
     )
+    schedule: Literal["shortest", "started"] = Field(
+        "shortest",
+        description="Queue order: `shortest` = images with the fewest evaluations left first (requeued ones first "
+        "among equals; an image waiting more than 10 evaluations' time goes before all), `started` = every "
+        "requeued image before any new one",
+    )
     max_queue: int = Field(
         4096, ge=1, description="Most images waiting for the device; a request beyond it gets 503 + Retry-After"
     )

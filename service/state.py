@@ -31,6 +31,7 @@ class ServiceState:
             max_wait_s=settings.max_wait_s,
             max_queue=settings.max_queue,
             observer=self.metrics,
+            schedule=settings.schedule,
         )
         self.encoder: Encoder | None = None
         self.ready = False

@@ -13,7 +13,7 @@ from models.consistency import ConsistencyModel
 from models.sampling import image_class_label, sample, to_uint8
 from service.engine import Engine
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull
-from service.scheduler import Job, Scheduler, SchedulerObserver
+from service.scheduler import STARVATION_EVALUATIONS, Job, Scheduler, SchedulerObserver
 
 ONE = [80.0]
 TWO = [80.0, 0.821]
@@ -62,9 +62,10 @@ def make_job(model: ConsistencyModel, seed: int, n: int, sigmas: list[float], de
 
 
 def scheduler_for(engine: Engine, max_batch: int = 64, max_queue: int = 1000, clock: FakeClock | None = None,
-                  observer: SchedulerObserver | None = None) -> Scheduler:
+                  observer: SchedulerObserver | None = None, schedule: str = "shortest") -> Scheduler:
     kwargs = {"clock": clock} if clock else {}
-    scheduler = Scheduler(max_batch=max_batch, max_wait_s=0.0, max_queue=max_queue, observer=observer, **kwargs)
+    scheduler = Scheduler(max_batch=max_batch, max_wait_s=0.0, max_queue=max_queue, observer=observer,
+                          schedule=schedule, **kwargs)
     scheduler.add_model("m", engine)
     return scheduler
 
@@ -129,7 +130,7 @@ def test_one_evaluation_holds_every_image_with_its_own_sigma(tiny_model: Consist
     sigma32 = torch.tensor(TWO, dtype=torch.float32).tolist()
     assert engine.calls[0][0] == [sigma32[0]] * 3  # both requests' first step, one evaluation
     assert engine.calls[1][0] == [sigma32[1]] * 2  # only the 2-step request's second step
-    assert engine.calls[0][1] == two.labels.tolist() + one.labels.tolist()
+    assert engine.calls[0][1] == one.labels.tolist() + two.labels.tolist()  # fewest evaluations left first
 
 
 def test_a_one_step_request_does_not_wait_behind_four_step_requests(tiny_model: ConsistencyModel) -> None:
@@ -149,15 +150,55 @@ def test_a_one_step_request_does_not_wait_behind_four_step_requests(tiny_model: 
     np.testing.assert_array_equal(to_uint8(short.result), to_uint8(reference(tiny_model, 999, 1, ONE)))
 
 
-def test_continuing_images_go_back_to_the_front(tiny_model: ConsistencyModel) -> None:
+def test_started_order_puts_continuing_images_before_everything_new(tiny_model: ConsistencyModel) -> None:
     engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine, max_batch=2)
+    scheduler = scheduler_for(engine, max_batch=2, schedule="started")
     first, second = make_job(tiny_model, 1, 2, TWO), make_job(tiny_model, 2, 2, ONE)
     scheduler.submit(first)
     scheduler.submit(second)
     drain(scheduler)
     sig = torch.tensor(TWO, dtype=torch.float32).tolist()
     assert [s for s, _ in engine.calls] == [[sig[0]] * 2, [sig[1]] * 2, [80.0] * 2]  # started work finishes first
+
+
+def test_shortest_order_serves_fewest_evaluations_left_first(tiny_model: ConsistencyModel) -> None:
+    """A full batch: new 1-step images go before started 4-step images with 3 to go, which go before new 4-step
+    ones; among equals a requeued image is in front of a new one; every image is still the reference image."""
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, max_batch=2)
+    sig4 = torch.tensor(FOUR, dtype=torch.float32).tolist()
+    long_a = make_job(tiny_model, 1, 2, FOUR)
+    scheduler.submit(long_a)
+    assert scheduler.run_once(block=False)  # long_a's first step: 3 evaluations left now
+    long_b, short = make_job(tiny_model, 5, 2, FOUR), make_job(tiny_model, 9, 2, ONE)
+    scheduler.submit(long_b)
+    scheduler.submit(short)
+    drain(scheduler)
+    order = [s for s, _ in engine.calls]
+    assert order[:3] == [[sig4[0]] * 2, [80.0] * 2, [sig4[1]] * 2]  # short first, then long_a's second step
+    assert order[3:] == [[sig4[2]] * 2, [sig4[3]] * 2, *([[sig4[i]] * 2 for i in range(4)])]  # long_a ends first
+    for job, seed, n, sig in ((long_a, 1, 2, FOUR), (long_b, 5, 2, FOUR), (short, 9, 2, ONE)):
+        np.testing.assert_array_equal(to_uint8(job.result), to_uint8(reference(tiny_model, seed, n, sig)))
+
+
+def test_shortest_order_does_not_starve_long_requests(tiny_model: ConsistencyModel) -> None:
+    """A stream of 1-step requests that alone fills every batch: a 4-step request still goes once it has waited
+    STARVATION_EVALUATIONS evaluations' time, and then keeps going first until it is done."""
+    clock = FakeClock()
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, max_batch=1, clock=clock)
+    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.01)  # each evaluation takes 10 ms
+    long = make_job(tiny_model, 3, 1, FOUR)
+    scheduler.submit(long)
+    scheduler.submit(make_job(tiny_model, 100, 1, ONE))
+    evaluations = 0
+    while not long.finished:
+        scheduler.submit(make_job(tiny_model, 200 + evaluations, 1, ONE))  # always a 1-step image waiting
+        assert scheduler.run_once(block=False)
+        evaluations += 1
+        assert evaluations <= STARVATION_EVALUATIONS + 6, "the 4-step request starved"
+    assert long.error is None and evaluations > STARVATION_EVALUATIONS  # it did wait behind the 1-step stream
+    np.testing.assert_array_equal(to_uint8(long.result), to_uint8(reference(tiny_model, 3, 1, FOUR)))
 
 
 def test_queue_bound_refuses_at_once_with_retry_after(tiny_model: ConsistencyModel) -> None:
