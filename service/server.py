@@ -4,9 +4,10 @@ SIGTERM (or Ctrl+C) drains: /readyz turns 503 and new requests get 503 while the
 (load balancers see the replica leave), in-flight requests finish within CM_DRAIN_S, then the server
 closes and the process exits 0. A second signal stops at once.
 
-With CM_WORKERS = N > 1 (CPU only) the parent binds the socket and starts N workers with the spawn method;
-each is a whole server (models, engine thread, event loop) accepting from the shared socket, so the HTTP
-work of a busy CPU server spreads over processes instead of queueing behind one interpreter lock.
+With CM_WORKERS = N > 1 (CPU only) the parent binds one SO_REUSEPORT socket per worker on the port and starts
+N workers with the spawn method; each is a whole server (models, engine thread, event loop) accepting from its
+socket, so the HTTP work of a busy CPU server spreads over processes instead of queueing behind one
+interpreter lock.
 prometheus_client's multiprocess mode makes /metrics of any worker report all of them. The parent passes
 SIGTERM/SIGINT on (each worker drains its own requests), replaces a worker that dies while serving, and
 stops everything when a worker cannot start.
@@ -138,11 +139,11 @@ def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: in
 class _Worker:
     index: int
     process: BaseProcess
-    started: float
+    reaped: bool = False  # its exit has been handled
 
 
 class Supervisor:
-    """Starts CM_WORKERS workers on one socket and keeps them running until a signal stops them."""
+    """Starts CM_WORKERS workers on the port and keeps them running until a signal stops them."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -179,7 +180,7 @@ class Supervisor:
                                     name=f"cmserve-worker-{index}")
         process.start()
         logger.info("worker started", extra={"fields": {"worker": index, "pid": process.pid}})
-        return _Worker(index, process, time.monotonic())
+        return _Worker(index, process)
 
     def _supervise(self, workers: list[_Worker], sockets: list[socket.socket]) -> None:
         while any(w.process.is_alive() for w in workers) or not self._stopping:
@@ -190,13 +191,14 @@ class Supervisor:
                 self._stopping = True
                 self._terminate(workers)
             for i, worker in enumerate(workers):
-                if worker.process.is_alive() or worker.process.exitcode is None:
+                if worker.reaped or worker.process.is_alive() or worker.process.exitcode is None:
                     continue
+                worker.reaped = True
                 code = worker.process.exitcode
                 _mark_dead(worker.process.pid)
                 if self._stopping:
-                    if code and not self._status:
-                        self._status = EXIT_STARTUP if code > 0 else 1
+                    if code and not self._status:  # a worker that did not drain cleanly (< 0: killed by a signal)
+                        self._status = code if code > 0 else 1
                     continue
                 workers[i] = self._after_death(worker, code, workers, sockets[i])
 
