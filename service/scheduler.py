@@ -48,7 +48,7 @@ logger = logging.getLogger("cmserve.scheduler")
 MAX_RETRY_AFTER_S = 60
 SCHEDULE_CACHE = 256  # distinct σ schedules remembered per model
 SCHEDULES = ("shortest", "started")  # queue orders (module docstring)
-STARVATION_EVALUATIONS = 10  # "shortest": past this many evaluations' time in the queue, an image goes first
+STARVATION_EVALUATIONS = 10  # "shortest": a request older than this many evaluations' time goes first
 
 
 def noise_scales(sigmas: Sequence[float], sigma_min: float) -> list[float]:
@@ -203,8 +203,9 @@ class Lane:
         """Take every queued run of `job` out; the runs removed."""
         removed: list[Run] = []
         for key, queue in self.classes.items():
-            if any(run.job is job for run in queue):
-                removed += [run for run in queue if run.job is job]
+            mine = [run for run in queue if run.job is job]
+            if mine:
+                removed += mine
                 self.classes[key] = deque(run for run in queue if run.job is not job)
         self.queued -= sum(run.size for run in removed)
         return removed
