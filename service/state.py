@@ -34,7 +34,7 @@ class ServiceState:
             schedule=settings.schedule,
         )
         self.encoder: Encoder | None = None
-        self.ready = False
+        self._ready = False
         self.draining = False
         self.failure: str | None = None  # why start-up failed, if it did
         self.in_flight = 0  # generate requests being handled (the drain waits for 0)
@@ -44,6 +44,15 @@ class ServiceState:
         self.metrics.track_ready(lambda: self.ready)
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+        self.metrics.refresh()  # with several workers, the others' scrapes see the change now
 
     def start(self) -> None:
         """Called by the lifespan: start the engine thread and load the models in the background."""
