@@ -27,8 +27,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     """The ASGI app. The lifespan starts the engine thread and loads, then warms up, the models.
 
     One process answers /healthz (and /readyz 503) while it loads. A worker of several (CM_WORKERS > 1)
-    instead finishes loading before uvicorn starts accepting on the shared socket, so connections go to
-    workers that are ready.
+    instead finishes loading before uvicorn starts accepting on its socket, so it takes no connection
+    before it is ready.
     """
     settings = settings or Settings()
     state = ServiceState(settings, engine_factory)

@@ -7,7 +7,8 @@ With CM_WORKERS > 1 the parent sets PROMETHEUS_MULTIPROC_DIR and prometheus_clie
 files there, so any worker's /metrics and /v1/stats report the sum over workers: counters and histograms
 add up, gauges follow their `multiprocess_mode` (queue depth and requests in progress: sum over live
 workers; ready: 1 only when every live worker is). Gauges read from callbacks (queue depth, ready) are
-then written by each worker every LIVE_REFRESH_S; the process_* metrics are not exported in that mode.
+then written by each worker every LIVE_REFRESH_S and at each of its scrapes (ready also whenever it changes);
+the process_* metrics are not exported in that mode.
 """
 
 from __future__ import annotations
