@@ -58,6 +58,7 @@ from models.config import preset  # noqa: E402
 from models.consistency import ConsistencyModel  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.registry import EMBEDDED_DEFAULT  # noqa: E402
+from service.settings import Settings, usable_cpus  # noqa: E402
 
 WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
 MIX = "mix"  # half the connections 1-step, half 4-step
@@ -66,14 +67,9 @@ MIX = "mix"  # half the connections 1-step, half 4-step
 # ---------------------------------------------------------------------- ceilings
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on: what the server divides among its workers for torch threads."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def worker_threads(workers: int, torch_threads: int = 0) -> int:
     """Torch threads per server worker: CM_TORCH_THREADS, or the server's default max(1, CPUs // workers)."""
-    return torch_threads or max(1, usable_cpus() // workers)
+    return Settings(workers=workers, torch_threads=torch_threads).cpu_threads
 
 
 def evaluation_inputs(loaded: checkpoint.LoadedCheckpoint, b: int) -> tuple[torch.Tensor, ...]:

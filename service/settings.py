@@ -197,12 +197,16 @@ class Settings(BaseSettings):
         """Intra-op threads for torch per worker: CM_TORCH_THREADS, or the usable CPUs shared among the workers."""
         if self.torch_threads:
             return self.torch_threads
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cpus // self.workers)
+        return max(1, usable_cpus() // self.workers)
 
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def settings_table() -> str:

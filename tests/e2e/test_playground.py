@@ -27,7 +27,7 @@ from models import checkpoint
 from models.config import preset
 from models.consistency import ConsistencyModel
 from tests.conftest import randomize, require_tool
-from tests.integration.conftest import server_env
+from tests.integration.conftest import quick_server_env
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -84,15 +84,7 @@ def _free_port() -> int:
 
 def _start_server(ckpt: Path, folder: Path, api_keys: str = "") -> Server:
     port = _free_port()
-    env = server_env(
-        CM_PORT=str(port),
-        CM_MODELS=f"digits={ckpt}",
-        CM_DEVICE="cpu",
-        CM_BATCH_BUCKETS="1,2,4,8,16",  # few buckets: a short warm-up
-        CM_MAX_BATCH="16",
-        CM_DRAIN_S="5",
-        CM_LOG_LEVEL="warning",
-    )
+    env = quick_server_env(port, ckpt)
     if api_keys:
         env["CM_API_KEYS"] = api_keys
     log = folder / f"server-{port}.log"

@@ -250,6 +250,13 @@ def server_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def quick_server_env(port: int, checkpoint: Path, **settings: str) -> dict[str, str]:
+    """server_env for a small CPU server that warms up quickly (few batch buckets), quiet logs, short drain."""
+    return server_env(CM_PORT=str(port), CM_MODELS=f"digits={checkpoint}", CM_DEVICE="cpu",
+                      CM_BATCH_BUCKETS="1,2,4,8,16", CM_MAX_BATCH="16", CM_DRAIN_S="5", CM_LOG_LEVEL="warning",
+                      **settings)
+
+
 @contextmanager
 def server_process(wait_ready: bool = True, **settings: str) -> Iterator[ServerProcess]:
     """`python -m service` on a free loopback port with these CM_ settings; stopped (SIGKILL at worst) after."""

@@ -34,7 +34,7 @@ from models import checkpoint
 from models.config import preset
 from models.consistency import ConsistencyModel
 from tests.conftest import randomize, require_tool
-from tests.integration.conftest import server_env
+from tests.integration.conftest import quick_server_env
 from tests.integration.test_deploy_files import (
     PROMETHEUS_DIR,
     REPO,
@@ -142,18 +142,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("prometheus")
 
 
-def service_env(port: int, ckpt: Path) -> dict[str, str]:
-    return server_env(  # loopback, as server_env sets (the image itself binds 0.0.0.0)
-        CM_PORT=str(port),
-        CM_MODELS=f"digits={ckpt}",
-        CM_DEVICE="cpu",
-        CM_BATCH_BUCKETS="1,2,4,8,16",  # few buckets: a short warm-up
-        CM_MAX_BATCH="16",
-        CM_DRAIN_S="5",
-        CM_LOG_LEVEL="warning",
-    )
-
-
 @pytest.fixture(scope="module")
 def image_app(folder: Path) -> Path:
     """The image's /app: only what the Dockerfile copies and .dockerignore lets through."""
@@ -169,7 +157,7 @@ def service(folder: Path, image_app: Path) -> Iterator[Process]:
     ckpt = checkpoint.save(folder / "digits.safetensors", model, preset="digits", class_names=CLASS_NAMES)
     port = free_port()
     argv = local_command(entry_command())
-    env = service_env(port, ckpt)
+    env = quick_server_env(port, ckpt)  # loopback (the image itself binds 0.0.0.0)
     server = start("service", argv, folder, f"http://127.0.0.1:{port}", env, cwd=image_app)
     try:
         wait_for(
@@ -278,7 +266,7 @@ def test_service_runs_the_image_entry_command_on_the_image_files(service: Proces
     where = subprocess.run(
         [sys.executable, "-c", "import models, service; print(models.__file__); print(service.__file__)"],
         cwd=image_app,
-        env=service_env(0, image_app),
+        env=quick_server_env(0, image_app),
         capture_output=True,
         text=True,
         timeout=60,
