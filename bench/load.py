@@ -82,7 +82,7 @@ def evaluation_inputs(loaded: checkpoint.LoadedCheckpoint, b: int) -> tuple[torc
 def single_process_ceiling(path: Path, batches: list[int], seconds: float) -> dict[int, dict[str, float]]:
     """Per batch size: the best median evaluation time over 1 and all-CPU torch threads, in this process."""
     loaded = checkpoint.load(path)
-    engine = Engine(loaded.model)
+    engine = Engine(loaded.model, trace=True)  # as the server runs it (CM_TRACE defaults on)
     saved = torch.get_num_threads()
     results: dict[int, dict[str, float]] = {}
     for threads in sorted({1, usable_cpus()}):
@@ -115,7 +115,7 @@ def _throughput_worker(index: int, workers: int, path: str, batches: list[int], 
     """One of N concurrent processes: its images/s for its share of each batch size, windows started together."""
     torch.set_num_threads(worker_threads(workers))
     loaded = checkpoint.load(Path(path))
-    engine = Engine(loaded.model)
+    engine = Engine(loaded.model, trace=True)  # as the server runs it (CM_TRACE defaults on)
     rates: dict[int, float] = {}
     for b in batches:
         mine = share(b, workers, index)

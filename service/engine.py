@@ -1,14 +1,23 @@
 """The engine owns the device: one network evaluation f(x, σ) of a batch, with one σ and label per image.
 
 Options: device, dtype, channels_last, torch.compile with a fixed set of batch-size buckets (a batch is
-padded up to the next bucket, so each bucket compiles once), warm-up of every bucket, and out-of-memory
+padded up to the next bucket, so each bucket compiles once), a TorchScript trace (below), warm-up of
+every bucket, and out-of-memory
 recovery: when the device runs out of memory the batch is halved and retried; only an image that fails
 even alone is reported failed. Inputs and outputs are float32 CPU tensors; the device stays in here.
+
+Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so while
+the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
+beside a busy Python thread took ~40x longer eager than traced on the 2-core VM (BENCHMARKS.md). A trace
+runs the whole graph in C++ without the GIL. It is the same operators in the same order (no graph
+optimisation), and it is checked bit for bit against eager at load; on any difference the engine stays eager.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +64,7 @@ class Engine:
         dtype: str = "fp32",
         channels_last: bool = False,
         compile: bool = False,
+        trace: bool = False,
         buckets: Sequence[int] = (1,),
         pad: bool | None = None,  # pad batches to the next bucket; default: only when compiling
     ) -> None:
@@ -75,8 +85,43 @@ class Engine:
         self.buckets = sorted(set(buckets))
         self.pad = compile if pad is None else pad
         self.compiled = compile
+        self.traced = False
         self._net = torch.compile(self.model, dynamic=False) if compile else self.model
+        if trace and not compile:
+            self._net, self.traced = self._trace()
         self.oom_splits = 0  # how many times a batch was halved after running out of memory
+
+    def _trace(self) -> tuple[torch.nn.Module, bool]:
+        """(the network as a TorchScript trace, True), or (the eager network, False) when the trace cannot be
+        made or differs from eager in any bit on a check batch of another size than the example's."""
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks frozen: checked below
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated: eager if it goes
+                traced = torch.jit.trace(self.model, self._example(2, 0), check_trace=False)
+                for seed in (1, 2):
+                    inputs = self._example(3, seed)
+                    with torch.jit.optimized_execution(False):
+                        same = torch.equal(traced(*inputs), self.model(*inputs))
+                    if not same:
+                        logger.warning("the traced network differs from eager PyTorch; running eager")
+                        return self.model, False
+        except Exception as e:  # an architecture the tracer cannot follow: eager still works
+            logger.warning("could not trace the network (%s: %s); running eager", type(e).__name__, e)
+            return self.model, False
+        return traced, True
+
+    def _example(self, size: int, seed: int) -> tuple[torch.Tensor, ...]:
+        """Random network inputs on the device: x, σ across the model's range, and labels if conditional."""
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(size, *self.image_shape, generator=generator) * self.sigma_max
+        log_sigma = torch.empty(size).uniform_(math.log(self.sigma_min), math.log(self.sigma_max), generator=generator)
+        inputs = [x.to(self.device, self.dtype), log_sigma.exp().to(self.device)]
+        if self.channels_last:
+            inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+        if self.num_classes:
+            inputs.append(torch.randint(0, self.num_classes, (size,), generator=generator).to(self.device))
+        return tuple(inputs)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -155,6 +200,9 @@ class Engine:
 
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """One call of the network on the device (the seam where tests inject failures)."""
+        if self.traced:  # the trace takes labels only when the model is conditional; no graph optimisation
+            with torch.jit.optimized_execution(False):
+                return self._net(x, sigma) if labels is None else self._net(x, sigma, labels)
         return self._net(x, sigma, labels)
 
     def release_memory(self) -> None:

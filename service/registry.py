@@ -164,12 +164,14 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
         dtype=settings.dtype,
         channels_last=settings.channels_last,
         compile=settings.compile,
+        trace=settings.trace,
         buckets=settings.buckets,
     )
     engine.warmup()
     logger.info(
-        "model %s ready: %s (sha256 %s…) on %s, %s, buckets %s",
-        spec.name, spec.path, loaded.sha256[:12], device, settings.dtype, engine.buckets,
+        "model %s ready: %s (sha256 %s…) on %s, %s, %s, buckets %s",
+        spec.name, spec.path, loaded.sha256[:12], device, settings.dtype,
+        "compiled" if engine.compiled else "traced" if engine.traced else "eager", engine.buckets,
     )
     return ServedModel(
         name=spec.name,

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Network dtype on the device")
     channels_last: bool = Field(False, description="NHWC activations (faster convolutions on recent GPUs)")
     compile: bool = Field(False, description="torch.compile the network, one graph per batch bucket")
+    trace: bool = Field(
+        True,
+        description="Run the network as a TorchScript trace, checked bit for bit against eager at load (eager if "
+        "it differs): it runs without Python's GIL, so HTTP handling no longer stalls it. Ignored with CM_COMPILE",
+    )
     batch_buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256],
         description="Batch sizes warmed up (and, with CM_COMPILE, compiled; batches are padded up to the next)",

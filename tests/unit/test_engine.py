@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -149,6 +151,73 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"CM_DEVICE='cuda:1' but this machine has no CUDA device"):
             resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("num_classes", [10, 0])
+def test_traced_network_is_bit_for_bit_eager_at_every_batch_size(tiny_config, num_classes: int) -> None:
+    model = ConsistencyModel.from_config(tiny_config.replace(num_classes=num_classes)).eval()
+    traced, eager = Engine(model, trace=True), Engine(model)
+    assert traced.traced and not eager.traced
+    for size in (1, 5, 8):  # the trace was made at 2 and checked at 3
+        x, sigma, labels = batch(size, seed=size)
+        labels = labels if num_classes else None
+        assert torch.equal(traced.evaluate(x, sigma, labels).out, eager.evaluate(x, sigma, labels).out)
+
+
+def test_trace_runs_without_the_gil(tiny_model: ConsistencyModel) -> None:
+    """Beside a thread that runs Python nonstop, eager evaluation waits for the GIL at every operator (5 ms
+    switch interval each); the trace takes it only to start and to return. Ratio of wall times, one run."""
+    x, sigma, labels = batch(16)
+    seconds = {}
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    engines = {"traced": Engine(tiny_model, trace=True), "eager": Engine(tiny_model)}
+    for engine in engines.values():
+        engine.evaluate(x, sigma, labels)
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            for _ in range(3):
+                engine.evaluate(x, sigma, labels)
+            seconds[name] = time.perf_counter() - start
+    finally:
+        stop.set()
+        spinner.join()
+    assert seconds["eager"] > 3 * seconds["traced"], seconds
+
+
+def test_a_trace_that_fails_or_differs_falls_back_to_eager(
+    tiny_model: ConsistencyModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_trace = torch.jit.trace
+
+    def off_by_a_bit(module, inputs, **kwargs):  # a trace whose results differ from eager in the last bit
+        traced = real_trace(module, inputs, **kwargs)
+        return lambda *args: torch.nextafter(traced(*args), torch.tensor(float("inf")))
+
+    monkeypatch.setattr(torch.jit, "trace", off_by_a_bit)
+    engine = Engine(tiny_model, trace=True)
+    assert not engine.traced and "differs from eager" in caplog.text
+
+    def untraceable(module, inputs, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.jit, "trace", untraceable)
+    engine = Engine(tiny_model, trace=True)
+    assert not engine.traced and "could not trace the network (RuntimeError: unsupported operator)" in caplog.text
+    x, sigma, labels = batch(3)
+    assert torch.equal(engine.evaluate(x, sigma, labels).out, Engine(tiny_model).evaluate(x, sigma, labels).out)
+
+
+def test_compile_takes_precedence_over_trace(tiny_model: ConsistencyModel) -> None:
+    engine = Engine(tiny_model, compile=True, trace=True)
+    assert engine.compiled and not engine.traced
 
 
 @pytest.mark.slow
