@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from .api.errors import install_error_handlers
+from .api.fastpath import GenerateFastPath
 from .api.middleware import BodyLimit, RequestContext
 from .api.routes import STATIC_DIR, install_routes
 from .api.security import ApiKeys, RateLimiter
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     install_routes(app, guarded=bool(settings.api_keys) or settings.rate_limit_per_key > 0)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(GenerateFastPath, state=state, api_keys=app.state.api_keys, rate_limiter=app.state.rate_limiter)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, state=state)  # added last = outermost: it sees every response
     return app

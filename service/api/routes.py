@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import FileResponse
 from starlette.responses import Response
+from starlette.types import Receive
 
 from ..encode import MIME
 from ..errors import Cancelled, DeadlineExceeded, InvalidRequest, ServiceError
@@ -30,7 +31,7 @@ from ..schemas import (
 )
 from ..state import ServiceState
 from .errors import CLIENT_CLOSED_REQUEST, error_response
-from .middleware import request_log
+from .middleware import RequestLog, request_log
 from .negotiate import choose_representation
 from .security import ApiKeys, RateLimiter
 
@@ -72,7 +73,15 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """Sample n images with one network evaluation per step, batched with other requests' images."""
     state: ServiceState = request.app.state.service  # not a dependency: resolving one costs ~0.1 ms a request
-    log = request_log(request.scope)
+    return await respond(state, body, request.headers.get("accept"), request_log(request.scope), request.receive)
+
+
+async def respond(state: ServiceState, body: GenerateRequest, accept: str | None, log: RequestLog,
+                  receive: Receive) -> Response:
+    """The work of POST /v1/generate for a validated body, shared by the route and the fast path (fastpath.py).
+
+    `receive` is the request's ASGI receive once its body has been read: it only reports a disconnect.
+    """
     state.check_ready()
     served = state.registry.get(body.model)
     log.model = served.name
@@ -81,8 +90,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         raise InvalidRequest(
             f"n must be 1…{settings.max_images_per_request} (CM_MAX_IMAGES_PER_REQUEST), got {body.n}", field="n"
         )
-    raw_format = choose_representation(request.headers.get("accept"), body.format, "format" in body.model_fields_set,
-                                       body.n)
+    raw_format = choose_representation(accept, body.format, "format" in body.model_fields_set, body.n)
     sigmas = served.resolve_sigmas(body.steps, body.sigmas)
     label = served.resolve_class_label(body.class_label)
     seed = _seeds.getrandbits(63) if body.seed is None else body.seed
@@ -91,7 +99,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     job = served.make_job(seed=seed, n=body.n, sigmas=sigmas, class_label=label,
                           deadline=log.started + settings.request_timeout_s)
     try:
-        await _run_job(state, job, request)
+        await _run_job(state, job, receive)
     except Cancelled:
         log.fields["status_note"] = "client disconnected"
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -106,13 +114,13 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     return _json_images(encoded, fmt, served, seed, sigmas, labels, timings)
 
 
-async def _run_job(state: ServiceState, job: Job, request: Request) -> None:
+async def _run_job(state: ServiceState, job: Job, receive: Receive) -> None:
     """Queue the job and wait for it, racing the client's disconnect and the deadline."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     job.on_done = lambda _: loop.call_soon_threadsafe(_resolve, done)
     state.scheduler.submit(job)
-    disconnect = asyncio.ensure_future(_disconnected(request))
+    disconnect = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((done, disconnect), timeout=job.deadline - time.monotonic(),
                            return_when=asyncio.FIRST_COMPLETED)
@@ -132,10 +140,10 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so receive() only reports that)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 

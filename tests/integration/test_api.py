@@ -113,6 +113,52 @@ async def test_generate_json_is_exactly_models_sampling(tiny_checkpoint: Path) -
     assert set(doc.timings_ms.model_dump()) == {"queue", "compute", "encode", "total"}
 
 
+async def test_valid_json_skips_fastapi_and_the_rest_gets_fastapis_errors(tiny_checkpoint: Path) -> None:
+    """The fast path answers the JSON bodies it validates (sent whole or chunked, for JSON or a raw image);
+    every other request is replayed, body and all, to FastAPI's route, which gives the documented error."""
+    body = {"n": 2, "steps": 2, "seed": 77}
+    text = json.dumps(body).encode()
+    async with running_app(app_settings({"tiny": tiny_checkpoint})) as (app, client):
+        route = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == "/v1/generate")
+        calls: list[bytes] = []
+        handler = route.app
+
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            async def recorded() -> Any:
+                message = await receive()
+                calls.append(message.get("body", b""))
+                return message
+
+            await handler(scope, recorded, send)
+
+        route.app = counted
+
+        async def chunked() -> Any:
+            yield text[:5]
+            yield text[5:]
+
+        whole = await client.post("/v1/generate", json=body)
+        streamed = await client.post("/v1/generate", content=chunked(), headers={"content-type": "application/json"})
+        vendor = await client.post("/v1/generate", content=text,
+                                   headers={"content-type": "application/vnd.cmserve+json; charset=utf-8"})
+        raw = await client.post("/v1/generate", json={"seed": 77}, headers={"accept": "image/png"})
+        assert calls == []
+        invalid = await client.post("/v1/generate", json={"n": 0})
+        untyped = await client.post("/v1/generate", content=text)  # FastAPI reads only typed bodies as JSON
+        plain = await client.post("/v1/generate", content=text, headers={"content-type": "text/plain"})
+        assert calls == [b'{"n":0}', text, text]  # the very bytes the client sent
+    expected = reference_images(tiny_checkpoint, 77, 2, [80.0, 0.821])
+    for response in (whole, streamed, vendor):
+        assert response.status_code == 200, response.text
+        for i, image in enumerate(response.json()["images"]):
+            np.testing.assert_array_equal(decode_b64(image["b64"]), expected[i])
+    assert raw.status_code == 200 and raw.headers["x-seed"] == "77"
+    np.testing.assert_array_equal(decode(raw.content), reference_images(tiny_checkpoint, 77, 1, [80.0])[0])
+    assert error_of(invalid, 422, "invalid_request", "n").startswith("n:")
+    error_of(untyped, 422, "invalid_request")
+    assert "Content-Type: application/json" in error_of(plain, 415, "unsupported_media_type")
+
+
 async def test_seed_class_label_and_format(tiny_checkpoint: Path) -> None:
     async with running_app(app_settings({"tiny": tiny_checkpoint})) as (_, client):
         drawn = (await client.post("/v1/generate", json={"n": 2})).json()

@@ -1,0 +1,113 @@
+"""POST /v1/generate without FastAPI's per-request machinery, for the bodies it would accept anyway.
+
+FastAPI's routing, dependency solving, body parsing and response plumbing cost about as much event-loop
+time per request as the rest of the request (BENCHMARKS.md, "Serving"); at high request rates on the CPU
+that time comes out of the network's cores. This pure ASGI middleware answers a well-formed JSON request
+itself: `json.loads` then `GenerateRequest.model_validate`, as FastAPI validates a body (Python mode), the
+API key and rate-limit checks that the route's dependency runs, then the route's own code (`respond`).
+Anything else (another content type, a body that is not JSON or not valid) is replayed to FastAPI,
+which gives the documented error, so both paths answer every request identically; the route also
+keeps the OpenAPI document. Request ids, logs and metrics come from `RequestContext` around both.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import ServiceError
+from ..schemas import GenerateRequest
+from ..state import ServiceState
+from .errors import service_error_response
+from .middleware import GENERATE_PATH, request_log
+from .routes import respond
+from .security import ApiKeys, RateLimiter
+
+
+class GenerateFastPath:
+    def __init__(self, app: ASGIApp, state: ServiceState, api_keys: ApiKeys, rate_limiter: RateLimiter) -> None:
+        self.app = app
+        self.state = state
+        self.api_keys = api_keys
+        self.rate_limiter = rate_limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != GENERATE_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        content_type = accept = authorization = None
+        for name, value in scope["headers"]:  # the first of each, as Starlette's headers.get() returns
+            if name == b"content-type" and content_type is None:
+                content_type = value.decode("latin-1")
+            elif name == b"accept" and accept is None:
+                accept = value.decode("latin-1")
+            elif name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+        body, complete = await _read_body(receive)
+        request = _parse(body) if complete and _is_json(content_type) else None
+        if request is None:
+            await self.app(scope, _replay(body, complete, receive), send)
+            return
+        try:
+            key = self.api_keys.check(authorization)
+            self.rate_limiter.check(key)
+            response = await respond(self.state, request, accept, request_log(scope), receive)
+        except ServiceError as e:
+            response = service_error_response(e)
+        await response(scope, receive, send)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json (any parameters) or application/*+json: the types FastAPI parses as JSON.
+
+    A missing Content-Type (which FastAPI also reads as JSON) goes the slow way: it is rare.
+    """
+    if content_type is None:
+        return False
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _parse(body: bytes) -> GenerateRequest | None:
+    """The validated request, or None when FastAPI would refuse it (it then says why)."""
+    if not body:
+        return None
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError:
+        return None
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """(the body, True), or (what came of it, False) when the client disconnected before the end."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
+    """A receive that hands out the body already read, then the client's own messages (its disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": not complete}
+        return await receive()
+
+    return replayed
