@@ -9,6 +9,9 @@ import time
 from typing import Any
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # made once: json.dumps with options makes one a call
+
+
 class JsonFormatter(logging.Formatter):
     """{"ts", "level", "logger", "msg", ...fields}; `extra={"fields": {...}}` adds the fields.
 
@@ -18,10 +21,14 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, worker: int | None = None) -> None:
         super().__init__()
         self.worker = worker
+        self._second, self._stamp = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -33,7 +40,7 @@ class JsonFormatter(logging.Formatter):
             doc.update(fields)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        return _ENCODER.encode(doc)
 
 
 def configure_logging(level: str = "info", worker: int | None = None) -> None:
@@ -48,3 +55,7 @@ def configure_logging(level: str = "info", worker: int | None = None) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # The lines carry none of these, so skip gathering them for every record (the logging HOWTO's
+    # "Optimization" section): the caller's file and line, thread, process and multiprocessing names.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

@@ -38,6 +38,7 @@ from .security import ApiKeys, RateLimiter
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 _seeds = random.Random()  # seeds need not be secret: this is fast, and seeded from os.urandom
 NO_CACHE = {"Cache-Control": "no-store"}
+_JSON = json.JSONEncoder(separators=(",", ":"))  # made once (json.dumps with options makes one per call)
 
 
 async def get_state(request: Request) -> ServiceState:  # async: a sync dependency would hop to a thread
@@ -117,27 +118,29 @@ async def respond(state: ServiceState, body: GenerateRequest, accept: str | None
 async def _run_job(state: ServiceState, job: Job, receive: Receive) -> None:
     """Queue the job and wait for it, racing the client's disconnect and the deadline."""
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    job.on_done = lambda _: loop.call_soon_threadsafe(_resolve, done)
+    ended: asyncio.Future[str | None] = loop.create_future()  # None: the job ended; else why we stopped waiting
+    job.on_done = lambda _: loop.call_soon_threadsafe(_resolve, ended, None)
     state.scheduler.submit(job)
-    disconnect = asyncio.ensure_future(_disconnected(receive))
+    disconnect = loop.create_task(_disconnected(receive))
+    disconnect.add_done_callback(lambda task: task.cancelled() or _resolve(ended, "disconnect"))
+    timer = loop.call_later(job.deadline - time.monotonic(), _resolve, ended, "deadline")
     try:
-        await asyncio.wait((done, disconnect), timeout=job.deadline - time.monotonic(),
-                           return_when=asyncio.FIRST_COMPLETED)
+        why = await ended
     finally:
+        timer.cancel()
         disconnect.cancel()
-    if not done.done():
-        error: ServiceError = Cancelled("the client disconnected") if disconnect.done() and not disconnect.cancelled() \
-            else DeadlineExceeded(f"the request took longer than {state.settings.request_timeout_s:g} s "
-                                  "(CM_REQUEST_TIMEOUT_S); its remaining images were dropped")
+    if why is not None:
+        error: ServiceError = Cancelled("the client disconnected") if why == "disconnect" else DeadlineExceeded(
+            f"the request took longer than {state.settings.request_timeout_s:g} s (CM_REQUEST_TIMEOUT_S); its "
+            "remaining images were dropped")
         state.scheduler.cancel(job, error)  # False if it finished meanwhile: then its result stands
     if job.error is not None:
         raise job.error
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[str | None], why: str | None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(why)
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -176,7 +179,7 @@ def _json_images(
         ],
         "timings_ms": timings,
     }
-    return Response(json.dumps(doc, separators=(",", ":")), media_type="application/json")
+    return Response(_JSON.encode(doc), media_type="application/json")
 
 
 def _raw_image(
