@@ -10,6 +10,7 @@ PNG writer costs several times the compression itself. The bytes are a standard 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import struct
 import time
@@ -32,14 +33,22 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+@functools.lru_cache(maxsize=64)
+def _png_head(h: int, w: int, c: int) -> bytes:
+    """The signature and IHDR chunk: the same for every image of one shape."""
+    return PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, PNG_COLOR_TYPE[c], 0, 0, 0))
+
+
+PNG_END = _png_chunk(b"IEND", b"")
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """A (H, W, C) uint8 array with C = 1 or 3 as PNG bytes (8-bit, no interlace, filter 0 on every row)."""
     h, w, c = image.shape
-    header = struct.pack(">IIBBBBB", w, h, 8, PNG_COLOR_TYPE[c], 0, 0, 0)
     rows = np.zeros((h, 1 + w * c), dtype=np.uint8)  # each row: filter byte 0, then the pixels
     rows[:, 1:] = image.reshape(h, w * c)
     data = zlib.compress(rows.tobytes(), PNG_COMPRESSION)
-    return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+    return _png_head(h, w, c) + _png_chunk(b"IDAT", data) + PNG_END
 
 
 def encode_image(image: np.ndarray, fmt: str) -> bytes:
