@@ -99,8 +99,13 @@ def test_raw_images_need_n_equal_one() -> None:
 @pytest.mark.parametrize("shape", [(8, 8, 1), (5, 7, 1), (32, 32, 3)])
 def test_png_encoder_round_trips(shape: tuple[int, int, int]) -> None:
     image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    decoded = np.asarray(Image.open(io.BytesIO(encode_png(image))))
+    data = encode_png(image)
+    Image.open(io.BytesIO(data)).verify()  # chunk CRCs
+    decoded = np.asarray(Image.open(io.BytesIO(data)))
     np.testing.assert_array_equal(decoded.reshape(shape), image)
+    scanlines = shape[0] * (1 + shape[1] * shape[2])
+    idat = data[data.index(b"IDAT") + 4:]
+    assert idat[:2] == (b"\x78\x01" if scanlines <= 1024 else b"\x78\x9c")  # stored when tiny, else level 6
 
 
 def test_lossless_webp_and_jpeg_decode() -> None:
