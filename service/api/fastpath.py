@@ -63,7 +63,7 @@ class GenerateFastPath:
 def _is_json(content_type: str | None) -> bool:
     """application/json (any parameters) or application/*+json: the types FastAPI parses as JSON.
 
-    A missing Content-Type (which FastAPI also reads as JSON) goes the slow way: it is rare.
+    Without a Content-Type FastAPI refuses the body (strict content types), so that goes to FastAPI too.
     """
     if content_type is None:
         return False
