@@ -48,7 +48,8 @@ PNG_END = _png_chunk(b"IEND", b"")
 
 def _stored(raw: bytes) -> bytes:
     """A zlib stream (RFC 1950) of one stored, uncompressed deflate block (RFC 1951, 3.2.4); at most 65535 bytes."""
-    return b"\x78\x01\x01" + struct.pack("<HH", len(raw), 0xFFFF ^ len(raw)) + raw + struct.pack(">I", zlib.adler32(raw))
+    header = b"\x78\x01\x01" + struct.pack("<HH", len(raw), 0xFFFF ^ len(raw))  # zlib header, final stored block
+    return header + raw + struct.pack(">I", zlib.adler32(raw))
 
 
 def encode_png(image: np.ndarray) -> bytes:

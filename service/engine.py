@@ -3,10 +3,11 @@
 Options: device, dtype, channels_last, torch.compile with a fixed set of batch-size buckets (a batch is
 padded up to the next bucket, so each bucket compiles once), a TorchScript trace (below), warm-up of
 every bucket, and out-of-memory recovery: when the device runs out of memory the batch is halved and
-retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU tensors; the device stays in here.
+retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU
+tensors; the device stays in here.
 
-Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so while
-the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
+Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
+while the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
 beside a busy Python thread took 12-15x longer eager than traced on the 2-core VM (BENCHMARKS.md). A trace
 runs the whole graph in C++ without the GIL. It is the same operators in the same order (no graph
 optimisation), and it is checked bit for bit against eager at load; on any difference the engine stays eager.

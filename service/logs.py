@@ -8,7 +8,6 @@ import sys
 import time
 from typing import Any
 
-
 _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # made once: json.dumps with options makes one a call
 
 
