@@ -133,10 +133,16 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     content_type = request.headers.get("content-type", "")
-    if content_type and "json" not in content_type.lower() and any(e.get("loc") == ("body",) for e in errors):
+    whole_body = any(e.get("loc") == ("body",) for e in errors)
+    if whole_body and content_type and "json" not in content_type.lower():
         return error_response(
             415, "unsupported_media_type",
             f"send the body as JSON with Content-Type: application/json, not {content_type}",
+        )
+    if whole_body and not content_type and isinstance(exc.body, bytes) and exc.body:  # FastAPI reads only typed bodies
+        return error_response(
+            415, "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json (the request had no Content-Type)",
         )
     message, field = describe_validation_error(errors) if errors else ("invalid request", None)
     return error_response(422, "invalid_request", message, field)
