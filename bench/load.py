@@ -58,7 +58,7 @@ from models.config import preset  # noqa: E402
 from models.consistency import ConsistencyModel  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.registry import EMBEDDED_DEFAULT  # noqa: E402
-from service.settings import Settings, usable_cpus  # noqa: E402
+from service.settings import Settings, usable_cpus, worker_cpus  # noqa: E402
 
 WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
 MIX = "mix"  # half the connections 1-step, half 4-step
@@ -112,8 +112,13 @@ def share(b: int, workers: int, index: int) -> int:
 
 def _throughput_worker(index: int, workers: int, path: str, batches: list[int], seconds: float, barrier: Any,
                        results: Any) -> None:
-    """One of N concurrent processes: its images/s for its share of each batch size, windows started together."""
+    """One of N concurrent processes: its images/s for its share of each batch size, windows started together.
+
+    Threads and CPUs as the server's worker `index` gets them (CM_CPU_AFFINITY defaults on)."""
     torch.set_num_threads(worker_threads(workers))
+    cpus = worker_cpus(index, workers)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     loaded = checkpoint.load(Path(path))
     engine = Engine(loaded.model, trace=True)  # as the server runs it (CM_TRACE defaults on)
     rates: dict[int, float] = {}

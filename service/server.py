@@ -35,7 +35,7 @@ import uvicorn
 from .app import create_app
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
-from .settings import Settings
+from .settings import Settings, worker_cpus
 from .state import ServiceState
 
 logger = logging.getLogger("cmserve.main")
@@ -132,6 +132,11 @@ def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: in
     if os.getppid() != parent:  # the parent died before prctl took effect
         raise SystemExit(0)
     configure_logging(settings.log_level, worker=index)
+    cpus = worker_cpus(index, settings.workers) if settings.cpu_affinity else None
+    if cpus is not None:
+        settings = settings.model_copy(update={"torch_threads": settings.cpu_threads})  # counted before pinning
+        os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
+        logger.info("worker %d runs on CPUs %s", index, cpus, extra={"fields": {"cpus": cpus}})
     raise SystemExit(serve(settings, [sock]))
 
 

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
         description="CPU threads for the network (torch intra-op) per worker; 0 = the CPUs this process may use "
         "divided by CM_WORKERS (measured best on a dedicated machine; set fewer when other work shares the cores)",
     )
+    cpu_affinity: bool = Field(
+        True,
+        description="With CM_WORKERS > 1, pin each worker to its own share of the usable CPUs (split evenly, in "
+        "order), so its engine and event loop keep their caches; false = the OS places them",
+    )
     rate_limit_per_key: float = Field(
         0.0, ge=0,
         description="Requests per second per API key (bursts of max(1, rate); without CM_API_KEYS all clients "
@@ -212,6 +217,16 @@ class Settings(BaseSettings):
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_cpus(index: int, workers: int) -> list[int] | None:
+    """Worker `index`'s share of the usable CPUs: the list split evenly, in order (None where the OS gives no
+    affinity API, or there are fewer CPUs than workers)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // workers
+    return cpus[index * share : (index + 1) * share] if share else None
 
 
 def settings_table() -> str:

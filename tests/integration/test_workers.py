@@ -76,6 +76,18 @@ def test_every_worker_serves_and_the_same_seed_gives_the_same_image(workers: Ser
     assert seen == set(range(WORKERS))
 
 
+def test_each_worker_runs_on_its_own_share_of_the_cpus(workers: ServerProcess) -> None:
+    cpus = sorted(os.sched_getaffinity(0))  # the server inherited this process's CPUs
+    masks = {index: sorted(os.sched_getaffinity(pid)) for index, pid in worker_pids(workers).items()}
+    share = len(cpus) // WORKERS
+    if not share:  # fewer CPUs than workers: nothing to split
+        assert all(mask == cpus for mask in masks.values())
+        return
+    assert masks == {i: cpus[i * share : (i + 1) * share] for i in range(WORKERS)}
+    for index, mask in masks.items():
+        workers.wait_log(lambda r, i=index, m=mask: r.get("worker") == i and r.get("cpus") == m)
+
+
 def test_metrics_and_stats_add_up_over_workers(workers: ServerProcess) -> None:
     before = metric(workers.metrics(), "cmserve_requests_total", model="tiny", code="200")
     images_before = metric(workers.metrics(), "cmserve_images_generated_total", model="tiny")
@@ -138,9 +150,10 @@ def test_sigterm_drains_every_worker_and_exits_zero(tiny_checkpoint: Path) -> No
 
 
 def test_killing_the_parent_takes_the_workers_with_it(tiny_checkpoint: Path) -> None:
-    with start_workers(tiny_checkpoint) as srv:
+    with start_workers(tiny_checkpoint, CM_CPU_AFFINITY="false") as srv:
         wait_all_ready(srv)
         pids = list(worker_pids(srv).values())
+        assert all(os.sched_getaffinity(pid) == os.sched_getaffinity(0) for pid in pids)  # not pinned
         port = srv.port
         srv.proc.kill()
         srv.proc.wait(30)
