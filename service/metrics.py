@@ -159,7 +159,8 @@ class Metrics(SchedulerObserver):
         self._live.append((self._children(model)[6], depth))
 
     def track_in_progress(self, count: Callable[[], float]) -> None:
-        """Read at each scrape (and every 0.5 s with several workers) rather than written twice per request."""
+        """Read at each scrape rather than written twice per request; with several workers each writes its own
+        count every 0.5 s (and at its scrapes), so the sum can lag a finished request by that much."""
         self._live.append((self.in_progress, count))
 
     def track_ready(self, ready: Callable[[], bool]) -> None:
