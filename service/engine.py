@@ -201,8 +201,15 @@ class Engine:
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """One call of the network on the device (the seam where tests inject failures)."""
         if self.traced:  # the trace takes labels only when the model is conditional; no graph optimisation
-            with torch.jit.optimized_execution(False):
-                return self._net(x, sigma) if labels is None else self._net(x, sigma, labels)
+            try:
+                with torch.jit.optimized_execution(False):
+                    return self._net(x, sigma) if labels is None else self._net(x, sigma, labels)
+            except RuntimeError as e:
+                # The TorchScript interpreter re-raises a device's out-of-memory error as a plain RuntimeError
+                # (pytorch/pytorch#148642); give it back its type so that the batch is halved as in eager mode.
+                if isinstance(e, torch.OutOfMemoryError) or "out of memory" not in str(e):
+                    raise
+                raise torch.OutOfMemoryError(str(e)) from None
         return self._net(x, sigma, labels)
 
     def release_memory(self) -> None:

@@ -215,6 +215,29 @@ def test_a_trace_that_fails_or_differs_falls_back_to_eager(
     assert torch.equal(engine.evaluate(x, sigma, labels).out, Engine(tiny_model).evaluate(x, sigma, labels).out)
 
 
+def test_out_of_memory_inside_the_trace_still_halves_the_batch(tiny_model: ConsistencyModel) -> None:
+    """TorchScript re-raises CUDA's out-of-memory error as a RuntimeError that only says so in its text
+    (pytorch/pytorch#148642); the engine must still split the batch."""
+    engine = Engine(tiny_model, trace=True)
+    traced, sizes = engine._net, []
+
+    def interpreter(*args: torch.Tensor) -> torch.Tensor:  # the trace, failing as the interpreter reports it
+        if args[0].shape[0] > 2:
+            raise RuntimeError("The following operation failed in the TorchScript interpreter.\n"
+                               "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        sizes.append(args[0].shape[0])
+        return traced(*args)
+
+    engine._net = interpreter
+    x, sigma, labels = batch(5)
+    result = engine.evaluate(x, sigma, labels)
+    assert sizes == [2, 1, 2] and result.failed == [] and engine.oom_splits == 2  # 5 -> (2 + 1) + 2
+    torch.testing.assert_close(result.out, Engine(tiny_model).evaluate(x, sigma, labels).out, rtol=0, atol=1e-6)
+    engine._net = lambda *args: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not a memory problem
+        engine.evaluate(x, sigma, labels)
+
+
 def test_compile_takes_precedence_over_trace(tiny_model: ConsistencyModel) -> None:
     engine = Engine(tiny_model, compile=True, trace=True)
     assert engine.compiled and not engine.traced
