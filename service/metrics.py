@@ -158,11 +158,6 @@ class Metrics(SchedulerObserver):
     def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
         self._live.append((self._children(model)[6], depth))
 
-    def track_in_progress(self, count: Callable[[], float]) -> None:
-        """Read at each scrape rather than written twice per request; with several workers each writes its own
-        count every 0.5 s (and at its scrapes), so the sum can lag a finished request by that much."""
-        self._live.append((self.in_progress, count))
-
     def track_ready(self, ready: Callable[[], bool]) -> None:
         self._live.append((self.ready, lambda: 1.0 if ready() else 0.0))
 

@@ -42,7 +42,6 @@ class ServiceState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None  # set when ready or failed
         self.metrics.track_ready(lambda: self.ready)
-        self.metrics.track_in_progress(lambda: self.in_flight)
 
     # ------------------------------------------------------------------ lifecycle
 

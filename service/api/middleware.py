@@ -129,13 +129,15 @@ class RequestContext:
             await send(message)
 
         if generate:
-            self.state.in_flight += 1  # cmserve_requests_in_progress reads it
+            self.state.in_flight += 1
+            self.state.metrics.in_progress.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.monotonic() - log.started
             if generate:
                 self.state.in_flight -= 1
+                self.state.metrics.in_progress.dec()
                 reason = log.reason or (None if status < 400 else REASON_BY_STATUS.get(status, "error"))
                 self.state.metrics.observe_request(log.model or UNKNOWN_MODEL, status, seconds, reason)
             _log_request(scope, log, status, seconds)
