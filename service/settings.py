@@ -220,13 +220,15 @@ def usable_cpus() -> int:
 
 
 def worker_cpus(index: int, workers: int) -> list[int] | None:
-    """Worker `index`'s share of the usable CPUs: the list split evenly, in order (None where the OS gives no
-    affinity API, or there are fewer CPUs than workers)."""
+    """Worker `index`'s share of the usable CPUs: the sorted list cut into `workers` consecutive parts whose
+    sizes differ by at most one, so every CPU is used (None where the OS gives no affinity API, or there are
+    fewer CPUs than workers)."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     cpus = sorted(os.sched_getaffinity(0))
-    share = len(cpus) // workers
-    return cpus[index * share : (index + 1) * share] if share else None
+    if len(cpus) < workers:
+        return None
+    return cpus[index * len(cpus) // workers : (index + 1) * len(cpus) // workers]
 
 
 def settings_table() -> str:

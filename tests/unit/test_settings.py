@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from service.registry import EMBEDDED_DEFAULT, ModelFilesError, check_model_files, model_specs
-from service.settings import Settings, SettingsError, load_settings, settings_table
+from service.settings import Settings, SettingsError, load_settings, settings_table, worker_cpus
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     for name in list(os.environ):
         if name.upper().startswith("CM_"):
             monkeypatch.delenv(name)
@@ -142,3 +141,11 @@ def test_embedded_default_is_served_as_digits() -> None:
     (spec,) = model_specs(load_settings())
     assert spec.name == "digits" and spec.path == EMBEDDED_DEFAULT
     assert EMBEDDED_DEFAULT.parts[-3:] == ("models", "pretrained", "digits.safetensors")
+
+
+def test_worker_cpus_split_every_usable_cpu_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {7, 1, 3, 5, 9}, raising=False)
+    assert [worker_cpus(i, 2) for i in range(2)] == [[1, 3], [5, 7, 9]]
+    assert [worker_cpus(i, 5) for i in range(5)] == [[1], [3], [5], [7], [9]]
+    assert worker_cpus(0, 1) == [1, 3, 5, 7, 9]
+    assert worker_cpus(0, 6) is None  # more workers than CPUs: the OS places them
