@@ -1,0 +1,129 @@
+"""The JSON log lines and the handler that writes one event-loop iteration's lines at once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import threading
+
+import pytest
+
+from service.logs import JsonFormatter, LineHandler
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def logger_and_stream():
+    stream = CountingStream()
+    handler = LineHandler(stream)
+    handler.setFormatter(JsonFormatter(worker=1))
+    logger = logging.getLogger("cmserve.test_logs")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield logger, stream, handler
+    logger.handlers[:] = []
+
+
+def lines(stream: CountingStream) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_line_is_one_json_object_with_the_fields(logger_and_stream):
+    logger, stream, _ = logger_and_stream
+    logger.info("request", extra={"fields": {"status": 200, "timings_ms": {"total": 1.5}, "model": "dïgits"}})
+    (doc,) = lines(stream)
+    assert doc["level"] == "info" and doc["logger"] == "cmserve.test_logs" and doc["msg"] == "request"
+    assert doc["worker"] == 1 and doc["status"] == 200 and doc["timings_ms"] == {"total": 1.5}
+    assert doc["model"] == "dïgits"
+    assert doc["ts"].endswith("Z") and len(doc["ts"]) == len("2026-11-27T09:00:00.000Z")
+
+
+def test_outside_an_event_loop_each_line_is_written_at_once(logger_and_stream):
+    logger, stream, _ = logger_and_stream
+    logger.info("one")
+    assert stream.writes == 1
+    logger.info("two")
+    assert stream.writes == 2 and [d["msg"] for d in lines(stream)] == ["one", "two"]
+
+
+def test_lines_of_one_loop_iteration_go_out_in_one_write_before_the_next(logger_and_stream):
+    logger, stream, _ = logger_and_stream
+    seen: list[tuple[int, str]] = []
+
+    async def main() -> None:
+        for i in range(5):
+            logger.info(f"line {i}")
+        seen.append((stream.writes, stream.getvalue()))  # still held: nothing written in this iteration
+        await asyncio.sleep(0)  # one iteration later they are out
+        seen.append((stream.writes, stream.getvalue()))
+        logger.info("later")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert seen[0] == (0, "")
+    assert seen[1][0] == 1 and seen[1][1].count("\n") == 5
+    assert stream.writes == 2
+    assert [d["msg"] for d in lines(stream)] == [f"line {i}" for i in range(5)] + ["later"]
+
+
+def test_another_threads_lines_are_not_held_by_the_loop(logger_and_stream):
+    logger, stream, _ = logger_and_stream
+
+    async def main() -> int:
+        logger.info("from the loop")
+        thread = threading.Thread(target=logger.info, args=("from a thread",))
+        thread.start()
+        thread.join()
+        return stream.writes  # the thread's write carried the loop's pending line with it, in order
+
+    writes = asyncio.run(main())
+    assert writes == 1
+    assert [d["msg"] for d in lines(stream)] == ["from the loop", "from a thread"]
+
+
+def test_flush_writes_what_is_held_and_a_full_buffer_writes_itself(logger_and_stream):
+    logger, stream, handler = logger_and_stream
+
+    async def main() -> None:
+        logger.info("held")
+        handler.flush()  # logging.shutdown() and a stopping loop call this
+        assert stream.getvalue().count("\n") == 1
+        for i in range(LineHandler.MAX_PENDING):
+            logger.info(f"burst {i}")
+        assert stream.getvalue().count("\n") == 1 + LineHandler.MAX_PENDING  # the last one wrote them all
+
+    asyncio.run(main())
+    assert len(lines(stream)) == 1 + LineHandler.MAX_PENDING
+
+
+def test_a_loop_that_closed_before_writing_does_not_hold_the_next_loops_lines(logger_and_stream):
+    logger, stream, _ = logger_and_stream
+    first = asyncio.new_event_loop()
+
+    def log_and_stop() -> None:
+        logger.info("from a loop that stops at once")
+        first.stop()  # the write was scheduled for the next iteration, which never runs
+
+    first.call_soon(log_and_stop)
+    first.run_forever()
+    first.close()
+    assert stream.writes == 0
+
+    async def second() -> None:
+        logger.info("from the next loop")
+        await asyncio.sleep(0)
+
+    asyncio.run(second())
+    assert [d["msg"] for d in lines(stream)] == ["from a loop that stops at once", "from the next loop"]
