@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from .api.errors import install_error_handlers
 from .api.fastpath import GenerateFastPath
@@ -44,12 +46,14 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         finally:
             state.stop()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="cmserve",
         version=VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
         redoc_url=None,
+        # FastAPI's own OpenTelemetry instrumentation looks for a configured provider on every request
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = state
     app.state.api_keys = ApiKeys(settings.api_keys)
@@ -58,7 +62,28 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     install_routes(app, guarded=bool(settings.api_keys) or settings.rate_limit_per_key > 0)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(GenerateFastPath, state=state, api_keys=app.state.api_keys, rate_limiter=app.state.rate_limiter)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, state=state)  # added last = outermost: it sees every response
+    app.wrap = lambda stack: RequestContext(  # outermost: it sees every response
+        BodyLimit(
+            GenerateFastPath(stack, state=state, api_keys=app.state.api_keys, rate_limiter=app.state.rate_limiter),
+            max_bytes=settings.max_body_bytes,
+        ),
+        state=state,
+    )
     return app
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with cmserve's middleware outside the whole stack Starlette and FastAPI build.
+
+    That stack (server-error handler, FastAPI's telemetry and body-limit layers, exception handlers, router)
+    is what a request the fast path answers never needs; with `wrap` around it, such a request skips those
+    layers (their 500 handler included: the fast path answers its own errors, see fastpath.py).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.wrap: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.wrap is None else self.wrap(stack)

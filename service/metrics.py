@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -99,6 +100,7 @@ class Metrics(SchedulerObserver):
         self.build_info.labels(VERSION).set(1)
         self._live: list[tuple[Gauge, Callable[[], float]]] = []  # gauges whose value a callback gives
         self._per_model: dict[str, tuple] = {}
+        self._cache: dict[tuple, Any] = {}  # label children of the request-path metrics (bounded label values)
         self._memory_tracked = False
         self._stats_lock = threading.Lock()
         self._samples: deque[tuple[float, ...]] = deque()  # (time, requests, images, batch sum, batch count)
@@ -146,14 +148,22 @@ class Metrics(SchedulerObserver):
 
     def observe_request(self, model: str, code: int, seconds: float, reason: str | None) -> None:
         """One generate request ended with `code`; `reason` is its failure label (None for success)."""
-        self.requests.labels(model, str(code)).inc()
+        self._child(self.requests, model, str(code)).inc()
         if reason is not None:
-            self.failures.labels(model, reason).inc()
+            self._child(self.failures, model, reason).inc()
         if model in self._per_model:
-            self._children(model)[5].observe(seconds)
+            self._per_model[model][5].observe(seconds)
 
     def observe_encode(self, fmt: str, seconds: float) -> None:
-        self.encode_duration.labels(fmt).observe(seconds)
+        self._child(self.encode_duration, fmt).observe(seconds)
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """metric.labels(*labels), looked up once (labels() validates and locks on every call)."""
+        key = (metric, *labels)
+        child = self._cache.get(key)
+        if child is None:
+            child = self._cache[key] = metric.labels(*labels)
+        return child
 
     def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
         self._live.append((self._children(model)[6], depth))

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         description="With CM_WORKERS > 1, pin each worker to its own share of the usable CPUs (split evenly, in "
         "order), so its engine and event loop keep their caches; false = the OS places them",
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's built-in OpenTelemetry spans, metrics and logs for each request, once an "
+        "OpenTelemetry provider is configured (off: no per-request check for one; /metrics is unaffected)",
+    )
     rate_limit_per_key: float = Field(
         0.0, ge=0,
         description="Requests per second per API key (bursts of max(1, rate); without CM_API_KEYS all clients "

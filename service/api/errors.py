@@ -161,9 +161,14 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, type_, message, None, exc.headers)
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+def unexpected_error_response(method: str, path: str) -> Response:
+    """500 for an exception nothing else handled; call it inside the `except` (it logs the traceback)."""
+    logger.exception("unhandled error in %s %s", method, path)
     return error_response(500, "internal", "internal server error; the request id identifies it in the logs")
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    return unexpected_error_response(request.method, request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

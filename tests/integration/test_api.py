@@ -159,6 +159,38 @@ async def test_valid_json_skips_fastapi_and_the_rest_gets_fastapis_errors(tiny_c
     assert "Content-Type: application/json" in error_of(plain, 415, "unsupported_media_type")
 
 
+async def test_a_bug_is_a_json_500_with_the_request_id_and_serving_goes_on(
+    tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fast path sits outside FastAPI's server-error layer: it answers its own unexpected errors alike."""
+    async with running_app(app_settings({"tiny": tiny_checkpoint})) as (app, client):
+        service = app.state.service
+        real_get, real_exposition = service.registry.get, service.metrics.exposition
+
+        def broken(*args: Any) -> Any:
+            raise RuntimeError("injected bug")
+
+        service.registry.get = service.metrics.exposition = broken
+        with caplog.at_level(logging.ERROR, logger="cmserve.api"):
+            fast = await client.post("/v1/generate", json={"n": 1})  # the fast path
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # Starlette re-raises after its 500
+            async with httpx.AsyncClient(transport=transport, base_url="http://cmserve") as plain:
+                routed = await plain.get("/metrics")  # FastAPI's route, its server-error layer
+        service.registry.get, service.metrics.exposition = real_get, real_exposition
+        after = await client.post("/v1/generate", json={"n": 1})
+        samples = await metrics_of(client)
+    for response in (fast, routed):
+        assert "request id" in error_of(response, 500, "internal")
+        assert len(response.headers["x-request-id"]) == 32
+    logged = [r for r in caplog.records if r.name == "cmserve.api" and r.exc_info]
+    assert [r.getMessage() for r in logged] == [
+        "unhandled error in POST /v1/generate", "unhandled error in GET /metrics"]
+    assert all("injected bug" in str(r.exc_info[1]) for r in logged)  # type: ignore[index]
+    assert after.status_code == 200
+    assert metric(samples, "cmserve_requests_total", model="unknown", code="500") == 1
+    assert metric(samples, "cmserve_request_failures_total", model="unknown", reason="error") == 1
+
+
 async def test_seed_class_label_and_format(tiny_checkpoint: Path) -> None:
     async with running_app(app_settings({"tiny": tiny_checkpoint})) as (_, client):
         drawn = (await client.post("/v1/generate", json={"n": 2})).json()
@@ -514,6 +546,20 @@ def test_route_list_is_the_allow_list(tiny_checkpoint: Path) -> None:
     posts = [r.path for r in flat_routes(app.routes) if isinstance(r, APIRoute) and "POST" in r.methods]
     assert posts == ["/v1/generate"]
     assert Settings().host == "127.0.0.1"
+
+
+def test_fastapis_opentelemetry_only_with_cm_opentelemetry(tiny_checkpoint: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by default (no per-request look for a provider); on, FastAPI instruments once a provider exists."""
+    from opentelemetry import trace
+
+    from service.app import create_app
+
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.NoOpTracerProvider)  # a configured provider
+    off = create_app(app_settings({"tiny": tiny_checkpoint}))
+    on = create_app(app_settings({"tiny": tiny_checkpoint}, opentelemetry=True))
+    assert not off._native_telemetry.enabled()  # FastAPI's own switch (private: no public query)
+    assert on._native_telemetry.enabled()
 
 
 def flat_routes(routes: list[Any]) -> list[Any]:
