@@ -24,23 +24,65 @@ class JsonFormatter(logging.Formatter):
         self._second, self._stamp = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:  # one strftime per second, not per line
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        doc: dict[str, Any] = {
-            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if self.worker is not None:
-            doc["worker"] = self.worker
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            doc.update(fields)
+        doc = self.document(record.created, record.levelname, record.name, record.getMessage(),
+                            fields if isinstance(fields, dict) else None)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return _ENCODER.encode(doc)
+
+    def document(self, created: float, levelname: str, name: str, msg: str, fields: dict[str, Any] | None) -> dict:
+        second = int(created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        doc: dict[str, Any] = {
+            "ts": f"{self._stamp}.{int((created - second) * 1000):03d}Z",  # LogRecord.msecs, as logging computes it
+            "level": levelname.lower(),
+            "logger": name,
+            "msg": msg,
+        }
+        if self.worker is not None:
+            doc["worker"] = self.worker
+        if fields:
+            doc.update(fields)
+        return doc
+
+
+def log_fields(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> None:
+    """logger.log(level, msg, extra={"fields": fields}), without a LogRecord when only our handler would see it.
+
+    For the access log (a line per request): building the LogRecord and running the logging machinery cost
+    more than the line itself. When `configure_logging`'s handler alone would handle the record (no other
+    handler or filter on the way, as in the server), the line is formatted and queued directly, identical
+    to the one logging would write; with any other set-up (a test's caplog, an embedding application's
+    handlers) the record goes through logging as usual.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handler = _sole_line_handler(logger, level)
+    if handler is None:
+        logger.log(level, msg, extra={"fields": fields})
+        return
+    formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
+    with handler.lock:  # type: ignore[union-attr]
+        line = _ENCODER.encode(formatter.document(time.time(), logging.getLevelName(level), logger.name, msg, fields))
+        handler.queue(line + "\n")
+
+
+def _sole_line_handler(logger: logging.Logger, level: int) -> LineHandler | None:
+    """The LineHandler (with a JsonFormatter) that alone would handle a record of `logger` at `level`, or None."""
+    found = None
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters:
+            return None
+        for handler in node.handlers:
+            if (found is not None or type(handler) is not LineHandler or handler.filters or level < handler.level
+                    or type(handler.formatter) is not JsonFormatter):
+                return None
+            found = handler
+        node = node.parent if node.propagate else None
+    return found
 
 
 class LineHandler(logging.Handler):
@@ -62,19 +104,22 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
-            line = self.format(record) + "\n"
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            self._pending.append(line)
-            if loop is None or len(self._pending) >= self.MAX_PENDING:
-                self._write_pending()
-            elif self._flush_on is not loop:  # (a loop that closed before its callback ran is replaced)
-                self._flush_on = loop
-                loop.call_soon(self.flush)
+            self.queue(self.format(record) + "\n")
         except Exception:
             self.handleError(record)
+
+    def queue(self, line: str) -> None:
+        """Write `line` now, or after this loop iteration when called on an event loop's thread (hold self.lock)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._pending.append(line)
+        if loop is None or len(self._pending) >= self.MAX_PENDING:
+            self._write_pending()
+        elif self._flush_on is not loop:  # (a loop that closed before its callback ran is replaced)
+            self._flush_on = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..logs import log_fields
 from ..metrics import UNKNOWN_MODEL
 from ..state import ServiceState
 from .errors import CLIENT_CLOSED_REQUEST, error_response
@@ -155,7 +156,7 @@ def _request_id(scope: Scope) -> str:
 
 def _log_request(scope: Scope, log: RequestLog, status: int, seconds: float) -> None:
     level = logging.DEBUG if scope["path"] in QUIET_PATHS and status < 500 else logging.INFO
-    if not access_logger.isEnabledFor(level):
+    if not access_logger.isEnabledFor(level):  # (log_fields checks it too: this skips building the fields)
         return
     record = {
         "request_id": log.request_id,
@@ -167,4 +168,4 @@ def _log_request(scope: Scope, log: RequestLog, status: int, seconds: float) -> 
     if log.model is not None:
         record["model"] = log.model
     record.update(log.fields)
-    access_logger.log(level, "request", extra={"fields": record})
+    log_fields(access_logger, level, "request", record)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from service.logs import JsonFormatter, LineHandler
+from service.logs import JsonFormatter, LineHandler, log_fields
 
 
 class CountingStream(io.StringIO):
@@ -28,12 +28,9 @@ def logger_and_stream():
     stream = CountingStream()
     handler = LineHandler(stream)
     handler.setFormatter(JsonFormatter(worker=1))
-    logger = logging.getLogger("cmserve.test_logs")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    yield logger, stream, handler
-    logger.handlers[:] = []
+    logger = logging.Logger("cmserve.test_logs", logging.INFO)  # outside the hierarchy: pytest attaches nothing
+    logger.addHandler(handler)
+    return logger, stream, handler
 
 
 def lines(stream: CountingStream) -> list[dict]:
@@ -127,3 +124,36 @@ def test_a_loop_that_closed_before_writing_does_not_hold_the_next_loops_lines(lo
 
     asyncio.run(second())
     assert [d["msg"] for d in lines(stream)] == ["from a loop that stops at once", "from the next loop"]
+
+
+def test_log_fields_writes_the_line_logging_would_without_a_record(logger_and_stream, monkeypatch):
+    logger, stream, _ = logger_and_stream
+    fields = {"status": 200, "timings_ms": {"total": 1.5}, "seed": 2**62}
+    logger.info("request", extra={"fields": fields})  # through logging
+    made: list[logging.LogRecord] = []
+    real = logging.Logger.makeRecord
+    monkeypatch.setattr(logging.Logger, "makeRecord", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    log_fields(logger, logging.INFO, "request", fields)  # directly
+    log_fields(logger, logging.DEBUG, "request", fields)  # below the logger's level: nothing
+    assert made == []
+    through, direct = lines(stream)
+    assert through.pop("ts")[:11] == direct.pop("ts")[:11]
+    assert through == direct
+
+
+def test_log_fields_goes_through_logging_when_anything_else_listens(logger_and_stream):
+    logger, stream, _ = logger_and_stream
+    other: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            other.append(record)
+
+    collector = Collect()
+    logger.addHandler(collector)  # e.g. pytest's caplog, or an embedding application's handler
+    log_fields(logger, logging.INFO, "request", {"status": 200})
+    assert len(other) == 1 and other[0].fields == {"status": 200}  # type: ignore[attr-defined]
+    logger.removeHandler(collector)
+    logger.addFilter(lambda record: False)  # a filter decides: logging must run it
+    log_fields(logger, logging.INFO, "request", {"status": 201})
+    assert [d["status"] for d in lines(stream)] == [200]
