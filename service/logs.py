@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import sys
 import time
 from typing import Any, TextIO
 
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # the largest write to a pipe that POSIX keeps whole (4096 on Linux)
 _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # made once: json.dumps with options makes one a call
 
 
@@ -127,11 +129,28 @@ class LineHandler(logging.Handler):
             self._write_pending()
 
     def _write_pending(self) -> None:
-        if self._pending:
-            text = "".join(self._pending)
-            self._pending.clear()
-            self.stream.write(text)
-            self.stream.flush()
+        """The pending lines in writes of at most PIPE_BUF bytes, each ending at a line's end.
+
+        The workers of CM_WORKERS > 1 share one stderr (often a pipe: docker, systemd), and only a write of
+        up to PIPE_BUF bytes to a pipe is atomic: a larger one could interleave with another worker's lines.
+        A single line longer than that goes in a write of its own, as a line-per-write handler would do.
+        """
+        chunk: list[str] = []
+        size = 0
+        for line in self._pending:
+            length = len(line.encode()) if not line.isascii() else len(line)
+            if chunk and size + length > PIPE_BUF:
+                self._write("".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        self._pending.clear()
+        if chunk:
+            self._write("".join(chunk))
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
 
 
 def configure_logging(level: str = "info", worker: int | None = None) -> None:

@@ -10,16 +10,18 @@ import threading
 
 import pytest
 
-from service.logs import JsonFormatter, LineHandler, log_fields
+from service.logs import PIPE_BUF, JsonFormatter, LineHandler, log_fields
 
 
 class CountingStream(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.texts: list[str] = []
 
     def write(self, text: str) -> int:
         self.writes += 1
+        self.texts.append(text)
         return super().write(text)
 
 
@@ -157,3 +159,22 @@ def test_log_fields_goes_through_logging_when_anything_else_listens(logger_and_s
     logger.addFilter(lambda record: False)  # a filter decides: logging must run it
     log_fields(logger, logging.INFO, "request", {"status": 201})
     assert [d["status"] for d in lines(stream)] == [200]
+
+
+def test_held_lines_go_out_in_whole_lines_of_at_most_pipe_buf_bytes(logger_and_stream):
+    """Workers share one stderr, often a pipe: only writes up to PIPE_BUF bytes cannot interleave."""
+    logger, stream, _ = logger_and_stream
+
+    async def main() -> None:
+        for i in range(60):
+            logger.info("request", extra={"fields": {"i": i, "pad": "é" * 150}})  # ~450 bytes a line, 2 per é
+        logger.info("long", extra={"fields": {"pad": "x" * (2 * PIPE_BUF)}})
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert stream.writes > 1
+    for text in stream.texts:
+        assert text.endswith("\n")
+        assert len(text.encode()) <= PIPE_BUF or text.count("\n") == 1  # only a line longer than it goes alone
+    docs = lines(stream)
+    assert [d.get("i") for d in docs] == [*range(60), None] and len(docs[-1]["pad"]) == 2 * PIPE_BUF
