@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import select
 import sys
 import time
+import traceback
 from typing import Any, TextIO
 
 PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # the largest write to a pipe that POSIX keeps whole (4096 on Linux)
@@ -135,22 +137,29 @@ class LineHandler(logging.Handler):
         up to PIPE_BUF bytes to a pipe is atomic: a larger one could interleave with another worker's lines.
         A single line longer than that goes in a write of its own, as a line-per-write handler would do.
         """
+        pending, self._pending = self._pending, []
         chunk: list[str] = []
         size = 0
-        for line in self._pending:
+        for line in pending:
             length = len(line.encode()) if not line.isascii() else len(line)
             if chunk and size + length > PIPE_BUF:
                 self._write("".join(chunk))
                 chunk, size = [], 0
             chunk.append(line)
             size += length
-        self._pending.clear()
         if chunk:
             self._write("".join(chunk))
 
     def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        """As logging's handlers do (handleError), a write that fails drops its lines and never raises: the
+        caller may be the event loop's callback, and stderr may be a pipe whose reader is gone."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            if logging.raiseExceptions:
+                with contextlib.suppress(Exception):
+                    traceback.print_exc(file=sys.stderr)
 
 
 def configure_logging(level: str = "info", worker: int | None = None) -> None:

@@ -178,3 +178,34 @@ def test_held_lines_go_out_in_whole_lines_of_at_most_pipe_buf_bytes(logger_and_s
         assert len(text.encode()) <= PIPE_BUF or text.count("\n") == 1  # only a line longer than it goes alone
     docs = lines(stream)
     assert [d.get("i") for d in docs] == [*range(60), None] and len(docs[-1]["pad"]) == 2 * PIPE_BUF
+
+
+def test_a_failing_write_drops_its_lines_without_raising_and_logging_goes_on(logger_and_stream, capsys):
+    logger, stream, _ = logger_and_stream
+    real_write = stream.write
+
+    def broken(text: str) -> int:
+        raise BrokenPipeError("the reader of stderr is gone")
+
+    async def main() -> None:
+        stream.write = broken  # type: ignore[method-assign]
+        logger.info("lost")
+        await asyncio.sleep(0)  # the loop's write fails: nothing escapes into the loop
+        stream.write = real_write  # type: ignore[method-assign]
+        logger.info("kept")
+        await asyncio.sleep(0)
+
+    loop_errors: list[dict] = []
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
+        await main()
+
+    asyncio.run(run())
+    logger.info("off the loop")
+    stream.write = broken  # type: ignore[method-assign]
+    logger.info("lost too")  # off the loop: written at once, fails, does not raise either
+    stream.write = real_write  # type: ignore[method-assign]
+    assert loop_errors == []
+    assert [d["msg"] for d in lines(stream)] == ["kept", "off the loop"]
+    assert "BrokenPipeError" in capsys.readouterr().err  # reported as logging reports a failed emit
