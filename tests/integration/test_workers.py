@@ -105,6 +105,34 @@ def test_metrics_and_stats_add_up_over_workers(workers: ServerProcess) -> None:
     assert stats["ready"] is True and stats["in_progress"] == 0 and stats["mean_images_per_forward"] >= 1
 
 
+def test_under_load_every_access_line_arrives_whole_and_once(workers: ServerProcess) -> None:
+    """Both workers write batches of lines to one stderr pipe: none may interleave within another's line."""
+    ids = [f"load-{i:03d}-" + "x" * 110 for i in range(240)]  # long ids: a loop iteration's lines pass 4 KiB
+
+    def client(chunk: list[str]) -> None:
+        with workers.client() as http:
+            for request_id in chunk:
+                response = http.post("/v1/generate", json={"n": 1}, headers={"X-Request-ID": request_id})
+                assert response.status_code == 200, response.text
+
+    threads = [threading.Thread(target=client, args=(ids[i::24],)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    workers.wait_log(lambda r: r.get("request_id") == ids[-1], timeout=30)
+    deadline = time.monotonic() + 30
+    while True:
+        raw = [line for line in list(workers.raw) if "load-" in line]
+        seen = [r["request_id"] for r in list(workers.logs) if str(r.get("request_id", "")).startswith("load-")]
+        if sorted(seen) == sorted(ids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(raw) == len(ids)  # every line that mentions a request parsed as one JSON record
+    assert sorted(seen) == sorted(ids)
+    assert {r["worker"] for r in list(workers.logs) if str(r.get("request_id", "")).startswith("load-")} == {0, 1}
+
+
 def test_a_worker_that_dies_is_replaced_and_the_other_keeps_serving(workers: ServerProcess) -> None:
     old = worker_pids(workers)
     os.kill(old[0], signal.SIGKILL)
