@@ -90,7 +90,7 @@ def _sole_line_handler(logger: logging.Logger, level: int) -> LineHandler | None
 
 
 class LineHandler(logging.Handler):
-    """Writes each record as one line; the lines of one event-loop iteration go out in one write.
+    """Writes each record as one line; the lines of one event-loop iteration go out together (_write_pending).
 
     Under load one loop iteration answers many requests, and a write to stderr per access-log line
     (stderr is line-buffered) cost about as much as the rest of the line. Lines from a thread with no
