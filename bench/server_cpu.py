@@ -88,8 +88,7 @@ def main() -> None:
         parser.error("--workers, --concurrency and --runs must be at least 1, --duration at least 2")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CM_PORT": str(port), "CM_WORKERS": str(args.workers), "CM_LOG_LEVEL": args.log_level,
-           "CM_MAX_IMAGES_PER_REQUEST": "64"}
+    env = {**os.environ, "CM_PORT": str(port), "CM_WORKERS": str(args.workers), "CM_LOG_LEVEL": args.log_level}
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "service.log"
         with process([sys.executable, "-m", "service"], env, url + "/readyz", log) as proc:
