@@ -42,8 +42,10 @@ if want train; then
 fi
 
 if want serve; then
-  log "serving: cifar10 preset through the real HTTP service on the GPU, bf16 (issue 4)"
+  log "serving: cifar10 preset through the real HTTP service on the GPU, bf16, traced (the default) and eager (issue 4)"
   $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 \
     --json "$OUT/serve_cifar10_bf16.json"
+  $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 --no-trace \
+    --json "$OUT/serve_cifar10_bf16_eager.json"
 fi
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-trace", dest="trace", action="store_false", help="serve eager (CM_TRACE=false)")
     parser.add_argument("--concurrency", default="16,64")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--steps", default="1,2")
@@ -118,7 +119,8 @@ def main() -> None:
     path = save(tmp / f"{args.preset}.safetensors", model, preset=args.preset)
     port = free_port()
     env = {**os.environ, "CM_MODELS": f"{args.preset}={path}", "CM_PORT": str(port), "CM_DEVICE": args.device,
-           "CM_DTYPE": args.dtype, "CM_COMPILE": str(args.compile).lower(), "CM_CHANNELS_LAST": "true",
+           "CM_DTYPE": args.dtype, "CM_COMPILE": str(args.compile).lower(),
+           "CM_TRACE": str(args.trace).lower(), "CM_CHANNELS_LAST": "true",
            "CM_LOG_LEVEL": "warning", "CM_MAX_QUEUE": "100000", "CM_REQUEST_TIMEOUT_S": "120"}
     url = f"http://127.0.0.1:{port}"
     t = time.perf_counter()
@@ -133,7 +135,7 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit("the server exited before it was ready")
             time.sleep(0.5)
-        print(f"# {args.preset} served in {args.dtype} on {args.device} (compile {args.compile}); "
+        print(f"# {args.preset} served in {args.dtype} on {args.device} (compile {args.compile}, trace {args.trace}); "
               f"ready (loaded + warmed up) after {time.perf_counter() - t:.1f} s")
         heads = ("conc", 5), ("n", 3), ("steps", 5), ("images/s", 9), ("p50 ms", 8), ("p99 ms", 8), ("img/eval", 8)
         print(" ".join(f"{h:>{w}}" for h, w in heads), "errors")

@@ -47,3 +47,57 @@ def test_cuda_matches_cpu(cuda_model: ConsistencyModel, tmp_path: Path) -> None:
     cpu = sample(cpu_model, list(range(8)), [80.0, 0.821])
     gpu = sample(cuda_model.to("cuda"), list(range(8)), [80.0, 0.821]).cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
+
+
+def _cifar_inputs(size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(size, 3, 32, 32, generator=gen) * 2
+    sigma = torch.exp(torch.randn(size, generator=gen))
+    labels = torch.randint(num_classes, (size,), generator=gen) if num_classes else None
+    return x, sigma, labels
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_trace_on_cuda_is_taken_and_equals_eager(dtype: str) -> None:
+    """The serving default (CM_TRACE) on a GPU: the trace passes its bit-for-bit check at load and serves."""
+    from service.engine import Engine
+
+    model = randomize(ConsistencyModel.from_config(preset("cifar10")), std=0.02)
+    traced = Engine(model, device="cuda", dtype=dtype, channels_last=True, trace=True)
+    eager = Engine(model, device="cuda", dtype=dtype, channels_last=True, trace=False)
+    assert traced.traced and not eager.traced
+    x, sigma, labels = _cifar_inputs(16, model.cfg.num_classes)
+    torch.testing.assert_close(
+        traced.evaluate(x, sigma, labels).out, eager.evaluate(x, sigma, labels).out, atol=0, rtol=0
+    )
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_real_out_of_memory_halves_the_batch_on_cuda(trace: bool) -> None:
+    """A batch larger than a capped device memory runs out of memory for real (through the TorchScript
+    interpreter too, which re-raises it as a plain RuntimeError) and is computed in halves, same results."""
+    from service.engine import Engine
+
+    model = randomize(ConsistencyModel.from_config(preset("cifar10")), std=0.02)
+    engine = Engine(model, device="cuda", dtype="fp32", trace=trace)
+    assert engine.traced == trace
+    x, sigma, labels = _cifar_inputs(2048, model.cfg.num_classes)
+    rows = [slice(i, i + 32) for i in range(0, 2048, 32)]
+    reference = torch.cat([engine.evaluate(x[r], sigma[r], None if labels is None else labels[r]).out for r in rows])
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    engine.evaluate(x[:32], sigma[:32], None if labels is None else labels[:32])
+    per_32 = torch.cuda.max_memory_allocated() - base  # activations and cuDNN's workspace for 32 images
+    torch.cuda.empty_cache()
+    cap = base + 1.5 * per_32  # 32 images fit, 2,048 cannot (cuDNN falls back to smaller workspaces first)
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        result = engine.evaluate(x, sigma, labels)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert engine.oom_splits >= 2, f"no out-of-memory under a cap of {cap / 2**20:.0f} MiB ({per_32=})"
+    assert result.failed == []
+    torch.testing.assert_close(result.out, reference, atol=1e-3, rtol=1e-3)
