@@ -399,18 +399,59 @@ def test_engine_thread_batches_what_arrived_while_the_device_was_busy(tiny_model
     assert engine.sizes == [1, 6]  # the three waiting requests shared one evaluation
 
 
-def test_waits_for_a_fuller_batch_when_requests_arrive_quickly(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
-    scheduler = Scheduler(max_batch=3, max_wait_s=30.0, max_queue=100)
+def waiting_scheduler(model: ConsistencyModel, clock: FakeClock, max_batch: int = 8) -> tuple[Scheduler, RecordingEngine]:
+    """max_wait 30 s on a fake clock that moves only when the test moves it."""
+    engine = RecordingEngine(model)
+    scheduler = Scheduler(max_batch=max_batch, max_wait_s=30.0, max_queue=100, clock=clock)
     scheduler.add_model("m", engine)
+    return scheduler, engine
+
+
+def test_waits_for_a_fuller_batch_while_requests_keep_arriving(tiny_model: ConsistencyModel) -> None:
+    clock = FakeClock()
+    scheduler, engine = waiting_scheduler(tiny_model, clock, max_batch=3)
     scheduler.submit(make_job(tiny_model, 1, 1, ONE))
-    scheduler.submit(make_job(tiny_model, 2, 1, ONE))  # arrived right after the first: worth waiting
+    clock.now += 0.001
+    scheduler.submit(make_job(tiny_model, 2, 1, ONE))  # 1 ms after the first: worth waiting for more
     runner = threading.Thread(target=scheduler.run_once)
     runner.start()
+    clock.now += 0.002  # less than 3 gaps of 1 ms: the wait goes on
     scheduler.submit(make_job(tiny_model, 3, 1, ONE))  # completes the batch and ends the wait
     runner.join(30)
     assert not runner.is_alive()
     assert engine.sizes == [3]
+
+
+def test_stops_waiting_when_requests_stop_arriving(tiny_model: ConsistencyModel) -> None:
+    """A burst of closed-loop clients arrived together and nothing follows: run it, do not wait out max_wait."""
+    clock = FakeClock()
+    scheduler, engine = waiting_scheduler(tiny_model, clock)
+    for seed in range(4):
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+        clock.now += 0.0002  # 0.2 ms apart
+    clock.now += 3 * 0.0002  # then quiet for 3 of those gaps (the fake clock never reaches max_wait's 30 s)
+    runner = threading.Thread(target=scheduler.run_once)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [4]
+
+
+def test_a_short_wait_is_renewed_by_each_arrival(tiny_model: ConsistencyModel) -> None:
+    """The quiet time counts from the latest arrival, so a steady stream is waited for up to max_wait."""
+    clock = FakeClock()
+    scheduler, engine = waiting_scheduler(tiny_model, clock, max_batch=6)
+    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
+    clock.now += 0.0001
+    scheduler.submit(make_job(tiny_model, 1, 1, ONE))  # gaps of 0.1 ms: the quiet time is its 0.25 ms floor
+    runner = threading.Thread(target=scheduler.run_once)
+    runner.start()
+    for seed in range(2, 6):
+        clock.now += 0.0002  # each arrival within the quiet time of the one before
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [6]
 
 
 def test_stop_fails_what_is_still_queued(tiny_model: ConsistencyModel) -> None:
