@@ -7,8 +7,8 @@ bookkeeping costs one Python object per request rather than per image. One engin
   collect  take up to max_batch images from the front of a model's queue (any request, any step),
            dropping those of expired or cancelled requests before they cost compute; when the device
            was idle and images are arriving quickly, wait up to max_wait for a fuller batch, but only
-           while they keep coming: once none has arrived for QUIET_GAPS of the latest gaps between
-           arrivals (a burst of closed-loop clients has all arrived), run what is there
+           while they keep coming: once none has arrived for a quiet time (QUIET_GAPS of the latest
+           gaps between arrivals, at least QUIET_EVALUATION of an evaluation), run what is there
   run      build each image's step input (CM Algorithm 1) and evaluate the batch once
   requeue  images with steps left go back to the FRONT of the queue, in order
   complete a request whose last image finished (or that failed) gets its `on_done` callback
@@ -51,8 +51,11 @@ MAX_RETRY_AFTER_S = 60
 SCHEDULE_CACHE = 256  # distinct σ schedules remembered per model
 SCHEDULES = ("shortest", "started")  # queue orders (module docstring)
 STARVATION_EVALUATIONS = 10  # "shortest": a request older than this many evaluations' time goes first
-QUIET_GAPS = 3.0  # waiting for a fuller batch ends when no image came for this many of the latest gaps ...
-MIN_QUIET_S = 0.25e-3  # ... or for this long, whichever is longer (a wake-up alone costs tens of µs)
+# Waiting for a fuller batch ends when no image came for the longest of: this many of the latest gaps between
+# two arrivals, this fraction of an evaluation's time, and MIN_QUIET_S (a wake-up alone costs tens of µs).
+QUIET_GAPS = 3.0
+QUIET_EVALUATION = 0.1
+MIN_QUIET_S = 0.25e-3
 
 
 def noise_scales(sigmas: Sequence[float], sigma_min: float) -> list[float]:
@@ -399,17 +402,21 @@ class Scheduler:
     def _wait_for_fuller_batch_locked(self, lane: Lane) -> None:
         """The device is idle: wait up to max_wait for more images, but only while they keep arriving.
 
-        A closed-loop burst (c clients answered together, each sending its next request) arrives at the gap
-        of one request's handling and then stops; waiting out max_wait after it only adds latency (at
-        concurrency 4 on the CPU: 20-40% fewer requests/s). So the wait also ends once no image has come
-        for QUIET_GAPS × the latest gap between two arrivals (at least MIN_QUIET_S).
+        A burst of closed-loop clients (answered together, each sending its next request) arrives one
+        request's handling apart and then stops: waiting out max_wait after it only adds latency (on the
+        CPU at concurrency 4 it cost 20-50% of the requests/s, BENCHMARKS.md). So the wait also ends after a
+        quiet time with no arrival: QUIET_GAPS × the latest gap between two arrivals, but at least a tenth
+        of an evaluation (next to a long evaluation, a short pause in arrivals is no reason to start a
+        smaller batch: at concurrency 64 that split the clients into two alternating halves, 4% slower)
+        and MIN_QUIET_S.
         """
         if self._last_gap >= self.max_wait_s:
             return  # a lone request: waiting would only add latency
         until = self.clock() + self.max_wait_s
         while lane.queued < self.max_batch and not self._stopping:
             now = self.clock()
-            quiet = max(QUIET_GAPS * self._last_gap, MIN_QUIET_S) - (now - self._last_submit)
+            quiet = max(QUIET_GAPS * self._last_gap, QUIET_EVALUATION * self._evaluation_s, MIN_QUIET_S)
+            quiet -= now - self._last_submit
             left = min(until - now, quiet)
             if left <= 0:
                 return

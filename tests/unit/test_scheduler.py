@@ -399,7 +399,9 @@ def test_engine_thread_batches_what_arrived_while_the_device_was_busy(tiny_model
     assert engine.sizes == [1, 6]  # the three waiting requests shared one evaluation
 
 
-def waiting_scheduler(model: ConsistencyModel, clock: FakeClock, max_batch: int = 8) -> tuple[Scheduler, RecordingEngine]:
+def waiting_scheduler(
+    model: ConsistencyModel, clock: FakeClock, max_batch: int = 8
+) -> tuple[Scheduler, RecordingEngine]:
     """max_wait 30 s on a fake clock that moves only when the test moves it."""
     engine = RecordingEngine(model)
     scheduler = Scheduler(max_batch=max_batch, max_wait_s=30.0, max_queue=100, clock=clock)
@@ -413,7 +415,7 @@ def test_waits_for_a_fuller_batch_while_requests_keep_arriving(tiny_model: Consi
     scheduler.submit(make_job(tiny_model, 1, 1, ONE))
     clock.now += 0.001
     scheduler.submit(make_job(tiny_model, 2, 1, ONE))  # 1 ms after the first: worth waiting for more
-    runner = threading.Thread(target=scheduler.run_once)
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
     runner.start()
     clock.now += 0.002  # less than 3 gaps of 1 ms: the wait goes on
     scheduler.submit(make_job(tiny_model, 3, 1, ONE))  # completes the batch and ends the wait
@@ -430,7 +432,7 @@ def test_stops_waiting_when_requests_stop_arriving(tiny_model: ConsistencyModel)
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))
         clock.now += 0.0002  # 0.2 ms apart
     clock.now += 3 * 0.0002  # then quiet for 3 of those gaps (the fake clock never reaches max_wait's 30 s)
-    runner = threading.Thread(target=scheduler.run_once)
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
     runner.start()
     runner.join(30)
     assert not runner.is_alive()
@@ -444,7 +446,7 @@ def test_a_short_wait_is_renewed_by_each_arrival(tiny_model: ConsistencyModel) -
     scheduler.submit(make_job(tiny_model, 0, 1, ONE))
     clock.now += 0.0001
     scheduler.submit(make_job(tiny_model, 1, 1, ONE))  # gaps of 0.1 ms: the quiet time is its 0.25 ms floor
-    runner = threading.Thread(target=scheduler.run_once)
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
     runner.start()
     for seed in range(2, 6):
         clock.now += 0.0002  # each arrival within the quiet time of the one before
@@ -452,6 +454,29 @@ def test_a_short_wait_is_renewed_by_each_arrival(tiny_model: ConsistencyModel) -
     runner.join(30)
     assert not runner.is_alive()
     assert engine.sizes == [6]
+
+
+def test_the_quiet_time_is_at_least_a_tenth_of_an_evaluation(tiny_model: ConsistencyModel) -> None:
+    """After 100 ms evaluations, a 1 ms pause in a 0.1 ms stream does not cut the batch short; 10 ms does."""
+    clock = FakeClock()
+    scheduler, engine = waiting_scheduler(tiny_model, clock)
+    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.1)  # each evaluation takes 100 ms
+    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
+    assert drain(scheduler) == 1  # a lone request: runs at once and times the evaluation; then the device idles
+    for seed in (1, 2):
+        clock.now += 0.0001
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+    clock.now += 0.001  # 10 gaps, but a hundredth of an evaluation
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    clock.now += 0.0001
+    scheduler.submit(make_job(tiny_model, 3, 1, ONE))
+    clock.now += 0.011  # now quiet for more than a tenth of an evaluation
+    with scheduler._cond:
+        scheduler._cond.notify()  # the engine thread wakes (as at the end of a timed wait) and sees it
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [1, 3]
 
 
 def test_stop_fails_what_is_still_queued(tiny_model: ConsistencyModel) -> None:
