@@ -480,7 +480,14 @@ def main() -> None:
         for scenario in scenarios:
             run_scenario(url, scenario, args.duration)
             print(format_row(scenario, model, http, args.max_batch))
-    report = targets(scenarios, model, http, args.max_batch)
+    # The VM's speed drifts by more than the targets' margins over a run's minutes: measure the model ceiling of
+    # the concurrency-64 scenarios again now, and give their ratios against both measurements.
+    again = sorted({min(64 * n, args.max_batch) for n in ns} & set(batches)) if 64 in concurrency else []
+    model_after = model_ceiling(ckpt, again, workers=args.workers) if again else {}
+    for b, m in model_after.items():
+        print(f"\nmodel ceiling measured again after the scenarios: batch {b}: {m['images_per_s']:.0f} images/s "
+              f"(at the start: {model[b]['images_per_s']:.0f})")
+    report = targets(scenarios, model, http, args.max_batch, model_after)
     print("\ntargets:")
     for line in report:
         print("  " + line)
@@ -489,6 +496,7 @@ def main() -> None:
             "workers": args.workers,
             "torch_threads_per_worker": threads,
             "model": {str(b): m for b, m in model.items()},
+            "model_after": {str(b): m for b, m in model_after.items()},
             "http_requests_per_s": http,
             "scenarios": [{"concurrency": s.concurrency, "n": s.n, "steps": s.steps, "images_per_s": s.images_per_s,
                            "images_per_forward": s.images_per_forward,
@@ -515,14 +523,18 @@ def format_row(s: Scenario, model: dict[int, dict[str, float]], http: dict[int, 
 
 
 def targets(scenarios: list[Scenario], model: dict[int, dict[str, float]], http: dict[int, float],
-            max_batch: int) -> list[str]:
+            max_batch: int, model_after: dict[int, dict[str, float]] | None = None) -> list[str]:
     lines = []
     by_key = {(s.concurrency, s.n, s.steps): s for s in scenarios}
     for (c, n, steps), s in by_key.items():
         if c == 64 and steps == 1:
             ratio = s.images_per_s / ceiling_of(s, model, http, max_batch)
+            after = ""
+            if model_after and min(c * n, max_batch) in model_after:
+                later = s.images_per_s / ceiling_of(s, {**model, **model_after}, http, max_batch)
+                after = f"; {later:.2f} × the ceiling measured again at the end"
             lines.append(f"c=64 n={n} 1-step: {s.images_per_s:.0f} images/s = {ratio:.2f} × combined ceiling "
-                         f"(target ≥ 0.80): {'PASS' if ratio >= 0.8 else 'MISS'}")
+                         f"(target ≥ 0.80): {'PASS' if ratio >= 0.8 else 'MISS'}{after}")
         if c == 1 and steps == 1:
             forward_ms = model[min(n, max_batch)]["forward_s"] * 1e3
             p50 = s.runs[0].stats["p50_us"] / 1e3
