@@ -241,9 +241,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) 
 
 
 @contextmanager
-def process(argv: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(argv: list[str], env: dict[str, str], ready_url: str, log: Path,
+            cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_ready(ready_url, proc)
             yield proc
