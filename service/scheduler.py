@@ -80,7 +80,7 @@ class Job:
     on_done: Callable[[Job], None] = lambda job: None  # called once, from the engine thread or a canceller
     # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
     noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
-    labels: torch.Tensor | None = field(init=False, default=None, repr=False)  # (n,) long
+    labels: list[int] | None = field(init=False, default=None, repr=False)  # image i's class label
     x: torch.Tensor = field(init=False, repr=False)  # (n, C, H, W) current estimates (zeros before step 1)
     sigma32: list[float] = field(init=False, repr=False)  # σ per step, rounded to float32
     scales: list[float] = field(init=False, repr=False)  # noise scale per step (noise_scales)
@@ -109,16 +109,20 @@ class Job:
     @property
     def class_labels(self) -> list[int | None]:
         """Each image's class label (None for unconditional models); known once the job has started."""
-        return [None] * self.n if self.labels is None else self.labels.tolist()
+        return [None] * self.n if self.labels is None else list(self.labels)
 
-    def prepare(self, engine: Engine, schedule: tuple[list[float], list[float]]) -> None:
-        """Draw every image's noise and label from its seed; runs on the engine thread."""
-        shape, num_classes = engine.image_shape, engine.num_classes
-        self.noise = torch.stack([image_noise(self.seed + i, shape, self.steps) for i in range(self.n)])
+    def prepare(self, engine: Engine, schedule: tuple[list[float], list[float]],
+                generator: torch.Generator | None = None) -> None:
+        """Draw every image's noise and label from its seed; runs on the engine thread (`generator`: a CPU
+        generator of that thread's to reseed for each draw, rather than one made per draw)."""
+        shape, num_classes, seed = engine.image_shape, engine.num_classes, self.seed
+        if self.n == 1:
+            self.noise = image_noise(seed, shape, self.steps, generator).unsqueeze(0)
+        else:
+            self.noise = torch.stack([image_noise(seed + i, shape, self.steps, generator) for i in range(self.n)])
         if num_classes:
-            labels = [self.class_label] * self.n if self.class_label is not None else [
-                image_class_label(self.seed + i, num_classes) for i in range(self.n)]
-            self.labels = torch.tensor(labels, dtype=torch.long)
+            self.labels = [self.class_label] * self.n if self.class_label is not None else [
+                image_class_label(seed + i, num_classes, generator) for i in range(self.n)]
         self.x = torch.zeros(self.n, *shape)
         self.sigma32, self.scales = schedule
         self.images = np.empty((self.n, shape[1], shape[2], shape[0]), dtype=np.uint8)
@@ -263,6 +267,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._evaluation_s = 0.0  # moving average of one evaluation's duration
+        self._generator = torch.Generator(device="cpu")  # the engine thread's, reseeded for each image's draws
         self.evaluations = 0  # network evaluations run
         self.images_evaluated = 0  # image-evaluations run (sum of batch sizes)
 
@@ -460,7 +465,7 @@ class Scheduler:
         for run in runs:
             job = run.job
             if not job.prepared:
-                job.prepare(lane.engine, lane.schedule(job.sigmas))
+                job.prepare(lane.engine, lane.schedule(job.sigmas), self._generator)
             if job.started_at is None:
                 job.started_at = started
                 self.observer.on_queue_wait(lane.name, started - job.submitted_at)
@@ -559,17 +564,18 @@ def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         job, a, b, j = run.job, run.start, run.stop, run.step
         x = job.x[a:b] + job.scales[j] * job.noise[a:b, j]  # (B, C, H, W)
         sigma = torch.full((b - a,), job.sigma32[j])
-        labels = None if job.labels is None else job.labels[a:b]
+        labels = None if job.labels is None else torch.tensor(job.labels[a:b], dtype=torch.long)
         return x, sigma, labels
-    sizes = torch.tensor([run.size for run in runs])
-    scale = torch.tensor([run.job.scales[run.step] for run in runs]).repeat_interleave(sizes)
-    sigma = torch.tensor([run.job.sigma32[run.step] for run in runs]).repeat_interleave(sizes)
-    estimates = torch.cat([run.job.x[run.start : run.stop] for run in runs])  # (B, C, H, W)
+    scale = torch.tensor([run.job.scales[run.step] for run in runs for _ in range(run.size)])
+    sigma = torch.tensor([run.job.sigma32[run.step] for run in runs for _ in range(run.size)])
     noise = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
-    x = estimates + scale.view(-1, 1, 1, 1) * noise
+    x = scale.view(-1, 1, 1, 1) * noise
+    if any(run.step for run in runs):  # the estimates, zeros for images at their first step (x_T = σ_1·z_1)
+        x += torch.cat([run.job.x[run.start : run.stop] for run in runs])
     labels = None
-    if runs[0].job.labels is not None:
-        labels = torch.cat([run.job.labels[run.start : run.stop] for run in runs])
+    if runs[0].job.labels is not None:  # one tensor for the batch (a model's jobs are all (un)conditional)
+        labels = torch.tensor([label for run in runs for label in run.job.labels[run.start : run.stop]],
+                              dtype=torch.long)
     return x, sigma, labels
 
 

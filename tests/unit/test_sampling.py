@@ -106,6 +106,18 @@ def test_class_label_from_seed() -> None:
     assert set(labels) == set(range(10))
 
 
+def test_a_reused_generator_draws_what_a_fresh_one_does() -> None:
+    """The engine thread reseeds one generator for every draw: whatever it drew before, the values are those of
+    a generator made for the seed (the normal sampler keeps no state across manual_seed)."""
+    gen = torch.Generator()
+    torch.randn(7, generator=gen)  # an odd count leaves a cached Box-Muller value behind in some samplers
+    for seed in (0, 42, 2**64 - 1):
+        for shape, steps in (((1, 8, 8), 4), ((3, 2, 2), 1)):  # 256 and 12 values: vectorised and scalar paths
+            assert torch.equal(image_noise(seed, shape, steps, gen), image_noise(seed, shape, steps))
+        assert image_class_label(seed, 10, gen) == image_class_label(seed, 10)
+        torch.randn(3, generator=gen)
+
+
 @pytest.mark.parametrize("taus", [[80.0], [80.0, 0.821]])
 def test_same_seed_same_image_alone_or_in_a_batch(tiny_model: ConsistencyModel, taus: list[float]) -> None:
     alone = to_uint8(sample(tiny_model, [1234], taus))

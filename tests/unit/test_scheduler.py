@@ -130,7 +130,7 @@ def test_one_evaluation_holds_every_image_with_its_own_sigma(tiny_model: Consist
     sigma32 = torch.tensor(TWO, dtype=torch.float32).tolist()
     assert engine.calls[0][0] == [sigma32[0]] * 3  # both requests' first step, one evaluation
     assert engine.calls[1][0] == [sigma32[1]] * 2  # only the 2-step request's second step
-    assert engine.calls[0][1] == one.labels.tolist() + two.labels.tolist()  # fewest evaluations left first
+    assert engine.calls[0][1] == one.labels + two.labels  # fewest evaluations left first
 
 
 def test_a_one_step_request_does_not_wait_behind_four_step_requests(tiny_model: ConsistencyModel) -> None:
