@@ -409,11 +409,11 @@ class Scheduler:
 
         A burst of closed-loop clients (answered together, each sending its next request) arrives one
         request's handling apart and then stops: waiting out max_wait after it only adds latency (on the
-        CPU at concurrency 4 it cost 20-50% of the requests/s, BENCHMARKS.md). So the wait also ends after a
-        quiet time with no arrival: QUIET_GAPS × the latest gap between two arrivals, but at least a tenth
-        of an evaluation (next to a long evaluation, a short pause in arrivals is no reason to start a
-        smaller batch: without this floor, concurrency 64 always settled into two alternating halves of
-        the clients, 4% slower than one batch of all) and MIN_QUIET_S.
+        CPU at concurrency 4, ending the wait early served 4-50% more requests/s, BENCHMARKS.md). So the wait
+        also ends after a quiet time with no arrival: QUIET_GAPS × the latest gap between two arrivals, but
+        at least a tenth of an evaluation (next to a long evaluation, a short pause in arrivals is no reason
+        to start a smaller batch: without this floor, concurrency 64 always settled into two alternating
+        halves of the clients, 4% slower than the fixed wait) and MIN_QUIET_S.
         """
         if self._last_gap >= self.max_wait_s:
             return  # a lone request: waiting would only add latency
