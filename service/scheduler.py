@@ -116,10 +116,7 @@ class Job:
         """Draw every image's noise and label from its seed; runs on the engine thread (`generator`: a CPU
         generator of that thread's to reseed for each draw, rather than one made per draw)."""
         shape, num_classes, seed = engine.image_shape, engine.num_classes, self.seed
-        if self.n == 1:
-            self.noise = image_noise(seed, shape, self.steps, generator).unsqueeze(0)
-        else:
-            self.noise = torch.stack([image_noise(seed + i, shape, self.steps, generator) for i in range(self.n)])
+        self.noise = torch.stack([image_noise(seed + i, shape, self.steps, generator) for i in range(self.n)])
         if num_classes:
             self.labels = [self.class_label] * self.n if self.class_label is not None else [
                 image_class_label(seed + i, num_classes, generator) for i in range(self.n)]
