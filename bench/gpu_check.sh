@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log() { echo "=== $* ($(date +%T))"; }
-SECTIONS=${SECTIONS:-tests sample train serve}  # a subset reruns part of the check
+SECTIONS=${SECTIONS:-tests sample train serve}  # a subset reruns part of the check; "compile" is extra (~2 min)
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # The web stack is not in the GPU image: wheels for it travel in .whl/ (see the device tool's README).
 if [ -d .whl ] && ! $PY -c 'import fastapi' 2>/dev/null; then
@@ -47,5 +47,10 @@ if want serve; then
     --json "$OUT/serve_cifar10_bf16.json"
   $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 --no-trace \
     --json "$OUT/serve_cifar10_bf16_eager.json"
+fi
+if want compile; then
+  log "serving with CM_COMPILE=true, buckets 64/128/256 (the GPU setting README recommends under load)"
+  CM_BATCH_BUCKETS=64,128,256 $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --compile --concurrency 16,64 \
+    --n 8 --steps 1,2 --duration 6 --json "$OUT/serve_cifar10_bf16_compile.json"
 fi
 } 2>&1 | tee "$OUT/gpu_check.log"
