@@ -41,25 +41,17 @@ def run(where: Path, settings: dict[str, str], args: argparse.Namespace) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
     env.update({"CM_MODELS": f"digits={load.EMBEDDED_DEFAULT}", "CM_PORT": str(port),
                 "CM_MAX_IMAGES_PER_REQUEST": str(max(args.n, 1)), **settings})
-    if args.steps == "mix":
-        runs = [load.WrkRun({"n": args.n, "steps": 1}, args.concurrency // 2),
-                load.WrkRun({"n": args.n, "steps": 4}, args.concurrency // 2)]
-    else:
-        runs = [load.WrkRun({"n": args.n, "steps": int(args.steps)}, args.concurrency)]
+    scenario = load.Scenario(args.concurrency, args.n, load.MIX if args.steps == load.MIX else int(args.steps))
     with load.process([sys.executable, "-m", "service"], env, url + "/readyz", tmp / "service.log", cwd=where):
         load.wait_workers(tmp / "service.log", int(settings.get("CM_WORKERS", 1)), "info")
         load.drive(url, [load.WrkRun({"n": 1, "steps": 1}, 4)], 1.0)
-        before = load.scrape(url)
-        load.drive(url, runs, args.duration)
-        after = load.scrape(url)
-    evaluations = after["cmserve_batch_size_count"] - before["cmserve_batch_size_count"]
-    per_evaluation = (after["cmserve_batch_size_sum"] - before["cmserve_batch_size_sum"]) / max(evaluations, 1)
-    images = sum(r.requests_per_s * r.body["n"] for r in runs)
+        load.run_scenario(url, scenario, args.duration)
+    runs = scenario.runs
     errors = sum(r.errors for r in runs)
     latency = "  ".join(f"{r.body['steps']}-step {r.stats['p50_us'] / 1e3:.1f} / {r.stats['p99_us'] / 1e3:.1f} ms"
                         for r in runs)
     note = f"  ({errors} errors)" if errors else ""
-    return f"{images:8.0f} images/s  {per_evaluation:6.1f} img/eval  {latency}{note}"
+    return f"{scenario.images_per_s:8.0f} images/s  {scenario.images_per_forward:6.1f} img/eval  {latency}{note}"
 
 
 def main() -> None:
