@@ -8,7 +8,8 @@ bookkeeping costs one Python object per request rather than per image. One engin
            dropping those of expired or cancelled requests before they cost compute; when the device
            was idle and images are arriving quickly, wait up to max_wait for a fuller batch, but only
            while they keep coming: once none has arrived for a quiet time (QUIET_GAPS of the latest
-           gaps between arrivals, at least QUIET_EVALUATION of an evaluation), run what is there
+           gaps between arrivals; at least QUIET_EVALUATION of an evaluation while the front end holds
+           requests that are not jobs here, on their way in or being answered), run what is there
   run      build each image's step input (CM Algorithm 1) and evaluate the batch once
   requeue  images with steps left go back to the FRONT of the queue, in order
   complete a request whose last image finished (or that failed) gets its `on_done` callback
@@ -242,6 +243,7 @@ class Scheduler:
         observer: SchedulerObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         schedule: str = "shortest",
+        held: Callable[[], int] | None = None,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -251,6 +253,10 @@ class Scheduler:
         self.max_queue = max_queue
         self.observer = observer or SchedulerObserver()
         self.clock = clock
+        # Requests the front end holds, from arrival to response sent (None: unknown). More than the open jobs
+        # means some are on their way in, or their answers on their way out to clients that will send again.
+        self.held = held
+        self._open_jobs = 0  # submitted and not finished
         self._lanes: dict[str, Lane] = {}
         self._order: list[Lane] = []  # round-robin order over models
         self._next = 0
@@ -261,6 +267,7 @@ class Scheduler:
         self._last_gap = math.inf  # seconds between the two latest submissions
         self._idle = True
         self._engine_waiting = False  # the engine thread sleeps on the condition
+        self._filling: Lane | None = None  # the lane whose fuller batch the engine is waiting for
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._evaluation_s = 0.0  # moving average of one evaluation's duration
@@ -299,7 +306,10 @@ class Scheduler:
             lane.push_back(Run(job, 0, job.n, 0))
             self._queued += job.n
             self._pending_evaluations += job.n * job.steps
-            if self._engine_waiting:  # waking a thread costs a system call: only when it sleeps
+            self._open_jobs += 1
+            # Waking the engine costs a system call and a GIL hand-off: only when it sleeps, and while it waits
+            # for a fuller batch only once that batch is full (it wakes on its own when the wait ends).
+            if self._engine_waiting and (self._filling is None or self._filling.queued >= self.max_batch):
                 self._cond.notify()
 
     def cancel(self, job: Job, error: ServiceError) -> bool:
@@ -407,22 +417,38 @@ class Scheduler:
         A burst of closed-loop clients (answered together, each sending its next request) arrives one
         request's handling apart and then stops: waiting out max_wait after it only adds latency (on the
         CPU at concurrency 4, ending the wait early served 4-50% more requests/s, BENCHMARKS.md). So the wait
-        also ends after a quiet time with no arrival: QUIET_GAPS × the latest gap between two arrivals, but
-        at least a tenth of an evaluation (next to a long evaluation, a short pause in arrivals is no reason
-        to start a smaller batch: without this floor, concurrency 64 always settled into two alternating
-        halves of the clients, 4% slower than the fixed wait) and MIN_QUIET_S.
+        also ends after a quiet time with no arrival: QUIET_GAPS × the latest gap between two arrivals and
+        MIN_QUIET_S, and while the front end holds requests that are not open jobs here (`held`: some are
+        being read, or answered to clients that will send again), at least a tenth of an evaluation: next to
+        a long evaluation a short pause in arrivals is then no reason to start a smaller batch (without this
+        floor, concurrency 64 always settled into two alternating halves of the clients, 4% slower than the
+        fixed wait). Once every request held is queued here nothing more is known to come, and waiting out
+        the floor only delayed the batch (at concurrency 4 it cost ~20% of the requests/s, BENCHMARKS.md).
+
+        Arrivals do not wake the engine during this wait (each wake-up is a system call and a GIL hand-off
+        with the event loop; at concurrency 64 waking on every arrival cost ~7% of the throughput): it wakes
+        when its quiet time or max_wait runs out, and when the batch is full.
         """
         if self._last_gap >= self.max_wait_s:
             return  # a lone request: waiting would only add latency
         until = self.clock() + self.max_wait_s
-        while lane.queued < self.max_batch and not self._stopping:
-            now = self.clock()
-            quiet = max(QUIET_GAPS * self._last_gap, QUIET_EVALUATION * self._evaluation_s, MIN_QUIET_S)
-            quiet -= now - self._last_submit
-            left = min(until - now, quiet)
-            if left <= 0:
-                return
-            self._wait_locked(left)
+        self._filling = lane
+        try:
+            while lane.queued < self.max_batch and not self._stopping:
+                now = self.clock()
+                floor = QUIET_EVALUATION * self._evaluation_s if self._more_coming_locked() else 0.0
+                quiet = max(QUIET_GAPS * self._last_gap, floor, MIN_QUIET_S)
+                quiet -= now - self._last_submit
+                left = min(until - now, quiet)
+                if left <= 0:
+                    return
+                self._wait_locked(left)
+        finally:
+            self._filling = None
+
+    def _more_coming_locked(self) -> bool:
+        """Whether requests are known to be on their way: the front end holds more than the open jobs."""
+        return self.held is None or self.held() > self._open_jobs
 
     def _take_locked(self, lane: Lane, expired: list[Job]) -> list[Run]:
         """Pop up to max_batch images from the lane's front, splitting the last run if needed."""
@@ -535,6 +561,7 @@ class Scheduler:
         if job.finished:
             return False
         job.finished = True
+        self._open_jobs -= 1
         job.error = error
         job.finished_at = self.clock()
         return True

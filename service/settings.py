@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         2.0, ge=0, le=1000,
         description="When the device is idle and images arrive faster than this, wait up to this long for a "
-        "fuller batch while they keep coming (it ends once none came for 3 of the latest gaps between arrivals and "
-        "a tenth of an evaluation)",
+        "fuller batch while they keep coming (it ends once none came for 3 of the latest gaps between arrivals, and "
+        "for a tenth of an evaluation while other requests are still being read or answered)",
     )
     schedule: Literal["shortest", "started"] = Field(
         "shortest",

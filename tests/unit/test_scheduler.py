@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -400,11 +402,11 @@ def test_engine_thread_batches_what_arrived_while_the_device_was_busy(tiny_model
 
 
 def waiting_scheduler(
-    model: ConsistencyModel, clock: FakeClock, max_batch: int = 8
+    model: ConsistencyModel, clock: FakeClock, max_batch: int = 8, held: Callable[[], int] | None = None
 ) -> tuple[Scheduler, RecordingEngine]:
     """max_wait 30 s on a fake clock that moves only when the test moves it."""
     engine = RecordingEngine(model)
-    scheduler = Scheduler(max_batch=max_batch, max_wait_s=30.0, max_queue=100, clock=clock)
+    scheduler = Scheduler(max_batch=max_batch, max_wait_s=30.0, max_queue=100, clock=clock, held=held)
     scheduler.add_model("m", engine)
     return scheduler, engine
 
@@ -477,6 +479,57 @@ def test_the_quiet_time_is_at_least_a_tenth_of_an_evaluation(tiny_model: Consist
     runner.join(30)
     assert not runner.is_alive()
     assert engine.sizes == [1, 3]
+
+
+def test_the_evaluation_floor_holds_only_while_requests_are_on_their_way(tiny_model: ConsistencyModel) -> None:
+    """With a request held by the front end but not yet a job here, a short pause does not end the wait; once
+    every held request is queued, the short quiet time does, however long an evaluation takes."""
+    clock = FakeClock()
+    held = [0]
+    scheduler, engine = waiting_scheduler(tiny_model, clock, held=lambda: held[0])
+    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.1)  # each evaluation takes 100 ms
+    held[0] = 1
+    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
+    assert drain(scheduler) == 1  # times the evaluation
+    held[0] = 4  # three requests arrive, a fourth is still being read
+    for seed in (1, 2, 3):
+        clock.now += 0.0001
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+    clock.now += 0.001  # 10 gaps, but a hundredth of an evaluation
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    runner.join(0.2)
+    assert runner.is_alive() and engine.sizes == [1]  # the fourth is on its way: the wait goes on
+    clock.now += 0.0001
+    scheduler.submit(make_job(tiny_model, 4, 1, ONE))  # every held request is now a job here
+    clock.now += 0.004  # quiet for 3 of the latest gaps (1.1 ms), far less than a tenth of an evaluation
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [1, 4]
+
+
+def test_arrivals_do_not_wake_the_engine_until_the_fuller_batch_is_full(tiny_model: ConsistencyModel) -> None:
+    """Each wake-up costs a system call and a GIL hand-off with the event loop: during the wait, only a full
+    batch wakes the engine early (the quiet time and max_wait end the wait on their own)."""
+    clock = FakeClock()
+    scheduler, engine = waiting_scheduler(tiny_model, clock, max_batch=6)
+    notified = []
+    real_notify = scheduler._cond.notify
+    scheduler._cond.notify = lambda n=1: (notified.append(scheduler.queue_depth()), real_notify(n))
+    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
+    clock.now += 0.0001
+    scheduler.submit(make_job(tiny_model, 1, 1, ONE))
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 30
+    while scheduler._filling is None and time.monotonic() < deadline:  # the engine is in the wait
+        time.sleep(0.001)
+    for seed in range(2, 6):
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))  # no time passes: the wait goes on
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [6]
+    assert notified == [6]  # one wake-up, by the arrival that filled the batch
 
 
 def test_stop_fails_what_is_still_queued(tiny_model: ConsistencyModel) -> None:
