@@ -12,7 +12,8 @@ the proof). A "mix" runs two wrk processes at once, half the connections sending
 Printed for each scenario: images/s, p50/p95/p99 latency per step count, mean images per network
 evaluation (from the server's /metrics), and the ceilings:
   model     the engine alone (no HTTP): images/s at the batch size b the scenario can reach, the best of one
-            process (1 or all-CPU torch threads) and, with --workers N > 1, N processes evaluating at once
+            process (1 or all-CPU torch threads, or all-CPU slices of the batch as the server's default
+            CM_CPU_PARALLEL=slices evaluates) and, with --workers N > 1, N processes evaluating at once
             (max(1, CPUs // N) threads each, b split evenly among them, images/s summed)
   HTTP      a bare FastAPI endpoint returning a fixed PNG, same uvicorn with as many worker processes on one
             socket as the service (--workers), same wrk concurrency (requests/s)
@@ -80,13 +81,17 @@ def evaluation_inputs(loaded: checkpoint.LoadedCheckpoint, b: int) -> tuple[torc
 
 
 def single_process_ceiling(path: Path, batches: list[int], seconds: float) -> dict[int, dict[str, float]]:
-    """Per batch size: the best median evaluation time over 1 and all-CPU torch threads, in this process."""
+    """Per batch size: the best median evaluation time in this process over the ways the server can evaluate:
+    1 torch thread, all CPUs as torch threads (CM_CPU_PARALLEL=operators), and all CPUs as slices of the
+    batch with one torch thread each (slices, the default). `threads` is the CPUs used, `slices` 1 or that."""
     loaded = checkpoint.load(path)
-    engine = Engine(loaded.model, trace=True)  # as the server runs it (CM_TRACE defaults on)
+    cpus = usable_cpus()
     saved = torch.get_num_threads()
+    ways = sorted({(1, 1), (cpus, 1), (cpus, cpus)})  # (threads, slices)
     results: dict[int, dict[str, float]] = {}
-    for threads in sorted({1, usable_cpus()}):
-        torch.set_num_threads(threads)
+    for threads, slices in ways:
+        torch.set_num_threads(threads if slices == 1 else 1)
+        engine = Engine(loaded.model, trace=True, cpu_slices=slices)  # traced, as the server runs it
         for b in batches:
             args = evaluation_inputs(loaded, b)
             for _ in range(3):
@@ -100,7 +105,7 @@ def single_process_ceiling(path: Path, batches: list[int], seconds: float) -> di
             median = statistics.median(times)
             best = results.get(b)
             if best is None or median < best["forward_s"]:
-                results[b] = {"forward_s": median, "images_per_s": b / median, "threads": threads}
+                results[b] = {"forward_s": median, "images_per_s": b / median, "threads": threads, "slices": slices}
     torch.set_num_threads(saved)
     return results
 
@@ -170,14 +175,14 @@ def model_ceiling(path: Path, batches: list[int], seconds: float = 1.0,
     higher of one process and the workers' sum, and threads / processes say which one it is."""
     results = single_process_ceiling(path, batches, seconds)
     for m in results.values():
-        m["single_images_per_s"], m["single_threads"], m["processes"] = m["images_per_s"], m["threads"], 1
+        m["single_images_per_s"], m["single_way"], m["processes"] = m["images_per_s"], way(m), 1
     if workers == 1:
         return results
     summed = multi_process_ceiling(path, batches, workers, seconds)
     for b, m in results.items():
         m["workers_images_per_s"] = summed[b]
         if summed[b] > m["images_per_s"]:
-            m["images_per_s"], m["threads"], m["processes"] = summed[b], worker_threads(workers), workers
+            m.update(images_per_s=summed[b], threads=worker_threads(workers), slices=1, processes=workers)
     return results
 
 
@@ -186,16 +191,23 @@ def print_model_ceiling(model: dict[int, dict[str, float]], workers: int) -> Non
         print("model ceiling (engine alone, no HTTP), one evaluation:")
         for b, m in model.items():
             print(f"  batch {b:4d}: {m['forward_s'] * 1e3:8.2f} ms  {m['images_per_s']:8.0f} images/s  "
-                  f"({m['threads']} threads)")
+                  f"({way(m)})")
         return
     threads = worker_threads(workers)
-    print(f"model ceiling (engine alone, no HTTP): one process, best of 1 / {usable_cpus()} threads | "
+    print(f"model ceiling (engine alone, no HTTP): one process, best of 1 / {usable_cpus()} threads / slices | "
           f"{workers} processes at once, {threads} thread{'s' if threads > 1 else ''} each, b split evenly among them "
           "(summed); the ceiling is the higher:")
     for b, m in model.items():
         won = "1 process" if m["processes"] == 1 else f"{workers} processes"
         print(f"  batch {b:4d}: {m['forward_s'] * 1e3:8.2f} ms  {m['single_images_per_s']:8.0f} images/s "
-              f"({m['single_threads']:.0f} threads) | {m['workers_images_per_s']:8.0f} images/s  → {won}")
+              f"({m['single_way']}) | {m['workers_images_per_s']:8.0f} images/s  → {won}")
+
+
+def way(m: dict[str, float]) -> str:
+    """How an evaluation of the ceiling ran: '2 threads' (one batch, intra-op) or '2 slices'."""
+    if m["slices"] > 1:
+        return f"{m['slices']:.0f} slices"
+    return f"{m['threads']:.0f} thread{'s' if m['threads'] > 1 else ''}"
 
 
 def bare_app() -> Any:

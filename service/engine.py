@@ -6,6 +6,14 @@ every bucket, and out-of-memory recovery: when the device runs out of memory the
 retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU
 tensors; the device stays in here.
 
+On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into one slice per
+thread, and each thread evaluates its slice with one torch thread (`cpu_slices`). torch's intra-op parallelism
+instead splits every one of the network's operators across its OpenMP team, whose threads meet at a
+barrier after each: whenever the event loop or the client takes one of the cores, the whole team waits for
+the thread that lost it. Slices never wait for each other until the end of the evaluation. Alone, 2 slices
+on 2 cores are as fast as or faster than 2 OpenMP threads at every batch size from 2 up; served under
+HTTP load at concurrency 64, about 20% more images/s (BENCHMARKS.md).
+
 Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
 while the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
 beside a busy Python thread took 12-15x longer eager than traced on the 2-core VM (BENCHMARKS.md). A trace
@@ -19,7 +27,9 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -54,7 +64,10 @@ class Evaluation:
 
 
 class Engine:
-    """Runs the consistency function on one device; the scheduler's thread is its only caller."""
+    """Runs the consistency function on one device; the scheduler's thread is its only caller.
+
+    With cpu_slices > 1 that thread runs torch with one thread from its first evaluation on.
+    """
 
     def __init__(
         self,
@@ -67,6 +80,7 @@ class Engine:
         trace: bool = False,
         buckets: Sequence[int] = (1,),
         pad: bool | None = None,  # pad batches to the next bucket; default: only when compiling
+        cpu_slices: int = 1,  # CPU: evaluate a batch as up to this many slices on as many threads (see above)
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -90,6 +104,9 @@ class Engine:
         if trace and not compile:
             self._net, self.traced = self._trace()
         self.oom_splits = 0  # how many times a batch was halved after running out of memory
+        # Slices on the CPU only, and not compiled (a compiled graph is not called from several threads).
+        self.cpu_slices = cpu_slices if self.device.type == "cpu" and not compile else 1
+        self._slicers: ThreadPoolExecutor | None = None  # the threads of the slices after the first
 
     def _trace(self) -> tuple[torch.nn.Module, bool]:
         """(the network as a TorchScript trace, True), or (the eager network, False) when the trace cannot be
@@ -181,6 +198,27 @@ class Engine:
         return torch.cat([first, rest])
 
     def _evaluate_padded(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.cpu_slices == 1:
+            return self._evaluate_batch(x, sigma, labels)
+        if torch.get_num_threads() != 1:  # the caller (the engine thread) evaluates its slice with one thread
+            torch.set_num_threads(1)
+        size = x.shape[0]
+        count = min(self.cpu_slices, size)
+        if count == 1:
+            return self._evaluate_batch(x, sigma, labels)
+        if self._slicers is None:
+            self._slicers = ThreadPoolExecutor(self.cpu_slices - 1, thread_name_prefix="cmserve-slice",
+                                               initializer=torch.set_num_threads, initargs=(1,))
+        bounds = [size * i // count for i in range(count + 1)]  # near-equal slices, in order
+        parts = [(x[a:b], sigma[a:b], _rows(labels, a, b)) for a, b in pairwise(bounds)]
+        others = [self._slicers.submit(self._evaluate_batch, *part) for part in parts[1:]]
+        try:
+            first = self._evaluate_batch(*parts[0])
+        finally:
+            wait(others)  # none still runs when this returns or raises
+        return torch.cat([first, *(future.result() for future in others)])
+
+    def _evaluate_batch(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         size = x.shape[0]
         padded = self.bucket(size)
         if padded > size:  # padding rows: zeros at a valid σ; every op of the network is per image

@@ -166,12 +166,14 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
         compile=settings.compile,
         trace=settings.trace,
         buckets=settings.buckets,
+        cpu_slices=settings.cpu_threads if settings.cpu_parallel == "slices" else 1,
     )
     engine.warmup()
     logger.info(
-        "model %s ready: %s (sha256 %s…) on %s, %s, %s, buckets %s",
+        "model %s ready: %s (sha256 %s…) on %s, %s, %s, buckets %s%s",
         spec.name, spec.path, loaded.sha256[:12], device, settings.dtype,
         "compiled" if engine.compiled else "traced" if engine.traced else "eager", engine.buckets,
+        f", batches in {engine.cpu_slices} slices" if engine.cpu_slices > 1 else "",
     )
     return ServedModel(
         name=spec.name,

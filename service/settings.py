@@ -101,8 +101,14 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         0, ge=0, le=1024,
-        description="CPU threads for the network (torch intra-op) per worker; 0 = the CPUs this process may use "
+        description="CPU threads for the network per worker (see CM_CPU_PARALLEL); 0 = the CPUs this process may use "
         "divided by CM_WORKERS (measured best on a dedicated machine; set fewer when other work shares the cores)",
+    )
+    cpu_parallel: Literal["slices", "operators"] = Field(
+        "slices",
+        description="How a worker's torch threads share a CPU evaluation: slices = the batch is cut into one slice "
+        "per thread, each evaluated with one torch thread (the threads never wait for each other mid-evaluation: "
+        "faster when HTTP work shares the cores); operators = torch's intra-op parallelism inside every operator",
     )
     cpu_affinity: bool = Field(
         True,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ import torch
 from models.consistency import ConsistencyModel
 from models.sampling import to_uint8
 from service.engine import Engine, resolve_device
+from service.registry import load_model, model_specs
+from service.settings import Settings
 
 
 def batch(size: int, seed: int = 0, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,3 +255,92 @@ def test_compiled_buckets_match_eager(tiny_model: ConsistencyModel) -> None:
     x, sigma, labels = batch(3)
     eager = Engine(tiny_model).evaluate(x, sigma, labels).out
     np.testing.assert_array_equal(to_uint8(compiled.evaluate(x, sigma, labels).out), to_uint8(eager))
+
+
+# ---------------------------------------------------------------------- CPU slices
+
+def on_own_thread(fn: Callable[[], Any]) -> Any:
+    """Call fn on a fresh thread, as the scheduler's engine thread calls the engine (a sliced evaluation leaves
+    its caller with one torch thread; the test process keeps its own)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result(timeout=120)
+
+
+def one_thread_evaluation(engine: Engine, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def run() -> torch.Tensor:
+        torch.set_num_threads(1)
+        return engine.evaluate(x, sigma, labels).out
+
+    return on_own_thread(run)
+
+
+class Rendezvous(Engine):
+    """Each network call waits until `parties` calls are in at once, and records its thread and torch threads."""
+
+    def __init__(self, *args: Any, parties: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.barrier = threading.Barrier(parties, timeout=60)
+        self.calls: list[tuple[int, int, int]] = []  # (size, thread id, torch threads)
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        self.calls.append((x.shape[0], threading.get_ident(), torch.get_num_threads()))
+        self.barrier.wait()  # BrokenBarrierError unless the other slice runs at the same time
+        return super()._forward(x, sigma, labels)
+
+
+def test_cpu_slices_run_at_once_on_one_torch_thread_each_and_match_each_slice_alone(
+    tiny_model: ConsistencyModel,
+) -> None:
+    x, sigma, labels = batch(7)
+    engine = Rendezvous(tiny_model, trace=True, cpu_slices=2, parties=2)
+    out = on_own_thread(lambda: engine.evaluate(x, sigma, labels).out)
+    assert sorted(size for size, _, _ in engine.calls) == [3, 4]  # near-equal slices of 7
+    assert len({thread for _, thread, _ in engine.calls}) == 2
+    assert [threads for _, _, threads in engine.calls] == [1, 1]
+    alone = Engine(tiny_model, trace=True)
+    expected = torch.cat([one_thread_evaluation(alone, x[:3], sigma[:3], labels[:3]),
+                          one_thread_evaluation(alone, x[3:], sigma[3:], labels[3:])])
+    assert torch.equal(out, expected)  # in order, bit for bit
+
+
+def test_a_batch_of_one_is_not_sliced(tiny_model: ConsistencyModel) -> None:
+    x, sigma, labels = batch(1)
+    engine = Rendezvous(tiny_model, cpu_slices=2, parties=1)
+    caller = on_own_thread(lambda: (engine.evaluate(x, sigma, labels), threading.get_ident())[1])
+    assert engine.calls == [(1, caller, 1)]
+
+
+def test_out_of_memory_in_slices_still_halves_the_batch(tiny_model: ConsistencyModel) -> None:
+    x, sigma, labels = batch(8)
+    engine = OOMAbove(tiny_model, limit=2, cpu_slices=2)
+    result = on_own_thread(lambda: engine.evaluate(x, sigma, labels))
+    assert result.failed == [] and engine.oom_splits == 1  # 8 = 4 + 4 slices fail; 4 + 4 as slices of 2 fit
+    assert sorted(s for s in engine.sizes if s <= 2) == [2, 2, 2, 2]
+    expected = one_thread_evaluation(Engine(tiny_model), x, sigma, labels)
+    np.testing.assert_array_equal(to_uint8(result.out), to_uint8(expected))
+
+
+def test_a_failing_slice_fails_the_evaluation_and_the_engine_goes_on(tiny_model: ConsistencyModel) -> None:
+    class FailsOnLabelNine(Engine):
+        def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            if labels is not None and bool((labels == 9).any()):
+                raise RuntimeError("injected failure")
+            return super()._forward(x, sigma, labels)
+
+    x, sigma, _ = batch(4)
+    engine = FailsOnLabelNine(tiny_model, cpu_slices=2)
+    with pytest.raises(RuntimeError, match="injected failure"):  # the failing slice is the second, on a helper
+        on_own_thread(lambda: engine.evaluate(x, sigma, torch.tensor([1, 2, 3, 9])))
+    assert on_own_thread(lambda: engine.evaluate(x, sigma, torch.tensor([1, 2, 3, 4]))).out.shape == (4, 1, 8, 8)
+
+
+def test_slices_are_for_the_cpu_without_compile(tiny_model: ConsistencyModel) -> None:
+    assert Engine(tiny_model, cpu_slices=2).cpu_slices == 2
+    assert Engine(tiny_model, cpu_slices=2, compile=True).cpu_slices == 1
+
+
+@pytest.mark.parametrize(("parallel", "slices"), [("slices", 2), ("operators", 1)])
+def test_the_service_cuts_cpu_batches_into_one_slice_per_thread_by_default(parallel: str, slices: int) -> None:
+    settings = Settings(cpu_parallel=parallel, torch_threads=2, batch_buckets=[1, 2], max_batch=2, device="cpu")
+    served = on_own_thread(lambda: load_model(model_specs(settings)[0], settings))
+    assert served.engine.cpu_slices == slices

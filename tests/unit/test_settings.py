@@ -149,3 +149,8 @@ def test_worker_cpus_split_every_usable_cpu_in_order(monkeypatch: pytest.MonkeyP
     assert [worker_cpus(i, 5) for i in range(5)] == [[1], [3], [5], [7], [9]]
     assert worker_cpus(0, 1) == [1, 3, 5, 7, 9]
     assert worker_cpus(0, 6) is None  # more workers than CPUs: the OS places them
+
+
+def test_the_readme_lists_every_setting_as_the_table_prints_it() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "README.md's settings table is stale: paste `python -m service --settings-table`"
