@@ -6,13 +6,14 @@ every bucket, and out-of-memory recovery: when the device runs out of memory the
 retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU
 tensors; the device stays in here.
 
-On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into one slice per
-thread, and each thread evaluates its slice with one torch thread (`cpu_slices`). torch's intra-op parallelism
-instead splits every one of the network's operators across its OpenMP team, whose threads meet at a
-barrier after each: whenever the event loop or the client takes one of the cores, the whole team waits for
-the thread that lost it. Slices never wait for each other until the end of the evaluation. Alone, 2 slices
-on 2 cores are as fast as or faster than 2 OpenMP threads at every batch size from 2 up; served under
-HTTP load at concurrency 64, about 20% more images/s (BENCHMARKS.md).
+On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into slices of
+at most SLICE_IMAGES images, at least one per thread, and `cpu_slices` threads each take the next slice as
+they become free and evaluate it with one torch thread. torch's intra-op parallelism instead splits every
+one of the network's operators across its OpenMP team, whose threads meet at a barrier after each:
+whenever the event loop or the client takes one of the cores, the whole team waits for the thread that lost
+it. Slices never wait for each other until the end of the evaluation, and a thread that shares its core
+takes fewer of them. Alone, 2 slice threads on 2 cores are as fast as or faster than 2 OpenMP threads at
+every batch size from 2 up; served under HTTP load at concurrency 64, 15-20% more images/s (BENCHMARKS.md).
 
 Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
 while the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
@@ -38,6 +39,9 @@ from models.consistency import ConsistencyModel
 logger = logging.getLogger("cmserve.engine")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU slices hold at most this many images: one torch thread evaluates the digits network at 635 µs an image in
+# batches of 16, 651 in 32 and 704 in 64 (smaller slices also share out more evenly between busy cores).
+SLICE_IMAGES = 16
 PAD_SIGMA = 1.0  # σ of padding rows: any valid level works, padding rows never touch the real ones
 
 
@@ -203,7 +207,7 @@ class Engine:
         if torch.get_num_threads() != 1:  # the caller (the engine thread) evaluates its slice with one thread
             torch.set_num_threads(1)
         size = x.shape[0]
-        count = min(self.cpu_slices, size)
+        count = min(size, max(self.cpu_slices, math.ceil(size / SLICE_IMAGES)))
         if count == 1:
             return self._evaluate_batch(x, sigma, labels)
         if self._slicers is None:
@@ -211,12 +215,21 @@ class Engine:
                                                initializer=torch.set_num_threads, initargs=(1,))
         bounds = [size * i // count for i in range(count + 1)]  # near-equal slices, in order
         parts = [(x[a:b], sigma[a:b], _rows(labels, a, b)) for a, b in pairwise(bounds)]
-        others = [self._slicers.submit(self._evaluate_batch, *part) for part in parts[1:]]
+        outs: list[torch.Tensor | None] = [None] * count
+        indices = iter(range(count))  # shared: each thread takes the next slice when it is free
+
+        def take_slices() -> None:
+            for i in indices:
+                outs[i] = self._evaluate_batch(*parts[i])
+
+        helpers = [self._slicers.submit(take_slices) for _ in range(min(self.cpu_slices, count) - 1)]
         try:
-            first = self._evaluate_batch(*parts[0])
+            take_slices()
         finally:
-            wait(others)  # none still runs when this returns or raises
-        return torch.cat([first, *(future.result() for future in others)])
+            wait(helpers)  # none still runs when this returns or raises
+        for helper in helpers:
+            helper.result()  # a helper's error
+        return torch.cat(outs)  # type: ignore[arg-type]
 
     def _evaluate_batch(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         size = x.shape[0]

@@ -303,6 +303,15 @@ def test_cpu_slices_run_at_once_on_one_torch_thread_each_and_match_each_slice_al
     assert torch.equal(out, expected)  # in order, bit for bit
 
 
+def test_a_large_batch_is_cut_into_slices_that_two_threads_share(tiny_model: ConsistencyModel) -> None:
+    x, sigma, labels = batch(40)
+    engine = Rendezvous(tiny_model, trace=True, cpu_slices=2, parties=1)
+    out = on_own_thread(lambda: engine.evaluate(x, sigma, labels).out)
+    assert sorted(size for size, _, _ in engine.calls) == [13, 13, 14]  # at most SLICE_IMAGES = 16 each
+    expected = one_thread_evaluation(Engine(tiny_model, trace=True), x, sigma, labels)
+    np.testing.assert_array_equal(to_uint8(out), to_uint8(expected))
+
+
 def test_a_batch_of_one_is_not_sliced(tiny_model: ConsistencyModel) -> None:
     x, sigma, labels = batch(1)
     engine = Rendezvous(tiny_model, cpu_slices=2, parties=1)
