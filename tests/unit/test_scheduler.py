@@ -508,6 +508,69 @@ def test_the_evaluation_floor_holds_only_while_requests_are_on_their_way(tiny_mo
     assert engine.sizes == [1, 4]
 
 
+def after_a_first_evaluation(model: ConsistencyModel, clock: FakeClock, held: list[int], max_wait_s: float = 30.0,
+                             ) -> tuple[Scheduler, RecordingEngine]:
+    """Clients A and B were evaluated (100 ms) and are being answered; C and D arrived meanwhile and wait."""
+    engine = RecordingEngine(model)
+    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.1)
+    scheduler = Scheduler(max_batch=8, max_wait_s=max_wait_s, max_queue=100, clock=clock, held=lambda: held[0])
+    scheduler.add_model("m", engine)
+    held[0] = 2
+    for seed in (0, 1):
+        scheduler.submit(make_job(model, seed, 1, ONE))
+    assert scheduler.run_once(block=False)
+    for seed in (2, 3):
+        clock.now += 0.0001
+        scheduler.submit(make_job(model, seed, 1, ONE))
+    held[0] = 4
+    return scheduler, engine
+
+
+def test_after_an_evaluation_the_engine_waits_for_the_answered_clients_to_send_again(
+    tiny_model: ConsistencyModel,
+) -> None:
+    """Two groups of closed-loop clients would otherwise take turns for good, each group's batch running while
+    the other group is answered: the engine waits for the answered ones and runs all four together."""
+    clock = FakeClock()
+    held = [0]
+    scheduler, engine = after_a_first_evaluation(tiny_model, clock, held)
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    runner.join(0.2)
+    assert runner.is_alive() and engine.sizes == [2]  # A and B are still on their way back
+    for seed in (4, 5):  # A's and B's next requests (the front end still holds four)
+        clock.now += 0.0001
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+    clock.now += 0.001  # quiet after the last of them
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [2, 4]
+
+
+def test_the_wait_for_answered_clients_lasts_at_most_an_evaluation(tiny_model: ConsistencyModel) -> None:
+    """Clients that do not come back (each request its own client) delay the next batch by an evaluation at most."""
+    clock = FakeClock()
+    held = [0]
+    scheduler, engine = after_a_first_evaluation(tiny_model, clock, held, max_wait_s=0.002)
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    runner.join(0.2)
+    assert runner.is_alive()
+    clock.now += 0.1  # an evaluation's time (more than max_wait)
+    runner.join(30)
+    assert not runner.is_alive()
+    assert engine.sizes == [2, 2]
+
+
+def test_no_wait_after_an_evaluation_when_fewer_are_on_their_way_than_wait(tiny_model: ConsistencyModel) -> None:
+    clock = FakeClock()
+    held = [0]
+    scheduler, engine = after_a_first_evaluation(tiny_model, clock, held)
+    held[0] = 3  # one answered client on its way, two requests waiting
+    assert scheduler.run_once(block=True)  # runs at once: the fake clock never moves
+    assert engine.sizes == [2, 2]
+
+
 def test_arrivals_do_not_wake_the_engine_until_the_fuller_batch_is_full(tiny_model: ConsistencyModel) -> None:
     """Each wake-up costs a system call and a GIL hand-off with the event loop: during the wait, only a full
     batch wakes the engine early (the quiet time and max_wait end the wait on their own)."""
