@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from fastapi.routing import APIRoute
 from starlette.routing import Mount
 
+from service.api import routes
 from service.schemas import ErrorResponse, GenerateResponse, ModelsResponse, StatsResponse
 from service.settings import Settings
 from tests.integration.conftest import (
@@ -432,7 +434,24 @@ async def test_client_disconnect_removes_its_images(tiny_checkpoint: Path) -> No
     assert evaluated == 2  # the one image on the device when it left, and the probe: not 4 × 2
 
 
-async def asgi_post(app: Any, body: bytes, disconnect: asyncio.Event) -> list[dict[str, Any]]:
+@pytest.mark.parametrize(("watch_after_s", "receives"), [(60.0, 1), (0.0, 2)])
+async def test_the_disconnect_is_watched_only_once_a_request_has_waited(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, watch_after_s: float, receives: int
+) -> None:
+    """A watcher task costs the event loop ~14 µs a request: a request answered within DISCONNECT_WATCH_S
+    reads its body and never listens for a disconnect; one that waits longer does (and is answered)."""
+    monkeypatch.setattr(routes, "DISCONNECT_WATCH_S", watch_after_s)
+    async with running_app(app_settings({"tiny": tiny_checkpoint})) as (app, _):
+        calls = []
+        stays = asyncio.Event()  # never set: this client stays connected
+        messages = await asgi_post(app, b'{"seed": 3}', stays, calls)
+        await asyncio.sleep(0)  # the cancelled watcher's last step
+    assert messages[0]["status"] == 200
+    assert len(calls) == receives
+
+
+async def asgi_post(app: Any, body: bytes, disconnect: asyncio.Event,
+                    calls: list[float] | None = None) -> list[dict[str, Any]]:
     """Call the app as a server would, with a client that disconnects when `disconnect` is set."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
@@ -445,6 +464,8 @@ async def asgi_post(app: Any, body: bytes, disconnect: asyncio.Event) -> list[di
 
     async def receive() -> dict[str, Any]:
         nonlocal delivered
+        if calls is not None:
+            calls.append(time.monotonic())
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
