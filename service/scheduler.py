@@ -59,7 +59,6 @@ STARVATION_EVALUATIONS = 10  # "shortest": a request older than this many evalua
 QUIET_GAPS = 3.0
 QUIET_EVALUATION = 0.1
 MIN_QUIET_S = 0.25e-3
-POLL_S = 0.5e-3  # while waiting for answered clients to send again, how often the engine looks
 
 
 def noise_scales(sigmas: Sequence[float], sigma_min: float) -> list[float]:
@@ -271,6 +270,7 @@ class Scheduler:
         self._idle = True
         self._engine_waiting = False  # the engine thread sleeps on the condition
         self._filling: Lane | None = None  # the lane whose fuller batch the engine is waiting for
+        self._awaited_jobs = -1  # waiting for answered clients: wake the engine when this many jobs are open
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._evaluation_s = 0.0  # moving average of one evaluation's duration
@@ -312,7 +312,8 @@ class Scheduler:
             self._open_jobs += 1
             # Waking the engine costs a system call and a GIL hand-off: only when it sleeps, and while it waits
             # for a fuller batch only once that batch is full (it wakes on its own when the wait ends).
-            if self._engine_waiting and (self._filling is None or self._filling.queued >= self.max_batch):
+            if self._engine_waiting and (self._filling is None or self._filling.queued >= self.max_batch
+                                         or self._open_jobs == self._awaited_jobs):
                 self._cond.notify()
 
     def cancel(self, job: Job, error: ServiceError) -> bool:
@@ -454,14 +455,14 @@ class Scheduler:
 
     def _wait_for_answered_clients_locked(self, lane: Lane) -> None:
         """Right after an evaluation: when at least as many requests are on their way in as wait here, wait
-        for them (up to an evaluation's time, or max_wait if longer), then run them all together.
+        for them (up to an evaluation's time, or max_wait if longer), then run them all together at once.
 
         Requests the front end holds beyond the open jobs are mostly those just finished, being answered to
         clients that will send again. Without this wait, clients that once fell into two groups (the first
         requests of a burst started a batch without the rest) stay in two groups for good: each group's
         requests arrive while the other group's batch runs, so the device is never idle and never waits. At
         concurrency 64 with CPU slices the two half batches served 15-25% fewer images/s than one batch of
-        all 64 (BENCHMARKS.md). Arrivals do not wake the engine; it looks again every POLL_S.
+        all 64 (BENCHMARKS.md). Only the arrival that brings back the last of them wakes the engine.
         """
         if self.held is None or lane.queued >= self.max_batch:
             return
@@ -470,21 +471,17 @@ class Scheduler:
             return
         start = self.clock()
         until = start + max(self.max_wait_s, self._evaluation_s)
-        expected = self._open_jobs + on_their_way
+        self._awaited_jobs = self._open_jobs + on_their_way
         self._filling = lane
         try:
-            while lane.queued < self.max_batch and not self._stopping:
-                now = self.clock()
-                if self._open_jobs < expected:  # not all back yet
-                    left = min(until - now, POLL_S)
-                else:  # all are here: run once the last burst is over
-                    quiet = max(QUIET_GAPS * self._last_gap, MIN_QUIET_S) - (now - self._last_submit)
-                    left = min(until - now, quiet)
+            while lane.queued < self.max_batch and self._open_jobs < self._awaited_jobs and not self._stopping:
+                left = until - self.clock()
                 if left <= 0:
                     return
                 self._wait_locked(left)
         finally:
             self._filling = None
+            self._awaited_jobs = -1
 
     def _more_coming_locked(self) -> bool:
         """Whether requests are known to be on their way: the front end holds more than the open jobs."""

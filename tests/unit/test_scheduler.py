@@ -540,8 +540,7 @@ def test_after_an_evaluation_the_engine_waits_for_the_answered_clients_to_send_a
     assert runner.is_alive() and engine.sizes == [2]  # A and B are still on their way back
     for seed in (4, 5):  # A's and B's next requests (the front end still holds four)
         clock.now += 0.0001
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
-    clock.now += 0.001  # quiet after the last of them
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))  # the second wakes the engine: all are back
     runner.join(30)
     assert not runner.is_alive()
     assert engine.sizes == [2, 4]
