@@ -1,0 +1,157 @@
+"""Where a served cycle's time goes: the engine's evaluations and the event loop's work between them.
+
+    python bench/timeline.py                         # 1 worker, c=64 n=1 1-step, wrk 5 s
+    python bench/timeline.py --concurrency 4 --n 8
+    python bench/timeline.py --env CM_CPU_PARALLEL=operators
+
+Starts `python -m service` (the embedded default model) with its scheduler and request middleware timed
+(this file, run with --serve, wraps Scheduler._run, Scheduler.submit and RequestContext.__call__ and writes
+their timestamps when the server exits), drives it with wrk (bench/wrk/post.lua) after a 1 s warm-up, and
+prints: images/s, images per evaluation, the share of time the engine evaluates, an evaluation's wall time
+per image by batch size, the gaps between evaluations, and for batches that follow a batch of the same size
+the anatomy of the gap: when the last response of the batch before went out, when the first and last new
+requests reached the scheduler, and when the next evaluation started (ms after the batch before ended).
+An evaluation here is Scheduler._run: the engine's own Python (each image's noise, the batch's inputs, the
+results) and the network. Server log: --log. BENCHMARKS.md ("Serving") has what it showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import bisect
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/load.py
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository
+
+
+def serve(out: Path) -> int:
+    """The service, timed: evaluations (start, end, images), submissions, requests (arrival, end)."""
+    from service import scheduler
+    from service.__main__ import main
+    from service.api import middleware
+
+    evaluations: list[tuple[float, float, int]] = []
+    submits: list[float] = []
+    requests: list[tuple[float, float]] = []
+    run, submit, call = scheduler.Scheduler._run, scheduler.Scheduler.submit, middleware.RequestContext.__call__
+
+    def timed_run(self: Any, lane: Any, runs: Any) -> Any:
+        start = time.monotonic()
+        try:
+            return run(self, lane, runs)
+        finally:
+            evaluations.append((start, time.monotonic(), sum(r.size for r in runs)))
+
+    def timed_submit(self: Any, job: Any) -> None:
+        submits.append(time.monotonic())
+        submit(self, job)
+
+    async def timed_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        start = time.monotonic()
+        try:
+            await call(self, scope, receive, send)
+        finally:
+            requests.append((start, time.monotonic()))
+
+    scheduler.Scheduler._run = timed_run  # type: ignore[method-assign]
+    scheduler.Scheduler.submit = timed_submit  # type: ignore[method-assign]
+    middleware.RequestContext.__call__ = timed_call  # type: ignore[method-assign]
+    atexit.register(lambda: out.write_text(json.dumps({"evaluations": evaluations, "submits": submits,
+                                                       "requests": requests})))
+    return main([])
+
+
+def quantiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return " / ".join(f"{v:.2f}" for v in values) or "-"
+    q = statistics.quantiles(values, n=10)
+    return f"{q[0]:.2f} / {statistics.median(values):.2f} / {q[-1]:.2f}"
+
+
+def report(data: dict[str, list], window: tuple[float, float]) -> None:
+    lo, hi = window
+    evals = [e for e in data["evaluations"] if lo <= e[0] and e[1] <= hi]
+    if len(evals) < 3:
+        raise SystemExit("too few evaluations in the measured window")
+    span = evals[-1][1] - evals[0][0]
+    images = sum(e[2] for e in evals)
+    busy = sum(e[1] - e[0] for e in evals)
+    print(f"{len(evals)} evaluations, {images / span:.0f} images/s, {images / len(evals):.1f} images per evaluation, "
+          f"engine evaluating {busy / span:.0%} of the time")
+    per_size: dict[int, list[float]] = defaultdict(list)
+    for start, end, size in evals:
+        per_size[size].append((end - start) / size * 1e6)
+    for size in sorted(per_size, key=lambda s: -len(per_size[s]))[:6]:
+        times = per_size[size]
+        print(f"  batch {size:4d}: {len(times):4d} evaluations, {statistics.median(times):6.0f} µs per image (median)")
+    gaps = [(b[0] - a[1]) * 1e3 for a, b in pairwise(evals)]
+    print(f"gap between evaluations, ms (p10 / median / p90): {quantiles(gaps)}")
+    submits = sorted(data["submits"])
+    ends = sorted(r[1] for r in data["requests"])
+    rows = []
+    for a, b in pairwise(evals):
+        if a[2] != b[2]:
+            continue
+        i, j = bisect.bisect_left(ends, a[1]), bisect.bisect_left(ends, b[0])
+        k, m = bisect.bisect_left(submits, a[1]), bisect.bisect_left(submits, b[0])
+        if j == i or m == k:
+            continue  # responses or arrivals overlapped the evaluations: no serial gap to dissect
+        rows.append([(ends[j - 1] - a[1]) * 1e3, (submits[k] - a[1]) * 1e3, (submits[m - 1] - a[1]) * 1e3,
+                     (b[0] - a[1]) * 1e3])
+    if rows:
+        names = ("last response sent", "first new request queued", "last new request queued", "next evaluation")
+        print(f"gap anatomy over {len(rows)} gaps, ms after the evaluation before ended (p10 / median / p90):")
+        for n, name in enumerate(names):
+            print(f"  {name:26s} {quantiles([r[n] for r in rows])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--env", action="append", default=[], metavar="CM_NAME=VALUE", help="a server setting")
+    parser.add_argument("--log", type=Path, help="keep the server's log here")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # internal: the timed server
+    args = parser.parse_args()
+    if args.serve:
+        sys.exit(serve(args.serve))
+
+    import load  # bench/load.py: the server process, wrk
+
+    tmp = Path(tempfile.mkdtemp(prefix="cmserve-timeline-"))
+    port = load.free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    env.update({"CM_MODELS": f"digits={load.EMBEDDED_DEFAULT}", "CM_PORT": str(port),
+                "CM_MAX_IMAGES_PER_REQUEST": str(max(args.n, 1))})
+    env.update(kv.split("=", 1) for kv in args.env)
+    if env.get("CM_WORKERS", "1") != "1":
+        raise SystemExit("--env CM_WORKERS: the timeline is of one worker")
+    out = tmp / "timeline.json"
+    with load.process([sys.executable, __file__, "--serve", str(out)], env, url + "/readyz",
+                      args.log or tmp / "service.log"):
+        body = {"n": args.n, "steps": args.steps}
+        load.drive(url, [load.WrkRun(body, args.concurrency)], 1.0)
+        start = time.monotonic()
+        run = load.WrkRun(body, args.concurrency)
+        load.drive(url, [run], args.duration)
+        end = time.monotonic()
+    print(f"c={args.concurrency} n={args.n} steps={args.steps}: wrk {run.requests_per_s * args.n:.0f} images/s")
+    report(json.loads(out.read_text()), (start + 0.5, end - 0.5))
+
+
+if __name__ == "__main__":
+    main()
