@@ -64,7 +64,9 @@ class Settings(BaseSettings):
         2.0, ge=0, le=1000,
         description="When the device is idle and images arrive faster than this, wait up to this long for a "
         "fuller batch while they keep coming (it ends once none came for 3 of the latest gaps between arrivals, and "
-        "for a tenth of an evaluation while other requests are still being read or answered)",
+        "for a tenth of an evaluation while other requests are still being read or answered). After an evaluation, "
+        "when as many requests are being answered as wait, the engine waits for those clients' next requests, up "
+        "to this long or an evaluation's time if longer",
     )
     schedule: Literal["shortest", "started"] = Field(
         "shortest",
@@ -106,9 +108,10 @@ class Settings(BaseSettings):
     )
     cpu_parallel: Literal["slices", "operators"] = Field(
         "slices",
-        description="How a worker's torch threads share a CPU evaluation: slices = the batch is cut into one slice "
-        "per thread, each evaluated with one torch thread (the threads never wait for each other mid-evaluation: "
-        "faster when HTTP work shares the cores); operators = torch's intra-op parallelism inside every operator",
+        description="How a worker's torch threads share a CPU evaluation: slices = the batch is cut into slices of "
+        "at most 16 images (at least one per thread) and each thread evaluates the next with one torch thread (the "
+        "threads never wait for each other mid-evaluation: faster when HTTP work shares the cores); operators = "
+        "torch's intra-op parallelism inside every operator",
     )
     cpu_affinity: bool = Field(
         True,
