@@ -13,7 +13,8 @@ one of the network's operators across its OpenMP team, whose threads meet at a b
 whenever the event loop or the client takes one of the cores, the whole team waits for the thread that lost
 it. Slices never wait for each other until the end of the evaluation, and a thread that shares its core
 takes fewer of them. Alone, 2 slice threads on 2 cores are as fast as or faster than 2 OpenMP threads at
-every batch size from 2 up; served under HTTP load at concurrency 64, 15-20% more images/s (BENCHMARKS.md).
+every batch size from 2 up; served under HTTP load at concurrency 64, 8% more 1-step images/s for n = 1 and
+13-35% more for n = 8 (BENCHMARKS.md).
 
 Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
 while the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
@@ -84,7 +85,7 @@ class Engine:
         trace: bool = False,
         buckets: Sequence[int] = (1,),
         pad: bool | None = None,  # pad batches to the next bucket; default: only when compiling
-        cpu_slices: int = 1,  # CPU: evaluate a batch as up to this many slices on as many threads (see above)
+        cpu_slices: int = 1,  # CPU: evaluate a batch in slices on this many threads (see above)
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

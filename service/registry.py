@@ -173,7 +173,7 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
         "model %s ready: %s (sha256 %s…) on %s, %s, %s, buckets %s%s",
         spec.name, spec.path, loaded.sha256[:12], device, settings.dtype,
         "compiled" if engine.compiled else "traced" if engine.traced else "eager", engine.buckets,
-        f", batches in {engine.cpu_slices} slices" if engine.cpu_slices > 1 else "",
+        f", batches sliced over {engine.cpu_slices} threads" if engine.cpu_slices > 1 else "",
     )
     return ServedModel(
         name=spec.name,

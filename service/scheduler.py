@@ -271,6 +271,7 @@ class Scheduler:
         self._engine_waiting = False  # the engine thread sleeps on the condition
         self._filling: Lane | None = None  # the lane whose fuller batch the engine is waiting for
         self._awaited_jobs = -1  # waiting for answered clients: wake the engine when this many jobs are open
+        self._last_lane: Lane | None = None  # the model of the latest evaluation
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._evaluation_s = 0.0  # moving average of one evaluation's duration
@@ -397,6 +398,7 @@ class Scheduler:
                     self._idle = False
                     runs = self._take_locked(lane, expired)
                     if runs:
+                        self._last_lane = lane
                         return lane, runs
                 return None
         finally:
@@ -464,8 +466,8 @@ class Scheduler:
         concurrency 64 with CPU slices the two half batches served 15-25% fewer images/s than one batch of
         all 64 (BENCHMARKS.md). Only the arrival that brings back the last of them wakes the engine.
         """
-        if self.held is None or lane.queued >= self.max_batch:
-            return
+        if self.held is None or lane.queued >= self.max_batch or lane is not self._last_lane:
+            return  # (the clients just answered asked another model: they will not join this batch)
         on_their_way = self.held() - self._open_jobs
         if on_their_way < max(1, self._open_jobs):
             return

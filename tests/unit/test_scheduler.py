@@ -566,8 +566,33 @@ def test_no_wait_after_an_evaluation_when_fewer_are_on_their_way_than_wait(tiny_
     held = [0]
     scheduler, engine = after_a_first_evaluation(tiny_model, clock, held)
     held[0] = 3  # one answered client on its way, two requests waiting
-    assert scheduler.run_once(block=True)  # runs at once: the fake clock never moves
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    runner.join(30)  # runs at once: the fake clock never moves, so a wait would not end
+    assert not runner.is_alive()
     assert engine.sizes == [2, 2]
+
+
+def test_no_wait_after_an_evaluation_for_clients_of_another_model(tiny_model: ConsistencyModel) -> None:
+    """Clients A and B of model "other" are being answered; C and D of model "m" wait: they run at once."""
+    clock = FakeClock()
+    held = [2]
+    scheduler = Scheduler(max_batch=8, max_wait_s=30.0, max_queue=100, clock=clock, held=lambda: held[0])
+    engines = {name: RecordingEngine(tiny_model) for name in ("other", "m")}
+    for name, engine in engines.items():
+        scheduler.add_model(name, engine)
+    for seed in (0, 1):
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE, name="other"))
+    assert scheduler.run_once(block=False)
+    for seed in (2, 3):
+        clock.now += 0.0001
+        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+    held[0] = 4  # as many on their way as wait, but for the other model
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    runner.join(30)  # the fake clock never moves: a wait would not end
+    assert not runner.is_alive()
+    assert engines["m"].sizes == [2] and engines["other"].sizes == [2]
 
 
 def test_arrivals_do_not_wake_the_engine_until_the_fuller_batch_is_full(tiny_model: ConsistencyModel) -> None:
