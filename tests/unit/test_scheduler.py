@@ -401,6 +401,19 @@ def test_engine_thread_batches_what_arrived_while_the_device_was_busy(tiny_model
     assert engine.sizes == [1, 6]  # the three waiting requests shared one evaluation
 
 
+def engine_cycle(scheduler: Scheduler) -> threading.Thread:
+    """One collect → run cycle on a thread of its own, as the engine thread runs it (a daemon: a wait that
+    never ends cannot hang pytest)."""
+    runner = threading.Thread(target=scheduler.run_once, daemon=True)
+    runner.start()
+    return runner
+
+
+def ends(runner: threading.Thread) -> bool:
+    runner.join(30)
+    return not runner.is_alive()
+
+
 def waiting_scheduler(
     model: ConsistencyModel, clock: FakeClock, max_batch: int = 8, held: Callable[[], int] | None = None
 ) -> tuple[Scheduler, RecordingEngine]:
@@ -417,12 +430,10 @@ def test_waits_for_a_fuller_batch_while_requests_keep_arriving(tiny_model: Consi
     scheduler.submit(make_job(tiny_model, 1, 1, ONE))
     clock.now += 0.001
     scheduler.submit(make_job(tiny_model, 2, 1, ONE))  # 1 ms after the first: worth waiting for more
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
+    runner = engine_cycle(scheduler)
     clock.now += 0.002  # less than 3 gaps of 1 ms: the wait goes on
     scheduler.submit(make_job(tiny_model, 3, 1, ONE))  # completes the batch and ends the wait
-    runner.join(30)
-    assert not runner.is_alive()
+    assert ends(runner)
     assert engine.sizes == [3]
 
 
@@ -434,10 +445,8 @@ def test_stops_waiting_when_requests_stop_arriving(tiny_model: ConsistencyModel)
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))
         clock.now += 0.0002  # 0.2 ms apart
     clock.now += 3 * 0.0002  # then quiet for 3 of those gaps (the fake clock never reaches max_wait's 30 s)
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
-    runner.join(30)
-    assert not runner.is_alive()
+    runner = engine_cycle(scheduler)
+    assert ends(runner)
     assert engine.sizes == [4]
 
 
@@ -448,13 +457,11 @@ def test_a_short_wait_is_renewed_by_each_arrival(tiny_model: ConsistencyModel) -
     scheduler.submit(make_job(tiny_model, 0, 1, ONE))
     clock.now += 0.0001
     scheduler.submit(make_job(tiny_model, 1, 1, ONE))  # gaps of 0.1 ms: the quiet time is its 0.25 ms floor
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
+    runner = engine_cycle(scheduler)
     for seed in range(2, 6):
         clock.now += 0.0002  # each arrival within the quiet time of the one before
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))
-    runner.join(30)
-    assert not runner.is_alive()
+    assert ends(runner)
     assert engine.sizes == [6]
 
 
@@ -469,15 +476,13 @@ def test_the_quiet_time_is_at_least_a_tenth_of_an_evaluation(tiny_model: Consist
         clock.now += 0.0001
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))
     clock.now += 0.001  # 10 gaps, but a hundredth of an evaluation
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
+    runner = engine_cycle(scheduler)
     clock.now += 0.0001
     scheduler.submit(make_job(tiny_model, 3, 1, ONE))
     clock.now += 0.011  # now quiet for more than a tenth of an evaluation
     with scheduler._cond:
         scheduler._cond.notify()  # the engine thread wakes (as at the end of a timed wait) and sees it
-    runner.join(30)
-    assert not runner.is_alive()
+    assert ends(runner)
     assert engine.sizes == [1, 3]
 
 
@@ -496,15 +501,13 @@ def test_the_evaluation_floor_holds_only_while_requests_are_on_their_way(tiny_mo
         clock.now += 0.0001
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))
     clock.now += 0.001  # 10 gaps, but a hundredth of an evaluation
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
+    runner = engine_cycle(scheduler)
     runner.join(0.2)
     assert runner.is_alive() and engine.sizes == [1]  # the fourth is on its way: the wait goes on
     clock.now += 0.0001
     scheduler.submit(make_job(tiny_model, 4, 1, ONE))  # every held request is now a job here
     clock.now += 0.004  # quiet for 3 of the latest gaps (1.1 ms), far less than a tenth of an evaluation
-    runner.join(30)
-    assert not runner.is_alive()
+    assert ends(runner)
     assert engine.sizes == [1, 4]
 
 
@@ -534,15 +537,13 @@ def test_after_an_evaluation_the_engine_waits_for_the_answered_clients_to_send_a
     clock = FakeClock()
     held = [0]
     scheduler, engine = after_a_first_evaluation(tiny_model, clock, held)
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
+    runner = engine_cycle(scheduler)
     runner.join(0.2)
     assert runner.is_alive() and engine.sizes == [2]  # A and B are still on their way back
     for seed in (4, 5):  # A's and B's next requests (the front end still holds four)
         clock.now += 0.0001
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))  # the second wakes the engine: all are back
-    runner.join(30)
-    assert not runner.is_alive()
+    assert ends(runner)
     assert engine.sizes == [2, 4]
 
 
@@ -551,13 +552,11 @@ def test_the_wait_for_answered_clients_lasts_at_most_an_evaluation(tiny_model: C
     clock = FakeClock()
     held = [0]
     scheduler, engine = after_a_first_evaluation(tiny_model, clock, held, max_wait_s=0.002)
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
+    runner = engine_cycle(scheduler)
     runner.join(0.2)
     assert runner.is_alive()
     clock.now += 0.1  # an evaluation's time (more than max_wait)
-    runner.join(30)
-    assert not runner.is_alive()
+    assert ends(runner)
     assert engine.sizes == [2, 2]
 
 
@@ -566,10 +565,8 @@ def test_no_wait_after_an_evaluation_when_fewer_are_on_their_way_than_wait(tiny_
     held = [0]
     scheduler, engine = after_a_first_evaluation(tiny_model, clock, held)
     held[0] = 3  # one answered client on its way, two requests waiting
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
-    runner.join(30)  # runs at once: the fake clock never moves, so a wait would not end
-    assert not runner.is_alive()
+    runner = engine_cycle(scheduler)
+    assert ends(runner)  # runs at once: the fake clock never moves, so a wait would not end
     assert engine.sizes == [2, 2]
 
 
@@ -588,10 +585,8 @@ def test_no_wait_after_an_evaluation_for_clients_of_another_model(tiny_model: Co
         clock.now += 0.0001
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))
     held[0] = 4  # as many on their way as wait, but for the other model
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
-    runner.join(30)  # the fake clock never moves: a wait would not end
-    assert not runner.is_alive()
+    runner = engine_cycle(scheduler)
+    assert ends(runner)  # the fake clock never moves: a wait would not end
     assert engines["m"].sizes == [2] and engines["other"].sizes == [2]
 
 
@@ -606,15 +601,13 @@ def test_arrivals_do_not_wake_the_engine_until_the_fuller_batch_is_full(tiny_mod
     scheduler.submit(make_job(tiny_model, 0, 1, ONE))
     clock.now += 0.0001
     scheduler.submit(make_job(tiny_model, 1, 1, ONE))
-    runner = threading.Thread(target=scheduler.run_once, daemon=True)
-    runner.start()
+    runner = engine_cycle(scheduler)
     deadline = time.monotonic() + 30
     while scheduler._filling is None and time.monotonic() < deadline:  # the engine is in the wait
         time.sleep(0.001)
     for seed in range(2, 6):
         scheduler.submit(make_job(tiny_model, seed, 1, ONE))  # no time passes: the wait goes on
-    runner.join(30)
-    assert not runner.is_alive()
+    assert ends(runner)
     assert engine.sizes == [6]
     assert notified == [6]  # one wake-up, by the arrival that filled the batch
 
