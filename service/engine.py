@@ -12,9 +12,9 @@ they become free and evaluate it with one torch thread. torch's intra-op paralle
 one of the network's operators across its OpenMP team, whose threads meet at a barrier after each:
 whenever the event loop or the client takes one of the cores, the whole team waits for the thread that lost
 it. Slices never wait for each other until the end of the evaluation, and a thread that shares its core
-takes fewer of them. Alone, 2 slice threads on 2 cores are as fast as or faster than 2 OpenMP threads at
-every batch size from 2 up; served under HTTP load at concurrency 64, 8% more 1-step images/s for n = 1 and
-13-35% more for n = 8 (BENCHMARKS.md).
+takes fewer of them. Alone, 2 slice threads and 2 OpenMP threads on 2 cores are within the test VM's
+run-to-run spread of each other (`bench/cpu_parallel.py`); served under HTTP load at concurrency 64, slices
+gave 8% more 1-step images/s for n = 1 and 13-35% more for n = 8 (BENCHMARKS.md).
 
 Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
 while the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
@@ -40,8 +40,8 @@ from models.consistency import ConsistencyModel
 logger = logging.getLogger("cmserve.engine")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# CPU slices hold at most this many images: one torch thread evaluates the digits network at 635 µs an image in
-# batches of 16, 651 in 32 and 704 in 64 (smaller slices also share out more evenly between busy cores).
+# CPU slices hold at most this many images: one torch thread evaluates the digits network at least as cheaply per
+# image in batches of 16 as in larger ones (bench/cpu_parallel.py), and small slices share out evenly.
 SLICE_IMAGES = 16
 PAD_SIGMA = 1.0  # σ of padding rows: any valid level works, padding rows never touch the real ones
 
