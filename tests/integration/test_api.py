@@ -434,20 +434,38 @@ async def test_client_disconnect_removes_its_images(tiny_checkpoint: Path) -> No
     assert evaluated == 2  # the one image on the device when it left, and the probe: not 4 × 2
 
 
-@pytest.mark.parametrize(("watch_after_s", "receives"), [(60.0, 1), (0.0, 2)])
-async def test_the_disconnect_is_watched_only_once_a_request_has_waited(
-    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, watch_after_s: float, receives: int
+async def test_a_request_answered_in_time_never_watches_for_a_disconnect(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A watcher task costs the event loop ~14 µs a request: a request answered within DISCONNECT_WATCH_S
-    reads its body and never listens for a disconnect; one that waits longer does (and is answered)."""
-    monkeypatch.setattr(routes, "DISCONNECT_WATCH_S", watch_after_s)
+    """A watcher task costs the event loop ~14 µs a request: one answered within DISCONNECT_WATCH_S reads its
+    body and never listens for a disconnect."""
+    monkeypatch.setattr(routes, "DISCONNECT_WATCH_S", 60.0)
     async with running_app(app_settings({"tiny": tiny_checkpoint})) as (app, _):
-        calls = []
-        stays = asyncio.Event()  # never set: this client stays connected
-        messages = await asgi_post(app, b'{"seed": 3}', stays, calls)
-        await asyncio.sleep(0)  # the cancelled watcher's last step
+        calls: list[float] = []
+        messages = await asgi_post(app, b'{"seed": 3}', asyncio.Event(), calls)  # the client stays
     assert messages[0]["status"] == 200
-    assert len(calls) == receives
+    assert len(calls) == 1  # the body only
+
+
+async def test_a_request_that_waits_watches_for_a_disconnect_and_is_answered(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(routes, "DISCONNECT_WATCH_S", 0.0)
+    gate = Gate()
+    async with running_app(app_settings({"tiny": tiny_checkpoint}), gated(gate)) as (app, _):
+        gate.close()  # once warm
+        calls: list[float] = []
+        call = asyncio.create_task(asgi_post(app, b'{"seed": 3}', asyncio.Event(), calls))
+        assert await asyncio.to_thread(gate.waiting.wait, 30)  # its image is held at the device
+        for _ in range(3000):
+            if len(calls) == 2:  # the body, then the watcher's wait for a disconnect
+                break
+            await asyncio.sleep(0.01)
+        gate.open()
+        messages = await call
+        await asyncio.sleep(0)  # the cancelled watcher's last step
+    assert len(calls) == 2
+    assert messages[0]["status"] == 200
 
 
 async def asgi_post(app: Any, body: bytes, disconnect: asyncio.Event,
