@@ -37,14 +37,16 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository
 
 def serve(out: Path) -> int:
     """The service, timed: evaluations (start, end, images), submissions, requests (arrival, end)."""
-    from service import scheduler
+    from service import engine, scheduler
     from service.__main__ import main
     from service.api import middleware
 
     evaluations: list[tuple[float, float, int]] = []
+    networks: list[tuple[float, float]] = []
     submits: list[float] = []
     requests: list[tuple[float, float]] = []
     run, submit, call = scheduler.Scheduler._run, scheduler.Scheduler.submit, middleware.RequestContext.__call__
+    evaluate = engine.Engine.evaluate
 
     def timed_run(self: Any, lane: Any, runs: Any) -> Any:
         start = time.monotonic()
@@ -52,6 +54,13 @@ def serve(out: Path) -> int:
             return run(self, lane, runs)
         finally:
             evaluations.append((start, time.monotonic(), sum(r.size for r in runs)))
+
+    def timed_evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        try:
+            return evaluate(self, *args, **kwargs)
+        finally:
+            networks.append((start, time.monotonic()))
 
     def timed_submit(self: Any, job: Any) -> None:
         submits.append(time.monotonic())
@@ -66,9 +75,10 @@ def serve(out: Path) -> int:
 
     scheduler.Scheduler._run = timed_run  # type: ignore[method-assign]
     scheduler.Scheduler.submit = timed_submit  # type: ignore[method-assign]
+    engine.Engine.evaluate = timed_evaluate  # type: ignore[method-assign]
     middleware.RequestContext.__call__ = timed_call  # type: ignore[method-assign]
-    atexit.register(lambda: out.write_text(json.dumps({"evaluations": evaluations, "submits": submits,
-                                                       "requests": requests})))
+    atexit.register(lambda: out.write_text(json.dumps({"evaluations": evaluations, "networks": networks,
+                                                       "submits": submits, "requests": requests})))
     return main([])
 
 
@@ -95,6 +105,17 @@ def report(data: dict[str, list], window: tuple[float, float]) -> None:
     for size in sorted(per_size, key=lambda s: -len(per_size[s]))[:6]:
         times = per_size[size]
         print(f"  batch {size:4d}: {len(times):4d} evaluations, {statistics.median(times):6.0f} µs per image (median)")
+    networks = data["networks"]
+    split: list[tuple[float, float, float]] = []  # per evaluation: before the network, the network, after it
+    for start, end, _ in evals:
+        i = bisect.bisect_left(networks, [start])
+        if i < len(networks) and networks[i][1] <= end:
+            split.append(((networks[i][0] - start) * 1e3, (networks[i][1] - networks[i][0]) * 1e3,
+                          (end - networks[i][1]) * 1e3))
+    if split:
+        print("an evaluation's parts, ms (p10 / median / p90):")
+        for n, name in enumerate(("inputs (noise, batch)", "network (Engine.evaluate)", "results")):
+            print(f"  {name:26s} {quantiles([s[n] for s in split])}")
     gaps = [(b[0] - a[1]) * 1e3 for a, b in pairwise(evals)]
     print(f"gap between evaluations, ms (p10 / median / p90): {quantiles(gaps)}")
     submits = sorted(data["submits"])

@@ -84,7 +84,8 @@ class Job:
     # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
     noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
     labels: list[int] | None = field(init=False, default=None, repr=False)  # image i's class label
-    x: torch.Tensor = field(init=False, repr=False)  # (n, C, H, W) current estimates (zeros before step 1)
+    # (n, C, H, W) current estimates; None before the first evaluation (the estimates are zeros then)
+    x: torch.Tensor | None = field(init=False, default=None, repr=False)
     sigma32: list[float] = field(init=False, repr=False)  # σ per step, rounded to float32
     scales: list[float] = field(init=False, repr=False)  # noise scale per step (noise_scales)
     images: np.ndarray = field(init=False, repr=False)  # (n, H, W, C) uint8, filled as images finish
@@ -107,6 +108,7 @@ class Job:
     @property
     def result(self) -> torch.Tensor:
         """(n, C, H, W) images in [-1, 1] once the job finished without error."""
+        assert self.x is not None, "the job has not been evaluated"
         return self.x
 
     @property
@@ -119,11 +121,13 @@ class Job:
         """Draw every image's noise and label from its seed; runs on the engine thread (`generator`: a CPU
         generator of that thread's to reseed for each draw, rather than one made per draw)."""
         shape, num_classes, seed = engine.image_shape, engine.num_classes, self.seed
-        self.noise = torch.stack([image_noise(seed + i, shape, self.steps, generator) for i in range(self.n)])
+        if self.n == 1:  # most requests: a view rather than a stack of one
+            self.noise = image_noise(seed, shape, self.steps, generator).unsqueeze(0)
+        else:
+            self.noise = torch.stack([image_noise(seed + i, shape, self.steps, generator) for i in range(self.n)])
         if num_classes:
             self.labels = [self.class_label] * self.n if self.class_label is not None else [
                 image_class_label(seed + i, num_classes, generator) for i in range(self.n)]
-        self.x = torch.zeros(self.n, *shape)
         self.sigma32, self.scales = schedule
         self.images = np.empty((self.n, shape[1], shape[2], shape[0]), dtype=np.uint8)
         self.prepared = True
@@ -542,9 +546,15 @@ class Scheduler:
         finishing = any(run.step + 1 == run.job.steps for run in runs)
         pixels = to_uint8(out) if finishing else None  # (B, H, W, C): one conversion for the whole batch
         for run in runs:
-            run.job.x[run.start : run.stop] = out[row : row + run.size]
-            if pixels is not None and run.step + 1 == run.job.steps:
-                run.job.images[run.start : run.stop] = pixels[row : row + run.size]
+            job = run.job
+            if run.size == job.n:  # the whole job: its estimates are these rows of `out` (a new tensor each time)
+                job.x = out[row : row + run.size]
+            else:
+                if job.x is None:
+                    job.x = torch.zeros(job.n, *out.shape[1:])
+                job.x[run.start : run.stop] = out[row : row + run.size]
+            if pixels is not None and run.step + 1 == job.steps:
+                job.images[run.start : run.stop] = pixels[row : row + run.size]
             row += run.size
         return self._after_evaluation(lane, runs, evaluation.failed)
 
@@ -625,7 +635,9 @@ def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if len(runs) == 1:
         run = runs[0]
         job, a, b, j = run.job, run.start, run.stop, run.step
-        x = job.x[a:b] + job.scales[j] * job.noise[a:b, j]  # (B, C, H, W)
+        x = job.scales[j] * job.noise[a:b, j]  # (B, C, H, W)
+        if job.x is not None:  # None only before the first step, with estimates of zero (x_T = σ_1·z_1)
+            x += job.x[a:b]
         sigma = torch.full((b - a,), job.sigma32[j])
         labels = None if job.labels is None else torch.tensor(job.labels[a:b], dtype=torch.long)
         return x, sigma, labels
@@ -634,12 +646,19 @@ def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     noise = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
     x = scale.view(-1, 1, 1, 1) * noise
     if any(run.step for run in runs):  # the estimates, zeros for images at their first step (x_T = σ_1·z_1)
-        x += torch.cat([run.job.x[run.start : run.stop] for run in runs])
+        x += torch.cat([_estimates(run) for run in runs])
     labels = None
     if runs[0].job.labels is not None:  # one tensor for the batch (a model's jobs are all (un)conditional)
         labels = torch.tensor([label for run in runs for label in run.job.labels[run.start : run.stop]],
                               dtype=torch.long)
     return x, sigma, labels
+
+
+def _estimates(run: Run) -> torch.Tensor:
+    job = run.job
+    if job.x is None:
+        return torch.zeros(run.size, *job.noise.shape[2:])
+    return job.x[run.start : run.stop]
 
 
 def _jobs_of_rows(runs: list[Run], rows: list[int]) -> list[Job]:

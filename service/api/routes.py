@@ -39,7 +39,7 @@ STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 _seeds = random.Random()  # seeds need not be secret: this is fast, and seeded from os.urandom
 NO_CACHE = {"Cache-Control": "no-store"}
 DISCONNECT_WATCH_S = 0.05  # a request's client is watched for a disconnect from this long after submission
-_JSON = json.JSONEncoder(separators=(",", ":"))  # made once (json.dumps with options makes one per call)
+_STRING = json.encoder.encode_basestring_ascii  # a str as json writes it by default (quoted, ASCII)
 
 
 async def get_state(request: Request) -> ServiceState:  # async: a sync dependency would hop to a thread
@@ -181,20 +181,24 @@ def _json_images(
     encoded: list[bytes], fmt: str, served: ServedModel, seed: int, sigmas: list[float],
     labels: list[int | None], timings: dict[str, float],
 ) -> Response:
-    mime = MIME[fmt]
-    doc = {
-        "model": served.name,
-        "created": int(time.time()),
-        "seed": seed,
-        "sigmas": sigmas,
-        "images": [
-            {"index": i, "seed": seed + i, "class_label": labels[i], "mime": mime,
-             "b64": base64.b64encode(data).decode()}
-            for i, data in enumerate(encoded)
-        ],
-        "timings_ms": timings,
-    }
-    return Response(_JSON.encode(doc), media_type="application/json")
+    return Response(json_body(served.name, int(time.time()), seed, sigmas, MIME[fmt], encoded, labels, timings),
+                    media_type="application/json")
+
+
+def json_body(model: str, created: int, seed: int, sigmas: list[float], mime: str, encoded: list[bytes],
+              labels: list[int | None], timings: dict[str, float]) -> str:
+    """The GenerateResponse JSON, compact, written from a template: the text `json` writes for the same document
+    (a test compares them) in half its time, which counts at thousands of requests per second on the CPU."""
+    quoted_mime = _STRING(mime)
+    images = []
+    for i, data in enumerate(encoded):
+        label = labels[i]
+        images.append(f'{{"index":{i:d},"seed":{seed + i:d},"class_label":{"null" if label is None else int(label)},'
+                      f'"mime":{quoted_mime},"b64":"{base64.b64encode(data).decode()}"}}')
+    return (f'{{"model":{_STRING(model)},"created":{created:d},"seed":{seed:d},'
+            f'"sigmas":[{",".join(map(repr, map(float, sigmas)))}],"images":[{",".join(images)}],'
+            f'"timings_ms":{{"queue":{float(timings["queue"])!r},"compute":{float(timings["compute"])!r},'
+            f'"encode":{float(timings["encode"])!r},"total":{float(timings["total"])!r}}}}}')
 
 
 def _raw_image(

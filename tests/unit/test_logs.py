@@ -209,3 +209,33 @@ def test_a_failing_write_drops_its_lines_without_raising_and_logging_goes_on(log
     assert loop_errors == []
     assert [d["msg"] for d in lines(stream)] == ["kept", "off the loop"]
     assert "BrokenPipeError" in capsys.readouterr().err  # reported as logging reports a failed emit
+
+
+ACCESS = {"request_id": "0af3", "method": "POST", "path": "/v1/generate", "status": 200, "duration_ms": 33.125,
+          "model": "dígits \"2\"", "n": 3, "steps": 2, "seed": 2**63 - 1,
+          "timings_ms": {"queue": 1.5, "compute": 21.0, "encode": 0.012, "total": 1e-05}}
+
+
+@pytest.mark.parametrize("worker", [None, 0, 3])
+def test_the_access_line_template_writes_what_the_json_encoder_would(worker):
+    formatter = JsonFormatter(worker=worker)
+    created = 1_700_000_000.9876
+    fixed = formatter.fixed_line(created, "INFO", "cmserve.access", "request", ACCESS)
+    assert fixed is not None
+    assert fixed == json.JSONEncoder(ensure_ascii=False).encode(
+        formatter.document(created, "INFO", "cmserve.access", "request", ACCESS))
+
+
+@pytest.mark.parametrize("change", [
+    {"status_note": "client disconnected"},  # another field
+    {"model": None}, {"status": True}, {"n": 1.0}, {"duration_ms": 3},  # another type
+    {"duration_ms": float("nan")}, {"timings_ms": {"total": 1.0}},
+    {"timings_ms": {"queue": 1.0, "compute": 1.0, "encode": 1.0, "total": float("inf")}},
+])
+def test_any_other_record_is_left_to_the_json_encoder(change, logger_and_stream):
+    record = {**ACCESS, **change}
+    assert JsonFormatter().fixed_line(0.0, "INFO", "cmserve.access", "request", record) is None
+    logger, stream, _ = logger_and_stream
+    log_fields(logger, logging.INFO, "request", record)
+    (line,) = lines(stream)  # (json.loads reads the NaN and Infinity that json writes)
+    assert list(line)[5:] == list(record) and repr({k: line[k] for k in change}) == repr(change)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -10,16 +12,18 @@ from PIL import Image
 from pydantic import ValidationError
 
 from service.api.errors import describe_validation_error
+from service.api.fastpath import _parse
 from service.api.negotiate import choose_representation
+from service.api.routes import json_body
 from service.api.security import ANONYMOUS, ApiKeys, RateLimiter
 from service.encode import encode_image, encode_png
 from service.errors import NotAcceptable, RateLimited, Unauthorized
-from service.schemas import MAX_SEED, GenerateRequest
+from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse
 
 
 def first_error(body: dict) -> tuple[str, str | None]:
     with pytest.raises(ValidationError) as e:
-        GenerateRequest.model_validate_json(__import__("json").dumps(body))
+        GenerateRequest.model_validate_json(json.dumps(body))
     errors = [{**error, "loc": ("body", *error["loc"])} for error in e.value.errors()]  # as FastAPI reports them
     return describe_validation_error(errors)
 
@@ -139,3 +143,53 @@ def test_rate_limit_is_a_token_bucket_per_key() -> None:
     now[0] += 0.5  # one token back
     limiter.check("k")
     RateLimiter(0).check("k")  # off
+
+
+@pytest.mark.parametrize(("model", "sigmas", "labels"), [
+    ("digits", [80.0], [7]),
+    ("cifar ünï \"x\"", [80.0, 0.8214, 1e-05], [None, None, None]),
+    ("m", [2], [0, 9]),
+])
+def test_the_response_template_writes_what_json_would(model, sigmas, labels) -> None:
+    encoded = [bytes([i]) * (40 + i) for i in range(len(labels))]
+    timings = {"queue": 0.125, "compute": 21.0, "encode": 1e-05, "total": 33.333}
+    body = json_body(model, 1_767_225_600, 2**63 - 1, sigmas, "image/png", encoded, labels, timings)
+    doc = {"model": model, "created": 1_767_225_600, "seed": 2**63 - 1, "sigmas": [float(s) for s in sigmas],
+           "images": [{"index": i, "seed": 2**63 - 1 + i, "class_label": label, "mime": "image/png",
+                       "b64": base64.b64encode(data).decode()}
+                      for i, (data, label) in enumerate(zip(encoded, labels, strict=True))],
+           "timings_ms": timings}
+    assert body == json.dumps(doc, separators=(",", ":"))
+    GenerateResponse.model_validate_json(body)
+
+
+FAST_PATH_CORPUS = [
+    b'{}', b'{"n": 1}', b'{"n": 8, "steps": 2, "seed": 42}', b'{"n": 1.0}', b'{"n": true}', b'{"n": "1"}',
+    b'{"n": 0}', b'{"n": 1e2}', b'{"n": 100000000000000000000000}', b'{"seed": 9223372036854775807}',
+    b'{"seed": 9223372036854775808}', b'{"seed": -1}', b'{"seed": null}', b'{"sigmas": [80, 0.5]}',
+    b'{"sigmas": ["80", "0.5"]}', b'{"sigmas": [NaN]}', b'{"sigmas": [Infinity, 1]}', b'{"sigmas": [1e400]}',
+    b'{"sigmas": []}', b'{"steps": 2, "sigmas": [80.0]}', b'{"class_label": 3}', b'{"class_label": "3"}',
+    b'{"class_label": 3.0}', b'{"class_label": false}', b'{"class_label": "seven"}', b'{"format": "webp"}',
+    b'{"format": "WEBP"}', b'{"format": "gif"}', b'{"model": ""}', b'{"model": "digits"}', b'{"model": "\\u00e9"}',
+    b'{"model": "\\ud800"}', b'{"extra": 1}', b'{"n": 1, "n": 2}', b'{"n": 1} ', b' \n{"n": 1}', b'{"n": 1}x',
+    b'{"n": 1}{}', b'[]', b'[{"n": 1}]', b'null', b'1', b'"x"', b'', b'{', b'{"n": 01}', b'{"n": -0}',
+    b'\xef\xbb\xbf{"n": 1}', b'{"model": "\xff"}', '{"model": "dígits"}'.encode(), b'{"steps": null, "sigmas": null}',
+    b'[' * 5000 + b']' * 5000, b'{"n": ' + b'[' * 3000 + b']' * 3000 + b'}',
+]
+
+
+@pytest.mark.parametrize("body", FAST_PATH_CORPUS, ids=range(len(FAST_PATH_CORPUS)))
+def test_the_fast_path_accepts_a_body_only_as_fastapi_would(body: bytes) -> None:
+    """fastpath._parse validates the JSON in one pass; FastAPI does json.loads, then validates the Python objects.
+    Whatever the first accepts, the second must accept as the same request (the rest goes to FastAPI)."""
+    fast = _parse(body)
+    try:
+        data = json.loads(body)
+        fastapi = GenerateRequest.model_validate(data) if isinstance(data, dict) else None
+    except (ValueError, RecursionError, ValidationError):
+        fastapi = None
+    if fast is not None:
+        assert fastapi is not None and fast.model_dump() == fastapi.model_dump()
+        assert fast.model_fields_set == fastapi.model_fields_set
+    elif body in (b'{}', b'{"n": 1}', b'{"n": 8, "steps": 2, "seed": 42}', b'{"class_label": "seven"}'):
+        raise AssertionError("a common body left the fast path")
