@@ -4,13 +4,14 @@
     python bench/timeline.py --concurrency 4 --n 8
     python bench/timeline.py --env CM_CPU_PARALLEL=operators
 
-Starts `python -m service` (the embedded default model) with its scheduler and request middleware timed
-(this file, run with --serve, wraps Scheduler._run, Scheduler.submit and RequestContext.__call__ and writes
+Starts `python -m service` (the embedded default model) with its scheduler and requests timed (this file,
+run with --serve, wraps Scheduler._run, Engine.evaluate, Scheduler.submit and the requests' end, and writes
 their timestamps when the server exits), drives it with wrk (bench/wrk/post.lua) after a 1 s warm-up, and
 prints: images/s, images per evaluation, the share of time the engine evaluates, an evaluation's wall time
-per image by batch size, the gaps between evaluations, and for batches that follow a batch of the same size
-the anatomy of the gap: when the last response of the batch before went out, when the first and last new
-requests reached the scheduler, and when the next evaluation started (ms after the batch before ended).
+per image by batch size and its parts (the inputs, the network, the results), the gaps between evaluations,
+and for batches that follow a batch of the same size the anatomy of the gap: when the last response of the
+batch before went out, when the first and last new requests reached the scheduler, and when the next
+evaluation started (ms after the batch before ended).
 An evaluation here is Scheduler._run: the engine's own Python (each image's noise, the batch's inputs, the
 results) and the network. Server log: --log. BENCHMARKS.md ("Serving") has what it showed.
 """
@@ -39,13 +40,13 @@ def serve(out: Path) -> int:
     """The service, timed: evaluations (start, end, images), submissions, requests (arrival, end)."""
     from service import engine, scheduler
     from service.__main__ import main
-    from service.api import middleware
+    from service.api import middleware, protocol
 
     evaluations: list[tuple[float, float, int]] = []
     networks: list[tuple[float, float]] = []
     submits: list[float] = []
     requests: list[tuple[float, float]] = []
-    run, submit, call = scheduler.Scheduler._run, scheduler.Scheduler.submit, middleware.RequestContext.__call__
+    run, submit, end = scheduler.Scheduler._run, scheduler.Scheduler.submit, middleware.end_request
     evaluate = engine.Engine.evaluate
 
     def timed_run(self: Any, lane: Any, runs: Any) -> Any:
@@ -66,17 +67,14 @@ def serve(out: Path) -> int:
         submits.append(time.monotonic())
         submit(self, job)
 
-    async def timed_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
-        start = time.monotonic()
-        try:
-            await call(self, scope, receive, send)
-        finally:
-            requests.append((start, time.monotonic()))
+    def timed_end(state: Any, log: Any, *args: Any, **kwargs: Any) -> None:
+        requests.append((log.started, time.monotonic()))  # arrival; the response went out just before
+        end(state, log, *args, **kwargs)
 
     scheduler.Scheduler._run = timed_run  # type: ignore[method-assign]
     scheduler.Scheduler.submit = timed_submit  # type: ignore[method-assign]
     engine.Engine.evaluate = timed_evaluate  # type: ignore[method-assign]
-    middleware.RequestContext.__call__ = timed_call  # type: ignore[method-assign]
+    middleware.end_request = protocol.end_request = timed_end  # the ASGI path's and the protocol's
     atexit.register(lambda: out.write_text(json.dumps({"evaluations": evaluations, "networks": networks,
                                                        "submits": submits, "requests": requests})))
     return main([])

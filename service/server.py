@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from types import FrameType
 import torch
 import uvicorn
 
+from .api.protocol import GenerateAnswerer, GenerateProtocol
 from .app import create_app
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
@@ -91,8 +93,10 @@ class DrainingServer(uvicorn.Server):
 def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
     app = create_app(settings)
     state: ServiceState = app.state.service
+    answerer = GenerateAnswerer(state, app.state.api_keys, app.state.rate_limiter)
     config = uvicorn.Config(
         app,
+        http=functools.partial(GenerateProtocol, answerer=answerer),  # type: ignore[arg-type]
         host=settings.host,
         port=settings.port,
         log_config=None,  # logging is configured by configure_logging (JSON lines)

@@ -116,7 +116,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        log = RequestLog(request_id=_request_id(scope), started=time.monotonic())
+        log = RequestLog(request_id=request_id(scope["headers"]), started=time.monotonic())
         scope[LOG_KEY] = log
         generate = scope["path"] == GENERATE_PATH and scope["method"] == "POST"
         status = 500  # if the app raises before answering, the outer error middleware answers 500
@@ -135,17 +135,25 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            seconds = time.monotonic() - log.started
             if generate:
                 self.state.in_flight -= 1
                 self.state.metrics.in_progress.dec()
-                reason = log.reason or (None if status < 400 else REASON_BY_STATUS.get(status, "error"))
-                self.state.metrics.observe_request(log.model or UNKNOWN_MODEL, status, seconds, reason)
-            _log_request(scope, log, status, seconds)
+            end_request(self.state, log, scope["method"], scope["path"], status, time.monotonic() - log.started,
+                        generate)
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
+def end_request(state: ServiceState, log: RequestLog, method: str, path: str, status: int, seconds: float,
+                generate: bool) -> None:
+    """A request's metrics (generate requests) and its log line; also for protocol.py's requests."""
+    if generate:
+        reason = log.reason or (None if status < 400 else REASON_BY_STATUS.get(status, "error"))
+        state.metrics.observe_request(log.model or UNKNOWN_MODEL, status, seconds, reason)
+    _log_request(method, path, log, status, seconds)
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is sane, else a new one."""
+    for name, value in headers:
         if name == b"x-request-id":
             text = value.decode("latin-1")
             if REQUEST_ID_PATTERN.match(text):
@@ -154,14 +162,14 @@ def _request_id(scope: Scope) -> str:
     return f"{_ids.getrandbits(128):032x}"
 
 
-def _log_request(scope: Scope, log: RequestLog, status: int, seconds: float) -> None:
-    level = logging.DEBUG if scope["path"] in QUIET_PATHS and status < 500 else logging.INFO
+def _log_request(method: str, path: str, log: RequestLog, status: int, seconds: float) -> None:
+    level = logging.DEBUG if path in QUIET_PATHS and status < 500 else logging.INFO
     if not access_logger.isEnabledFor(level):  # (log_fields checks it too: this skips building the fields)
         return
     record = {
         "request_id": log.request_id,
-        "method": scope["method"],
-        "path": scope["path"],
+        "method": method,
+        "path": path,
         "status": status,
         "duration_ms": round(seconds * 1000, 3),
     }

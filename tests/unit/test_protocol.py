@@ -1,0 +1,199 @@
+"""Which requests the HTTP protocol answers itself (service/api/protocol.py), and that the rest reach the ASGI app
+as they would without it: fed byte for byte into the protocol, with a transport that keeps what is written.
+
+What the answers are is tested against a real server process (tests/integration/test_server_process.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.responses import Response
+from uvicorn.server import ServerState
+
+from service.api import protocol as protocol_module
+from service.api.protocol import GenerateAnswerer, GenerateProtocol, _Cycle
+from service.api.security import ApiKeys, RateLimiter
+from service.settings import Settings
+from service.state import ServiceState
+
+BODY = b'{"n": 1, "seed": 3}'
+
+
+def post(body: bytes = BODY, path: bytes = b"/v1/generate", version: bytes = b"1.1",
+         headers: dict[bytes, bytes] | None = None) -> bytes:
+    head = {b"Host": b"cmserve", b"Content-Type": b"application/json", b"Content-Length": str(len(body)).encode()}
+    head.update(headers or {})
+    lines = b"".join(k + b": " + v + b"\r\n" for k, v in head.items() if v)
+    return b"POST " + path + b" HTTP/" + version + b"\r\n" + lines + b"\r\n" + body
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+
+class Recorder:
+    """Both ways a request can go: the ASGI app (the body it reads) or the protocol's own answer."""
+
+    def __init__(self) -> None:
+        self.asgi: list[tuple[str, str, bytes]] = []
+        self.answered: list[dict[str, Any]] = []
+        self.release = asyncio.Event()  # the protocol's answers wait for this
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.asgi.append((scope["method"], scope["path"], body))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"asgi"})
+
+
+async def feed(*chunks: bytes, max_body: int = 4096, release: bool = True,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[Recorder, GenerateProtocol]:
+    """A protocol that has been fed `chunks`; its own answers come from a stand-in for routes.respond."""
+    recorder = Recorder()
+    config = uvicorn.Config(recorder.app, lifespan="off", log_config=None, interface="asgi3")
+    config.load()
+    state = ServiceState(Settings(max_body_bytes=max_body), engine_factory=None)  # type: ignore[arg-type]
+    answerer = GenerateAnswerer(state, ApiKeys(""), RateLimiter(0))
+
+    async def respond(state: ServiceState, request: Any, accept: str | None, log: Any, receive: Any) -> Response:
+        recorder.answered.append(request.model_dump(exclude_unset=True))
+        await recorder.release.wait()
+        return Response(b"fast", media_type="text/plain")
+
+    monkeypatch.setattr(protocol_module, "respond", respond)
+    protocol = GenerateProtocol(config=config, server_state=ServerState(), app_state={}, answerer=answerer)
+    protocol.connection_made(Transport())
+    for chunk in chunks:
+        protocol.data_received(chunk)
+        await asyncio.sleep(0)
+    if release:
+        recorder.release.set()
+    await settle()
+    return recorder, protocol
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_a_plain_generate_request_is_answered_by_the_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder, protocol = asyncio.run(feed(post(headers={b"X-Request-ID": b"abc-1"}), monkeypatch=monkeypatch))
+    assert recorder.answered == [{"n": 1, "seed": 3}] and recorder.asgi == []
+    head, _, body = protocol.transport.written.partition(b"\r\n\r\n")  # type: ignore[attr-defined]
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK" and body == b"fast"
+    assert {b"content-length: 4", b"content-type: text/plain; charset=utf-8", b"x-request-id: abc-1"} <= set(lines)
+    assert not protocol.transport.is_closing()  # keep-alive
+    assert protocol.answerer.state.in_flight == 0
+
+
+def test_a_body_in_pieces_is_collected_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = post()
+    recorder, _ = asyncio.run(feed(whole[:30], whole[30:-5], whole[-5:], monkeypatch=monkeypatch))
+    assert recorder.answered == [{"n": 1, "seed": 3}]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    post(path=b"/v1/generate?x=1"),
+    post(path=b"/v1/generate/"),
+    post(version=b"1.0"),
+    post(headers={b"Connection": b"close"}),
+    post(headers={b"Expect": b"100-continue"}),
+    post(headers={b"Content-Type": b"text/plain"}),
+    post(headers={b"Content-Type": None}),  # type: ignore[dict-item]
+    post(body=b'{"n": 1, "pad": "' + b"x" * 5000 + b'"}'),  # over the body cap
+    post(headers={b"Content-Length": None, b"Transfer-Encoding": b"chunked"}, body=b"13\r\n" + BODY + b"\r\n0\r\n\r\n"),
+], ids=["query", "other-path", "http-1.0", "connection-close", "expect", "text-plain", "no-type", "too-big",
+        "chunked"])
+def test_other_requests_reach_the_asgi_app_unchanged(request_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder, _ = asyncio.run(feed(request_bytes, monkeypatch=monkeypatch))
+    assert recorder.answered == []
+    assert len(recorder.asgi) == 1 and recorder.asgi[0][0] == "POST"
+
+
+@pytest.mark.parametrize("body", [b'{"n": 0}', b'{"n": 1', b"[]", b'\xef\xbb\xbf{"n": 1}'])
+def test_a_body_that_is_not_a_valid_request_goes_to_the_asgi_app_whole(body: bytes,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder, _ = asyncio.run(feed(post(body=body), monkeypatch=monkeypatch))
+    assert recorder.answered == [] and recorder.asgi == [("POST", "/v1/generate", body)]
+
+
+def test_pipelined_requests_wait_for_the_answer_and_keep_their_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    get = b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\n\r\n"
+    second = post(body=json.dumps({"seed": 4}).encode())
+
+    async def run() -> tuple[Recorder, bytes, bytes]:
+        recorder, protocol = await feed(post() + get + second, release=False, monkeypatch=monkeypatch)
+        before = protocol.transport.written  # type: ignore[attr-defined]
+        recorder.release.set()
+        await settle()
+        return recorder, before, protocol.transport.written  # type: ignore[attr-defined]
+
+    recorder, before, after = asyncio.run(run())
+    assert before == b""  # nothing answered while the first request is
+    assert recorder.answered == [{"n": 1, "seed": 3}]  # the later ones went the ASGI way, in order
+    assert [(m, p) for m, p, _ in recorder.asgi] == [("GET", "/healthz"), ("POST", "/v1/generate")]
+    assert after.index(b"fast") < after.index(b"asgi")
+
+
+def test_a_client_that_leaves_while_answered_gets_nothing_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> tuple[bool, bytes, int]:
+        recorder, protocol = await feed(post(), release=False, monkeypatch=monkeypatch)
+        cycle = protocol.cycle
+        assert isinstance(cycle, _Cycle)
+        waiting = asyncio.ensure_future(cycle.receive())  # what respond's disconnect watcher awaits
+        await settle()
+        assert not waiting.done()
+        protocol.connection_lost(None)
+        disconnect = (await asyncio.wait_for(waiting, 1))["type"] == "http.disconnect"
+        recorder.release.set()
+        await settle()
+        return disconnect, protocol.transport.written, protocol.answerer.state.in_flight  # type: ignore[attr-defined]
+
+    assert asyncio.run(run()) == (True, b"", 0)
+
+
+def test_a_graceful_shutdown_closes_the_connection_after_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> tuple[bool, bytes, bool]:
+        recorder, protocol = await feed(post(), release=False, monkeypatch=monkeypatch)
+        protocol.shutdown()  # what uvicorn calls on every connection when it shuts down
+        open_while_answering = not protocol.transport.is_closing()
+        recorder.release.set()
+        await settle()
+        return open_while_answering, protocol.transport.written, protocol.transport.is_closing()  # type: ignore
+
+    open_while_answering, written, closed = asyncio.run(run())
+    assert open_while_answering and closed
+    assert written.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in written and written.endswith(b"fast")
