@@ -29,9 +29,11 @@ import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from .api.protocol import GenerateAnswerer, GenerateProtocol
 from .app import create_app
@@ -93,10 +95,9 @@ class DrainingServer(uvicorn.Server):
 def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
     app = create_app(settings)
     state: ServiceState = app.state.service
-    answerer = GenerateAnswerer(state, app.state.api_keys, app.state.rate_limiter)
     config = uvicorn.Config(
         app,
-        http=functools.partial(GenerateProtocol, answerer=answerer),  # type: ignore[arg-type]
+        http=http_protocol(settings, app),
         host=settings.host,
         port=settings.port,
         log_config=None,  # logging is configured by configure_logging (JSON lines)
@@ -112,6 +113,15 @@ def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
 
     state.on_fatal = fatal
     return server, state
+
+
+def http_protocol(settings: Settings, app: FastAPI) -> Any:
+    """uvicorn's `http`: the protocol that answers generate requests itself (service/api/protocol.py), unless
+    turned off or OpenTelemetry is on (its spans wrap FastAPI's app, which that protocol's requests skip)."""
+    if not settings.protocol_fast_path or settings.opentelemetry:
+        return "auto"
+    answerer = GenerateAnswerer(app.state.service, app.state.api_keys, app.state.rate_limiter)
+    return functools.partial(GenerateProtocol, answerer=answerer)
 
 
 def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:

@@ -197,3 +197,14 @@ def test_a_graceful_shutdown_closes_the_connection_after_the_answer(monkeypatch:
     open_while_answering, written, closed = asyncio.run(run())
     assert open_while_answering and closed
     assert written.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in written and written.endswith(b"fast")
+
+
+@pytest.mark.parametrize(("settings", "ours"), [({}, True), ({"protocol_fast_path": False}, False),
+                                                ({"opentelemetry": True}, False)])
+def test_the_server_uses_this_protocol_unless_turned_off_or_tracing(settings: dict[str, Any], ours: bool) -> None:
+    from service.app import create_app
+    from service.server import http_protocol
+
+    chosen = http_protocol(Settings(**settings), create_app(Settings(**settings)))
+    assert (getattr(chosen, "func", None) is GenerateProtocol) is ours
+    assert ours or chosen == "auto"  # uvicorn's own choice (httptools)
