@@ -168,6 +168,20 @@ class Metrics(SchedulerObserver):
     def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
         self._live.append((self._children(model)[6], depth))
 
+    def track_in_progress(self, count: Callable[[], int]) -> None:
+        """cmserve_requests_in_progress: read from `count` at each scrape in one process (no update per request);
+        with several workers each request moves it (`request_started`, `request_ended`) so all see it at once."""
+        if not self.multiprocess:
+            self.in_progress.set_function(count)
+
+    def request_started(self) -> None:
+        if self.multiprocess:
+            self.in_progress.inc()
+
+    def request_ended(self) -> None:
+        if self.multiprocess:
+            self.in_progress.dec()
+
     def track_ready(self, ready: Callable[[], bool]) -> None:
         self._live.append((self.ready, lambda: 1.0 if ready() else 0.0))
 

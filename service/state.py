@@ -43,6 +43,7 @@ class ServiceState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None  # set when ready or failed
         self.metrics.track_ready(lambda: self.ready)
+        self.metrics.track_in_progress(lambda: self.in_flight)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -72,6 +73,15 @@ class ServiceState:
         self.scheduler.stop()
         if self.encoder is not None:
             self.encoder.close()
+
+    def request_started(self) -> None:
+        """A generate request arrived (the HTTP layer calls this and `request_ended` around each)."""
+        self.in_flight += 1
+        self.metrics.request_started()
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        self.metrics.request_ended()
 
     def begin_drain(self) -> None:
         """SIGTERM: /readyz turns 503 and new requests are refused; in-flight ones go on."""

@@ -21,7 +21,7 @@ from ..schemas import GenerateRequest
 from ..state import ServiceState
 from .errors import service_error_response, unexpected_error_response
 from .middleware import GENERATE_PATH, request_log
-from .routes import respond
+from .routes import asgi_disconnect_watch, respond
 from .security import ApiKeys, RateLimiter
 
 
@@ -52,7 +52,7 @@ class GenerateFastPath:
         try:
             key = self.api_keys.check(authorization)
             self.rate_limiter.check(key)
-            response = await respond(self.state, request, accept, request_log(scope), receive)
+            response = await respond(self.state, request, accept, request_log(scope), asgi_disconnect_watch(receive))
         except ServiceError as e:
             response = service_error_response(e)
         except Exception:  # a bug: FastAPI's server-error layer is not around this path, so answer it here

@@ -130,14 +130,12 @@ class RequestContext:
             await send(message)
 
         if generate:
-            self.state.in_flight += 1
-            self.state.metrics.in_progress.inc()
+            self.state.request_started()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             if generate:
-                self.state.in_flight -= 1
-                self.state.metrics.in_progress.dec()
+                self.state.request_ended()
             end_request(self.state, log, scope["method"], scope["path"], status, time.monotonic() - log.started,
                         generate)
 

@@ -13,7 +13,7 @@ and one write of the whole response. It takes a request when:
 Every other request, and one whose body turns out invalid, goes to the ASGI app exactly as without it (FastAPI
 then gives the documented error). API keys, the rate limit, readiness and draining are checked by the same
 code as there, and their errors answered the same way. A client that disconnects is seen at once
-(`connection_lost`), so its queued images are removed without a watcher task. uvicorn's graceful shutdown
+(`connection_lost`), and its queued images are removed then, with no watcher task. uvicorn's graceful shutdown
 waits for these requests like its own: their task is in the server's task set, and a connection that is
 answering one closes after it.
 """
@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import Response
-from starlette.types import Message
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from ..errors import ServiceError
@@ -40,7 +40,6 @@ from .security import ApiKeys, RateLimiter
 logger = logging.getLogger("cmserve.api")
 
 _PATH = GENERATE_PATH.encode()
-_DISCONNECT: Message = {"type": "http.disconnect"}
 
 
 class GenerateAnswerer:
@@ -58,32 +57,34 @@ class _Cycle:
 
     uvicorn's protocol reads these attributes: `response_complete` (a pipelined request waits until it is
     True), `keep_alive` (a graceful shutdown sets it False: close after the response), `disconnected` and
-    `message_event.set()` (connection_lost).
+    `message_event.set()` (connection_lost). `watch` is the answer's disconnect watch (routes.respond): the
+    disconnect is known at once, with no watcher task.
     """
 
-    __slots__ = ("_gone", "disconnected", "keep_alive", "response_complete")
+    __slots__ = ("_on_disconnect", "disconnected", "keep_alive", "response_complete")
 
     def __init__(self) -> None:
         self.response_complete = False
         self.keep_alive = True
         self.disconnected = False
-        self._gone: asyncio.Future[None] | None = None
+        self._on_disconnect: Callable[[], None] | None = None
 
     @property
     def message_event(self) -> _Cycle:  # connection_lost calls message_event.set()
         return self
 
     def set(self) -> None:
-        if self._gone is not None and not self._gone.done():
-            self._gone.set_result(None)
+        if self.disconnected and self._on_disconnect is not None:
+            self._on_disconnect()
 
-    async def receive(self) -> Message:
-        """An ASGI receive once the body has been read: returns when the client disconnects."""
-        if not self.disconnected:
-            if self._gone is None:
-                self._gone = asyncio.get_running_loop().create_future()
-            await self._gone
-        return _DISCONNECT
+    def watch(self, on_disconnect: Callable[[], None]) -> Callable[[], None]:
+        if self.disconnected:  # gone before the answer began to wait
+            asyncio.get_running_loop().call_soon(on_disconnect)
+        self._on_disconnect = on_disconnect
+        return self._unwatch
+
+    def _unwatch(self) -> None:
+        self._on_disconnect = None
 
 
 class GenerateProtocol(HttpToolsProtocol):
@@ -157,14 +158,13 @@ class GenerateProtocol(HttpToolsProtocol):
                 accept = value.decode("latin-1")
             elif name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
-        state.in_flight += 1
-        state.metrics.in_progress.inc()
+        state.request_started()
         status = 500
         try:
             try:
                 key = answerer.api_keys.check(authorization)
                 answerer.rate_limiter.check(key)
-                response = await respond(state, request, accept, log, cycle.receive)
+                response = await respond(state, request, accept, log, cycle.watch)
             except ServiceError as e:
                 response = service_error_response(e)
             except Exception:  # a bug: answer it as the ASGI path's error layer would
@@ -176,8 +176,7 @@ class GenerateProtocol(HttpToolsProtocol):
                     await self.flow.drain()
                 self._write(response, log.request_id, cycle.keep_alive)
         finally:
-            state.in_flight -= 1
-            state.metrics.in_progress.dec()
+            state.request_ended()
             end_request(state, log, "POST", GENERATE_PATH, status, time.monotonic() - log.started, generate=True)
             cycle.response_complete = True
             if not cycle.keep_alive and not self.transport.is_closing():

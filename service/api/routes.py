@@ -7,6 +7,7 @@ import base64
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,15 +76,45 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """Sample n images with one network evaluation per step, batched with other requests' images."""
     state: ServiceState = request.app.state.service  # not a dependency: resolving one costs ~0.1 ms a request
-    return await respond(state, body, request.headers.get("accept"), request_log(request.scope), request.receive)
+    return await respond(state, body, request.headers.get("accept"), request_log(request.scope),
+                         asgi_disconnect_watch(request.receive))
+
+
+# watch(on_disconnect) arranges for on_disconnect() to be called if the client goes away; it returns `unwatch`.
+DisconnectWatch = Callable[[Callable[[], None]], Callable[[], None]]
+
+
+def asgi_disconnect_watch(receive: Receive) -> DisconnectWatch:
+    """Watches an ASGI request's `receive` (its body read: it only reports a disconnect), from
+    DISCONNECT_WATCH_S on: a watcher task costs the event loop ~14 µs a request, an eighth of its work per request
+    on the CPU (BENCHMARKS.md), and most requests are answered before then. A client that left earlier is
+    noticed at that time, when a longer request's remaining images are still queued."""
+
+    def watch(on_disconnect: Callable[[], None]) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+        watcher: asyncio.Task[None] | None = None
+
+        def start() -> None:
+            nonlocal watcher
+            watcher = loop.create_task(_disconnected(receive))
+            watcher.add_done_callback(lambda task: task.cancelled() or on_disconnect())
+
+        later = loop.call_later(DISCONNECT_WATCH_S, start)
+
+        def unwatch() -> None:
+            later.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
+        return unwatch
+
+    return watch
 
 
 async def respond(state: ServiceState, body: GenerateRequest, accept: str | None, log: RequestLog,
-                  receive: Receive) -> Response:
-    """The work of POST /v1/generate for a validated body, shared by the route and the fast path (fastpath.py).
-
-    `receive` is the request's ASGI receive once its body has been read: it only reports a disconnect.
-    """
+                  watch: DisconnectWatch) -> Response:
+    """The work of POST /v1/generate for a validated body, shared by the route, the ASGI fast path (fastpath.py)
+    and the HTTP protocol (protocol.py), each of which says how it learns of a disconnect (`watch`)."""
     state.check_ready()
     served = state.registry.get(body.model)
     log.model = served.name
@@ -101,7 +132,7 @@ async def respond(state: ServiceState, body: GenerateRequest, accept: str | None
     job = served.make_job(seed=seed, n=body.n, sigmas=sigmas, class_label=label,
                           deadline=log.started + settings.request_timeout_s)
     try:
-        await _run_job(state, job, receive)
+        await _run_job(state, job, watch)
     except Cancelled:
         log.fields["status_note"] = "client disconnected"
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -116,34 +147,19 @@ async def respond(state: ServiceState, body: GenerateRequest, accept: str | None
     return _json_images(encoded, fmt, served, seed, sigmas, labels, timings)
 
 
-async def _run_job(state: ServiceState, job: Job, receive: Receive) -> None:
-    """Queue the job and wait for it, racing the client's disconnect and the deadline.
-
-    The disconnect is watched from DISCONNECT_WATCH_S after submission on: a watcher task costs the event
-    loop ~14 µs a request, an eighth of its work per request on the CPU (BENCHMARKS.md), and most requests
-    are answered before then. A client that left earlier is noticed at that time, when a longer request's
-    remaining images are still queued; those are removed before they cost compute.
-    """
+async def _run_job(state: ServiceState, job: Job, watch: DisconnectWatch) -> None:
+    """Queue the job and wait for it, racing the client's disconnect and the deadline."""
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[str | None] = loop.create_future()  # None: the job ended; else why we stopped waiting
     job.on_done = lambda _: loop.call_soon_threadsafe(_resolve, ended, None)
     state.scheduler.submit(job)
-    watcher: asyncio.Task[None] | None = None
-
-    def watch() -> None:
-        nonlocal watcher
-        watcher = loop.create_task(_disconnected(receive))
-        watcher.add_done_callback(lambda task: task.cancelled() or _resolve(ended, "disconnect"))
-
-    watch_later = loop.call_later(DISCONNECT_WATCH_S, watch)
+    unwatch = watch(lambda: _resolve(ended, "disconnect"))
     timer = loop.call_later(job.deadline - time.monotonic(), _resolve, ended, "deadline")
     try:
         why = await ended
     finally:
         timer.cancel()
-        watch_later.cancel()
-        if watcher is not None:
-            watcher.cancel()
+        unwatch()
     if why is not None:
         error: ServiceError = Cancelled("the client disconnected") if why == "disconnect" else DeadlineExceeded(
             f"the request took longer than {state.settings.request_timeout_s:g} s (CM_REQUEST_TIMEOUT_S); its "
@@ -181,8 +197,20 @@ def _json_images(
     encoded: list[bytes], fmt: str, served: ServedModel, seed: int, sigmas: list[float],
     labels: list[int | None], timings: dict[str, float],
 ) -> Response:
-    return Response(json_body(served.name, int(time.time()), seed, sigmas, MIME[fmt], encoded, labels, timings),
-                    media_type="application/json")
+    return JsonBody(json_body(served.name, int(time.time()), seed, sigmas, MIME[fmt], encoded, labels, timings))
+
+
+class JsonBody(Response):
+    """A 200 with a JSON body already written: Response without its __init__, which renders the content and
+    builds the headers through a header object (a few µs a request); the same status, headers and body."""
+
+    media_type = "application/json"
+
+    def __init__(self, text: str) -> None:  # (Response.__init__ not called: its work is done here)
+        self.status_code = 200
+        self.background = None
+        self.body = text.encode()
+        self.raw_headers = [(b"content-length", str(len(self.body)).encode()), (b"content-type", b"application/json")]
 
 
 def json_body(model: str, created: int, seed: int, sigmas: list[float], mime: str, encoded: list[bytes],

@@ -168,21 +168,33 @@ def test_pipelined_requests_wait_for_the_answer_and_keep_their_order(monkeypatch
     assert after.index(b"fast") < after.index(b"asgi")
 
 
-def test_a_client_that_leaves_while_answered_gets_nothing_written(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def run() -> tuple[bool, bytes, int]:
+def test_a_client_that_leaves_while_answered_is_seen_at_once_and_gets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> tuple[list[str], bytes, int]:
         recorder, protocol = await feed(post(), release=False, monkeypatch=monkeypatch)
         cycle = protocol.cycle
         assert isinstance(cycle, _Cycle)
-        waiting = asyncio.ensure_future(cycle.receive())  # what respond's disconnect watcher awaits
+        seen: list[str] = []
+        cycle.watch(lambda: seen.append("gone"))  # as routes._run_job does while the images are made
         await settle()
-        assert not waiting.done()
+        assert seen == []
         protocol.connection_lost(None)
-        disconnect = (await asyncio.wait_for(waiting, 1))["type"] == "http.disconnect"
         recorder.release.set()
         await settle()
-        return disconnect, protocol.transport.written, protocol.answerer.state.in_flight  # type: ignore[attr-defined]
+        return seen, protocol.transport.written, protocol.answerer.state.in_flight  # type: ignore[attr-defined]
 
-    assert asyncio.run(run()) == (True, b"", 0)
+    assert asyncio.run(run()) == (["gone"], b"", 0)
+
+
+def test_a_watch_begun_after_the_client_left_fires_too() -> None:
+    async def run() -> list[str]:
+        cycle = _Cycle()
+        cycle.disconnected = True
+        seen: list[str] = []
+        cycle.watch(lambda: seen.append("gone"))
+        await settle()
+        return seen
+
+    assert asyncio.run(run()) == ["gone"]
 
 
 def test_a_graceful_shutdown_closes_the_connection_after_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
