@@ -1,0 +1,130 @@
+"""What each HTTP layer costs per request: the same fixed PNG answered at three depths, under wrk.
+
+    python bench/http_layers.py                    # c=64, 4 s each, 2 rounds
+    python bench/http_layers.py --concurrency 16 --rounds 3
+
+The layers, from the top:
+  fastapi   a FastAPI route returning the PNG (bench/load.py's HTTP ceiling), under uvicorn
+  asgi      a bare ASGI callable returning it, under uvicorn: uvicorn's request cycle, no framework
+  protocol  an asyncio protocol on uvloop parsing with httptools and writing the answer: what uvicorn's HTTP
+            protocol does below ASGI, and what service/api/protocol.py builds on for POST /v1/generate
+Each runs in its own process on a free port, one at a time, driven by wrk (bench/wrk/post.lua, one thread,
+--concurrency connections). Printed: requests/s and wall µs per request, per round. On 2 cores the server's
+event loop shares them with wrk, so at the deepest layer wrk itself may be the limit. BENCHMARKS.md
+("Serving") has what it showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/load.py
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository
+import load
+
+LAYERS = ("fastapi", "asgi", "protocol")
+
+
+def png() -> bytes:
+    import numpy as np
+
+    from service.encode import encode_png
+
+    return encode_png(np.full((8, 8, 1), 128, dtype=np.uint8))
+
+
+def asgi_app() -> Any:
+    body = png()
+    head = {"type": "http.response.start", "status": 200,
+            "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send(head)
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def serve_protocol(port: int) -> None:
+    import httptools
+    import uvloop
+
+    body = png()
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    class Protocol(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.transport.write(answer)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def serve(layer: str, port: int) -> None:
+    if layer == "protocol":
+        serve_protocol(port)
+        return
+    import uvicorn
+
+    app = load.bare_app() if layer == "fastapi" else asgi_app()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                interface="asgi3", lifespan="on" if layer == "asgi" else "auto")
+
+
+def measure(layer: str, concurrency: int, duration: float) -> float:
+    port = load.free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkdtemp(prefix="cmserve-layers-")) / f"{layer}.log"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve", layer, str(port)]
+    ready = url + ("/docs" if layer == "fastapi" else "/")  # the two bare servers answer any GET
+    with load.process(argv, {**load.os.environ}, ready, log):
+        load.drive(url, [load.WrkRun({"n": 1}, concurrency)], 1.0)  # warm-up
+        run = load.WrkRun({"n": 1}, concurrency)
+        load.drive(url, [run], duration)
+    return run.requests_per_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds of wrk per layer and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--serve", nargs=2, metavar=("LAYER", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve[0], int(args.serve[1]))
+        return
+    print(f"wrk c={args.concurrency}, {args.duration:g} s per layer and round; requests/s (µs per request)")
+    for round_ in range(args.rounds):
+        cells = []
+        for layer in LAYERS:
+            rate = measure(layer, args.concurrency, args.duration)
+            cells.append(f"{layer} {rate:8.0f} ({1e6 / rate:5.1f} µs)")
+        print(f"round {round_}:  " + "   ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
