@@ -35,7 +35,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from .api.protocol import GenerateAnswerer, GenerateProtocol
+from .api.protocol import UVICORN_VERSION, GenerateAnswerer, GenerateProtocol
 from .app import create_app
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
@@ -117,8 +117,13 @@ def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
 
 def http_protocol(settings: Settings, app: FastAPI) -> Any:
     """uvicorn's `http`: the protocol that answers generate requests itself (service/api/protocol.py), unless
-    turned off or OpenTelemetry is on (its spans wrap FastAPI's app, which that protocol's requests skip)."""
+    turned off, OpenTelemetry is on (its spans wrap FastAPI's app, which that protocol's requests skip), or
+    uvicorn is another version than the one it was written for."""
     if not settings.protocol_fast_path or settings.opentelemetry:
+        return "auto"
+    if uvicorn.__version__ != UVICORN_VERSION:
+        logger.warning("uvicorn %s is not the version %s that the generate protocol was written for; every request "
+                       "goes through uvicorn's own protocol", uvicorn.__version__, UVICORN_VERSION)
         return "auto"
     answerer = GenerateAnswerer(app.state.service, app.state.api_keys, app.state.rate_limiter)
     return functools.partial(GenerateProtocol, answerer=answerer)

@@ -39,6 +39,10 @@ from .security import ApiKeys, RateLimiter
 
 logger = logging.getLogger("cmserve.api")
 
+# GenerateProtocol relies on uvicorn's protocol internals (its parser callbacks and per-connection state) as
+# they are in this version, the one requirements.txt pins (a test keeps the two equal). With any other,
+# the server keeps uvicorn's own protocol (server.http_protocol).
+UVICORN_VERSION = "0.54.0"
 _PATH = GENERATE_PATH.encode()
 
 

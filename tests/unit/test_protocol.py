@@ -220,3 +220,15 @@ def test_the_server_uses_this_protocol_unless_turned_off_or_tracing(settings: di
     chosen = http_protocol(Settings(**settings), create_app(Settings(**settings)))
     assert (getattr(chosen, "func", None) is GenerateProtocol) is ours
     assert ours or chosen == "auto"  # uvicorn's own choice (httptools)
+
+
+def test_the_protocol_is_used_only_with_the_uvicorn_it_was_written_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from service.app import create_app
+    from service.server import http_protocol
+
+    pins = (Path(__file__).resolve().parents[2] / "requirements.txt").read_text().splitlines()
+    assert f"uvicorn=={protocol_module.UVICORN_VERSION}" in pins  # move the two together
+    monkeypatch.setattr(uvicorn, "__version__", "0.99.0")
+    assert http_protocol(Settings(), create_app(Settings())) == "auto"
