@@ -14,14 +14,15 @@ It sits outside FastAPI's own stack (app.py, `ServiceApp`), so it answers its ow
 from __future__ import annotations
 
 from pydantic import ValidationError
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
 from ..schemas import GenerateRequest
 from ..state import ServiceState
 from .errors import service_error_response, unexpected_error_response
-from .middleware import GENERATE_PATH, request_log
-from .routes import asgi_disconnect_watch, respond
+from .middleware import GENERATE_PATH, RequestLog, request_log
+from .routes import DisconnectWatch, asgi_disconnect_watch, respond
 from .security import ApiKeys, RateLimiter
 
 
@@ -36,28 +37,39 @@ class GenerateFastPath:
         if scope["type"] != "http" or scope["path"] != GENERATE_PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        content_type = accept = authorization = None
-        for name, value in scope["headers"]:  # the first of each, as Starlette's headers.get() returns
-            if name == b"content-type" and content_type is None:
-                content_type = value.decode("latin-1")
-            elif name == b"accept" and accept is None:
-                accept = value.decode("latin-1")
-            elif name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
+        headers = scope["headers"]
+        content_type = _header(headers, b"content-type")
         body, complete = await _read_body(receive)
         request = _parse(body) if complete and _is_json(content_type) else None
         if request is None:
             await self.app(scope, _replay(body, complete, receive), send)
             return
-        try:
-            key = self.api_keys.check(authorization)
-            self.rate_limiter.check(key)
-            response = await respond(self.state, request, accept, request_log(scope), asgi_disconnect_watch(receive))
-        except ServiceError as e:
-            response = service_error_response(e)
-        except Exception:  # a bug: FastAPI's server-error layer is not around this path, so answer it here
-            response = unexpected_error_response("POST", GENERATE_PATH)
+        response = await answer(self.state, self.api_keys, self.rate_limiter, request, headers, request_log(scope),
+                                asgi_disconnect_watch(receive))
         await response(scope, receive, send)
+
+
+async def answer(state: ServiceState, api_keys: ApiKeys, rate_limiter: RateLimiter, request: GenerateRequest,
+                 headers: list[tuple[bytes, bytes]], log: RequestLog, watch: DisconnectWatch) -> Response:
+    """The response to a valid generate request outside FastAPI (this middleware, protocol.py): the API key and
+    rate-limit checks the route's dependency runs, then the route's code; errors answered as FastAPI's
+    handlers would, which are not around these paths."""
+    try:
+        key = api_keys.check(_header(headers, b"authorization"))
+        rate_limiter.check(key)
+        return await respond(state, request, _header(headers, b"accept"), log, watch)
+    except ServiceError as e:
+        return service_error_response(e)
+    except Exception:  # a bug
+        return unexpected_error_response("POST", GENERATE_PATH)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of a header (names are lower case in ASGI), as Starlette's headers.get() returns it."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -21,7 +21,6 @@ answering one closes after it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,15 +28,11 @@ from typing import Any
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from ..errors import ServiceError
 from ..state import ServiceState
-from .errors import CLIENT_CLOSED_REQUEST, service_error_response, unexpected_error_response
-from .fastpath import _is_json, _parse
+from .errors import CLIENT_CLOSED_REQUEST
+from .fastpath import _is_json, _parse, answer
 from .middleware import GENERATE_PATH, RequestLog, end_request, request_id
-from .routes import respond
 from .security import ApiKeys, RateLimiter
-
-logger = logging.getLogger("cmserve.api")
 
 # GenerateProtocol relies on uvicorn's protocol internals (its parser callbacks and per-connection state) as
 # they are in this version, the one requirements.txt pins (a test keeps the two equal). With any other,
@@ -156,24 +151,11 @@ class GenerateProtocol(HttpToolsProtocol):
         answerer = self.answerer
         state = answerer.state
         log = RequestLog(request_id=request_id(headers), started=time.monotonic())
-        accept = authorization = None
-        for name, value in headers:  # the first of each, as Starlette's headers.get() returns
-            if name == b"accept" and accept is None:
-                accept = value.decode("latin-1")
-            elif name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
         state.request_started()
         status = 500
         try:
-            try:
-                key = answerer.api_keys.check(authorization)
-                answerer.rate_limiter.check(key)
-                response = await respond(state, request, accept, log, cycle.watch)
-            except ServiceError as e:
-                response = service_error_response(e)
-            except Exception:  # a bug: answer it as the ASGI path's error layer would
-                logger.exception("unexpected error answering POST %s", GENERATE_PATH)
-                response = unexpected_error_response("POST", GENERATE_PATH)
+            response = await answer(state, answerer.api_keys, answerer.rate_limiter, request, headers, log,
+                                    cycle.watch)
             status = response.status_code
             if not cycle.disconnected and status != CLIENT_CLOSED_REQUEST:
                 if self.flow.write_paused:

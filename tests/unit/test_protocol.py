@@ -15,6 +15,7 @@ import uvicorn
 from starlette.responses import Response
 from uvicorn.server import ServerState
 
+from service.api import fastpath
 from service.api import protocol as protocol_module
 from service.api.protocol import GenerateAnswerer, GenerateProtocol, _Cycle
 from service.api.security import ApiKeys, RateLimiter
@@ -91,7 +92,7 @@ async def feed(*chunks: bytes, max_body: int = 4096, release: bool = True,
         await recorder.release.wait()
         return Response(b"fast", media_type="text/plain")
 
-    monkeypatch.setattr(protocol_module, "respond", respond)
+    monkeypatch.setattr(fastpath, "respond", respond)  # what fastpath.answer calls for the protocol
     protocol = GenerateProtocol(config=config, server_state=ServerState(), app_state={}, answerer=answerer)
     protocol.connection_made(Transport())
     for chunk in chunks:
