@@ -64,8 +64,9 @@ class JsonFormatter(logging.Formatter):
     def fixed_line(self, created: float, levelname: str, name: str, msg: str, fields: dict[str, Any]) -> str | None:
         """The JSON of `document(...)` for an access record of ACCESS_FIELDS, from a template; None for any other.
 
-        The same text as the JSON encoder writes (a test compares them), in a fifth of its time: the encoder
-        walks the record field by field, and this line is written for every request (BENCHMARKS.md).
+        The same text as the JSON encoder writes (a test compares them), in about three quarters of its time
+        (4.4 against 6.0 µs on the 2-core VM): the encoder walks the record field by field, and this line is
+        written for every request.
         """
         if tuple(fields) != ACCESS_FIELDS:
             return None

@@ -86,10 +86,10 @@ def _is_json(content_type: str | None) -> bool:
 def _parse(body: bytes) -> GenerateRequest | None:
     """The validated request, or None when it is not one (FastAPI then says why).
 
-    pydantic parses and validates the JSON in one pass (`model_validate_json`), a third of the event loop's time
-    of `json.loads` then `model_validate` as FastAPI does it. Every body it accepts FastAPI accepts too, as
-    the same request (tests/unit/test_schemas.py runs a corpus through both). A body that only FastAPI accepts
-    (one that starts with a UTF-8 byte order mark) goes to FastAPI.
+    pydantic parses and validates the JSON in one pass (`model_validate_json`), in 40% of the event loop's time
+    of `json.loads` then `model_validate` as FastAPI does it (1.3 against 3.3 µs). Every body it accepts FastAPI
+    accepts too, as the same request (tests/unit/test_schemas.py runs a corpus through both). A body that only
+    FastAPI accepts (one that starts with a UTF-8 byte order mark) goes to FastAPI.
     """
     if not body:
         return None
