@@ -88,7 +88,7 @@ def _parse(body: bytes) -> GenerateRequest | None:
 
     pydantic parses and validates the JSON in one pass (`model_validate_json`), in 40% of the event loop's time
     of `json.loads` then `model_validate` as FastAPI does it (1.3 against 3.3 µs). Every body it accepts FastAPI
-    accepts too, as the same request (tests/unit/test_schemas.py runs a corpus through both). A body that only
+    accepts too, as the same request (tests/unit/service/test_schemas.py runs a corpus through both). A body that only
     FastAPI accepts (one that starts with a UTF-8 byte order mark) goes to FastAPI.
     """
     if not body:

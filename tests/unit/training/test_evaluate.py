@@ -36,7 +36,7 @@ from training.features import (
     train_digits_classifier,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CLASS_NAMES = [str(i) for i in range(10)]
 # torchvision's inception_v3 has 27,161,264 parameters; without AuxLogits (3,326,696) and with the TF
 # graph's 1008-way fc instead of 1000 (+8 x 2049) that is the FID network's count.

@@ -152,5 +152,5 @@ def test_worker_cpus_split_every_usable_cpu_in_order(monkeypatch: pytest.MonkeyP
 
 
 def test_the_readme_lists_every_setting_as_the_table_prints_it() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     assert settings_table() in readme, "README.md's settings table is stale: paste `python -m service --settings-table`"

@@ -18,7 +18,7 @@ from models import checkpoint
 from models.checkpoint import FORMAT, CheckpointError, CheckpointMeta, load, recommended_sigmas, save
 from models.consistency import ConsistencyModel
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CLASS_NAMES = [str(i) for i in range(10)]
 
 

@@ -16,7 +16,7 @@ import torch
 
 from training import state as st
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write_model(payload: bytes):  # the model-file writer CheckpointDir.save calls (a real atomic write)

@@ -229,7 +229,7 @@ def test_the_protocol_is_used_only_with_the_uvicorn_it_was_written_for(monkeypat
     from service.app import create_app
     from service.server import http_protocol
 
-    pins = (Path(__file__).resolve().parents[2] / "requirements.txt").read_text().splitlines()
+    pins = (Path(__file__).resolve().parents[4] / "requirements.txt").read_text().splitlines()
     assert f"uvicorn=={protocol_module.UVICORN_VERSION}" in pins  # move the two together
     monkeypatch.setattr(uvicorn, "__version__", "0.99.0")
     assert http_protocol(Settings(), create_app(Settings())) == "auto"
