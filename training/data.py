@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.cli import CliError
+
 DIGITS_SEED = 20231014  # fixes the digits train/held-out split once and for all
 DIGITS_HELDOUT_FRACTION = 0.2
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -22,11 +24,11 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class DataError(SystemExit):
-    """A --data value that cannot be used; exits with one line that names the flag."""
+class DataError(CliError):
+    """A --data value that cannot be used; the message names the flag."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(f"error: --data {message}")
+        super().__init__(f"--data {message}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from scipy import linalg
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint, load, recommended_sigmas, save
+from models.cli import OneLineParser
 from models.config import ModelConfig
 from models.sampling import sample, validate_sigmas
 
@@ -147,8 +148,8 @@ def real_images_for_fid(data: str | None, cfg: ModelConfig) -> tuple[torch.Tenso
         )
     try:
         dataset = load_data(data, cfg.image_size, cfg.image_channels)
-    except DataError as e:  # a SystemExit in the command-line tools; a plain error for API callers
-        raise EvaluationError(str(e.code).removeprefix("error: ")) from None
+    except DataError as e:
+        raise EvaluationError(str(e)) from None
     return dataset.images, data
 
 
@@ -339,13 +340,6 @@ def search_mid_sigma(
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes exit 2 with one line naming the flag, no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def steps_list(text: str) -> tuple[int, ...]:

@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,12 +23,12 @@ from models.consistency import ConsistencyModel
 from models.sampling import karras_sigmas
 
 from . import ict
+from .config import ConfigError, Precision
 from .data import Dataset, global_batch_flips, global_batch_indices
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -63,7 +62,7 @@ def setup_distributed(device_request: str | None) -> tuple[DistInfo, torch.devic
     )
     use_cuda = torch.cuda.is_available() if device_request in (None, "auto") else device_request.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device_request}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {device_request}: CUDA is not available on this machine")
     device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -164,7 +163,7 @@ class Trainer:
         device: torch.device,
     ) -> None:
         if loop.global_batch % dist_info.world_size:
-            raise SystemExit(f"error: --batch {loop.global_batch} is not divisible by the {dist_info.world_size} ranks")
+            raise ConfigError(f"--batch {loop.global_batch} is not divisible by the {dist_info.world_size} ranks")
         self.cfg, self.recipe, self.loop, self.data = cfg, recipe, loop, data
         self.dist, self.device = dist_info, device
         self.local_batch = loop.global_batch // dist_info.world_size

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from training import train
+from training.run import train
 from training.state import CheckpointDir, load_state
+from training.train import resolve
 
 STEPS = 6
 
@@ -29,9 +30,9 @@ def worker(rank: int, world_size: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     argv = ["--out", f"{folder}/run", "--model-channels", "8", "--steps", str(STEPS), "--batch", "16"]
     argv += ["--dropout", "0.1", "--save-every", "3", "--sample-every", "0", "--log-every", "3", "--device", "cpu"]
-    cfg, resume, explicit = train.resolve(argv)
+    cfg, resume, explicit = resolve(argv)
     seen: list[tuple[int, float]] = []
-    trainer = train.train(cfg, resume, explicit, on_step=lambda r: seen.append((r.n_k, float(r.loss))))
+    trainer = train(cfg, resume, explicit, on_step=lambda r: seen.append((r.n_k, float(r.loss))))
     torch.save(
         {"student": trainer.student.state_dict(), "ema": trainer.ema.state_dict(), "seen": seen},
         f"{folder}/rank{rank}.pt",

@@ -23,6 +23,17 @@ def run(out: Path, *extra: str) -> None:
     train.main(["--out", str(out), *TINY, *extra])
 
 
+def cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the command expecting a mistake: exit code 2 and one line on stderr, which is returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert re.match(r"(python -m training\.train: )?error: ", err[0]), err[0]
+    return err[0]
+
+
 def final_state(out: Path) -> dict:
     return load_state(CheckpointDir(out / "checkpoints").latest().state)
 
@@ -87,7 +98,7 @@ def test_run_folder_contents_and_export(tmp_path: Path) -> None:
     assert again.training_step == 2 and again.schedules[2] == [80.0, 0.9]
 
 
-def test_config_file_and_flags(tmp_path: Path) -> None:
+def test_config_file_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text('steps = 2\nlr = 0.0005\nema-decay = 0.5\nrecipe = "ct"\n')
     out = tmp_path / "run"
@@ -101,8 +112,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ("{not json", "not valid JSON"),
     ):
         (tmp_path / "bad.json").write_text(text)
-        with pytest.raises(SystemExit, match=re.escape(message)):
-            train.main(["--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "other")])
+        assert message in cli_error(capsys, ["--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "other")])
 
 
 @pytest.mark.parametrize(
@@ -120,31 +130,31 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         (["--batch", "15", "--steps", "1"], None),  # fine on one rank
     ],
 )
-def test_bad_flags_are_one_line_errors(tmp_path: Path, argv: list[str], message: str | None) -> None:
+def test_bad_flags_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str | None
+) -> None:
     out = tmp_path / "run"
     full = ["--out", str(out), "--model-channels", "8", "--sample-every", "0", "--device", "cpu", *argv]
     if message is None:
         train.main(full)
         return
-    with pytest.raises(SystemExit) as info:
-        train.main(full)
-    text = str(info.value.code)
-    assert text.startswith("error: ") and message.format(out=out) in text and "\n" not in text
+    assert message.format(out=out) in cli_error(capsys, full)
 
 
-def test_existing_run_needs_resume_and_resume_may_not_change_the_recipe(tmp_path: Path) -> None:
+def test_existing_run_needs_resume_and_resume_may_not_change_the_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     run(out, "--steps", "2", "--save-every", "2")
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
-        run(out, "--steps", "2")
-    with pytest.raises(SystemExit, match=re.escape("--lr 0.5 differs from the resumed run's 0.001")):
-        run(out, "--steps", "2", "--lr", "0.5", "--resume")
+    assert "already holds a run; pass --resume" in cli_error(capsys, ["--out", str(out), *TINY, "--steps", "2"])
+    resumed = ["--out", str(out), *TINY, "--steps", "2", "--lr", "0.5", "--resume"]
+    assert "--lr 0.5 differs from the resumed run's 0.001" in cli_error(capsys, resumed)
     run(out, "--steps", "2", "--resume", "--save-every", "1")  # allowed change; nothing left to do
 
 
 def test_cli_error_in_a_real_process_is_one_line(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "training.train", "--out", str(tmp_path), "--data", "cifar10:/nowhere"]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     expected = "error: --data cifar10:/nowhere: no such folder (expected the extracted cifar-10-batches-py)"
     assert proc.stderr.strip().splitlines() == [expected]

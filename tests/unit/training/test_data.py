@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from training.data import (
     CIFAR_TRAIN_BATCHES,
+    DataError,
     digits_split,
     global_batch_flips,
     global_batch_indices,
@@ -82,7 +83,7 @@ def test_cifar10_pickle_with_code_is_refused(tmp_path: Path) -> None:
     write_cifar(folder)
     sentinel = tmp_path / "sentinel"
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": Payload(sentinel), b"labels": []}, protocol=3))
-    with pytest.raises(SystemExit, match=r"^error: --data cifar10:.*data_batch_3.*refusing to load global io.open"):
+    with pytest.raises(DataError, match=r"^--data cifar10:.*data_batch_3.*refusing to load global io.open"):
         load_data(f"cifar10:{folder}", 32, 3)
     assert not sentinel.exists()
     with pytest.raises(pickle.UnpicklingError):
@@ -126,12 +127,12 @@ def test_bad_data_paths_are_one_line_errors_naming_the_flag(tmp_path: Path, spec
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(DataError) as info:
         load_data(spec.format(tmp=tmp_path), 8, 1)
-    text = str(info.value.code)
-    assert text.startswith("error: --data ") and message in text and "\n" not in text
+    text = str(info.value)
+    assert text.startswith("--data ") and message in text and "\n" not in text
 
 
 def test_shape_mismatch_names_the_preset(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"images are \(1, 8, 8\), the model preset needs \(3, 32, 32\)"):
+    with pytest.raises(DataError, match=r"images are \(1, 8, 8\), the model preset needs \(3, 32, 32\)"):
         load_data("digits", 32, 3)

@@ -1,0 +1,224 @@
+"""The run's configuration: a typed frozen `RunConfig`, its per-preset defaults, and the one validation pass.
+
+Options come from a JSON/TOML file and from flags (flags win); `resolve_options` merges them over the
+preset's defaults and `validate` checks every field's type, choice and range once, raising `ConfigError`
+with the flag, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from models.cli import CliError
+from models.config import ModelConfig, preset
+
+from .recipe import TECHNIQUE_FLAGS, Curriculum, Distance, Recipe, Teacher, Timesteps, Weighting, recipe
+
+PresetName = Literal["digits", "cifar10", "imagenet64"]  # the keys of models.config.PRESETS
+RecipeName = Literal["ict", "ct"]  # the keys of training.recipe.RECIPES
+Precision = Literal["fp32", "bf16", "fp16"]
+DeviceRequest = Literal["auto", "cpu", "cuda"]
+ClassCond = Literal["auto", "yes", "no"]
+
+DEFAULT_MID_SIGMA = 0.821  # iCT's two-step CIFAR-10 schedule (80, 0.821) until a search rewrites it
+
+
+class ConfigError(CliError):
+    """An option that cannot be used; the message names the flag (or file), the value and what is allowed."""
+
+
+# Per-preset defaults for the optimisation settings (flags and --config override them).
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # digits: a small model on 1,437 images; a short CPU run (see README for the embedded default's command).
+    "digits": {"steps": 6000, "batch": 128, "lr": 1e-3, "ema_decay": 0.999, "save_every": 500, "sample_every": 500},
+    # iCT CIFAR-10: RAdam lr 1e-4, batch 1024, 400k iterations, EMA 0.99993 (iCT §4).
+    "cifar10": {
+        "steps": 400_000, "batch": 1024, "lr": 1e-4, "ema_decay": 0.99993, "save_every": 5000, "sample_every": 5000
+    },
+    # not tuned here: CIFAR-10's optimiser settings; set --steps/--batch/--lr for your run.
+    "imagenet64": {
+        "steps": 400_000, "batch": 1024, "lr": 1e-4, "ema_decay": 0.99993, "save_every": 5000, "sample_every": 5000
+    },
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; saved as RUN/config.json (with the derived model and recipe)."""
+
+    out: str  # the run folder
+    preset: PresetName = "digits"
+    data: str = "digits"  # digits | cifar10:PATH | folder:PATH
+    steps: int = 6000  # K, the total iterations (the curriculum's horizon)
+    batch: int = 128  # global batch, split across ranks
+    lr: float = 1e-3  # RAdam learning rate
+    ema_decay: float = 0.999  # EMA of the student, for sampling and export
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + k)/(10 + k)) so short runs forget the initial weights
+    grad_clip: float = 0.0  # max gradient norm; 0 = off (the iCT paper does not clip)
+    seed: int = 0  # initial weights, data order and noise
+    precision: Precision = "fp32"  # autocast dtype; fp16 adds grad scaling
+    compile: bool = False  # torch.compile the student
+    device: DeviceRequest = "auto"  # auto: CUDA when available
+    save_every: int = 500  # checkpoint every M steps
+    sample_every: int = 500  # sample grid every M steps; 0 = never
+    log_every: int = 50  # metrics row every M steps (the loop's only host sync)
+    keep: int = 2  # checkpoints kept on disk
+    stop_after: int | None = None  # stop this invocation after that many steps (checkpointing); resume later
+    recipe: RecipeName = "ict"
+    distance: Distance | None = None  # None: the recipe's choice (likewise for the technique fields below)
+    timesteps: Timesteps | None = None
+    curriculum: Curriculum | None = None
+    teacher: Teacher | None = None
+    weighting: Weighting | None = None
+    fourier_scale: float | None = None
+    dropout: float | None = None
+    s0: int | None = None  # curriculum start
+    s1: int | None = None  # curriculum end
+    mu0: float | None = None  # EMA-teacher decay at N = s0 (CT)
+    model_channels: int | None = None  # preset override
+    num_res_blocks: int | None = None  # preset override
+    class_cond: ClassCond = "auto"  # auto: conditional when the preset is and the data have labels
+    mid_sigma: float = DEFAULT_MID_SIGMA  # middle σ of the recommended 2-step schedule
+
+    def recipe_obj(self) -> Recipe:
+        overrides = {f: getattr(self, f) for f in (*TECHNIQUE_FLAGS.values(), "s0", "s1", "mu0")}
+        return recipe(self.recipe, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The allowed range of each numeric option: (test, what the error says is allowed).
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "batch": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (lambda v: v >= 0, ">= 0"),
+    "save_every": (lambda v: v >= 1, ">= 1"),
+    "sample_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+    "keep": (lambda v: v >= 1, ">= 1"),
+    "stop_after": (lambda v: v is None or v >= 1, ">= 1"),
+    "model_channels": (lambda v: v is None or v >= 4, ">= 4"),
+    "num_res_blocks": (lambda v: v is None or v >= 1, ">= 1"),
+    "mid_sigma": (lambda v: 0.002 < v < 80, "strictly between sigma_min and sigma_max"),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
+
+
+def choices(name: str) -> list[str] | None:
+    """The allowed values of a `Literal` option (alone or `| None`); None for other options."""
+    hint = field_types()[name]
+    literals = [a for a in (hint, *get_args(hint)) if get_origin(a) is Literal]
+    return list(get_args(literals[0])) if literals else None
+
+
+def accepts(hint: Any, value: Any) -> bool:
+    """Whether `value` has the type `hint` (a class, a Literal, or a union of them); bools are not numbers."""
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        return any(accepts(alt, value) for alt in get_args(hint))
+    if get_origin(hint) is Literal:
+        return isinstance(value, str) and value in get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+
+
+def validate(cfg: RunConfig, origin: Mapping[str, str] | None = None) -> None:
+    """Check every option's type, choice and range in one pass; `origin` names where file values came from."""
+    origin = origin or {}
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
+    for name, hint in field_types().items():
+        value = getattr(cfg, name)
+        if not accepts(hint, value):
+            if choices(name) is not None:
+                raise ConfigError(f"{flag(name)} {value!r} is not one of {choices(name)}")
+            source = f"{origin[name]}: option {name} =" if name in origin else flag(name)
+            raise ConfigError(f"{source} {value!r} must be of type {annotations[name]}")
+        ok, allowed = RANGES.get(name, (None, ""))
+        if ok is not None and not ok(value):
+            raise ConfigError(f"{flag(name)} {value} must be {allowed}")
+    try:
+        cfg.recipe_obj()
+    except ValueError as e:
+        raise ConfigError(f"{e} (see --recipe and the technique flags)") from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The options of a JSON or TOML file (keys as the flags, - or _); unknown keys are an error."""
+    file = Path(path)
+    kind = "TOML" if file.suffix == ".toml" else "JSON"
+    try:
+        text = file.read_text()
+        doc = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise ConfigError(f"--config {path}: not valid {kind} ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: must hold a table/object of options")
+    allowed = {f.name for f in dataclasses.fields(RunConfig)}
+    options = {k.replace("-", "_"): v for k, v in doc.items()}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown options {unknown}; allowed: {sorted(allowed)}")
+    return options
+
+
+def resolve_options(flags: Mapping[str, Any], config_file: str | None = None) -> tuple[RunConfig, set[str]]:
+    """Defaults < the preset's defaults < the config file < flags, validated; also the options given explicitly."""
+    file_options = read_config_file(config_file) if config_file is not None else {}
+    origin = {name: f"--config {config_file}" for name in file_options.keys() - flags.keys()}
+    explicit = {**file_options, **flags}
+    if "out" not in explicit:
+        raise ConfigError("--out RUN_FOLDER is required")
+    name = explicit.get("preset", "digits")
+    defaults = PRESET_DEFAULTS.get(name, {}) if isinstance(name, str) else {}
+    cfg = RunConfig(**{**defaults, **explicit})
+    validate(cfg, origin)
+    return cfg, set(explicit)
+
+
+def model_config(cfg: RunConfig, rec: Recipe, num_data_classes: int) -> ModelConfig:
+    """The preset with the run's overrides: width, depth, the recipe's Fourier scale and dropout, classes."""
+    base = preset(cfg.preset)
+    changes: dict[str, Any] = {"fourier_scale": rec.fourier_scale}
+    if rec.dropout is not None:
+        changes["dropout"] = rec.dropout
+    for name in ("model_channels", "num_res_blocks"):
+        if getattr(cfg, name) is not None:
+            changes[name] = getattr(cfg, name)
+    if cfg.class_cond == "yes" and not num_data_classes:
+        raise ConfigError(f"--class-cond yes needs labelled data; --data {cfg.data} has no labels")
+    conditional = cfg.class_cond == "yes" or (cfg.class_cond == "auto" and base.num_classes > 0)
+    changes["num_classes"] = num_data_classes if conditional else 0
+    try:
+        return base.replace(**changes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def schedules(cfg: RunConfig, model_cfg: ModelConfig) -> dict[int, list[float]]:
+    """The recommended σ lists by step count: {1: [σ_max], 2: [σ_max, mid]}."""
+    return {1: [model_cfg.sigma_max], 2: [model_cfg.sigma_max, cfg.mid_sigma]}
