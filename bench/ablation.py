@@ -1,8 +1,8 @@
 """The iCT paper's ablation in miniature on digits, at one equal budget for every variant.
 
-    python bench/ablation.py --budget 2000                 # iCT, CT, and iCT with each technique set back to CT's
-    python bench/ablation.py --budget 300 --samples 500    # a quick look
-    python bench/ablation.py --variants ict,ct --json runs/ablation/table.json
+    python -m bench.ablation --budget 2000                 # iCT, CT, and iCT with each technique set back to CT's
+    python -m bench.ablation --budget 300 --samples 500    # a quick look
+    python -m bench.ablation --variants ict,ct --json runs/ablation/table.json
 
 Every variant trains the same class-conditional digits model (same width, batch, learning rate, seed
 and number of steps) with `training.train`, then `training.evaluate` scores the EMA weights: the
@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.harness import write_json
 from models.config import preset
 from training import evaluate, train
 from training.recipe import RECIPES, TECHNIQUE_FLAGS, ablation_variants
@@ -116,8 +113,7 @@ def main() -> None:
           f"ict = {RECIPES['ict'].to_dict()}; ct = {RECIPES['ct'].to_dict()})\n")
     print(table(rows, floor))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+        write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The network alone on the CPU, by batch size: one torch thread, all CPUs as torch threads, all CPUs as slices.
 
-    python bench/cpu_parallel.py                 # the embedded default model, batches 1 … 256
-    python bench/cpu_parallel.py --batches 16,64 --reps 9
+    python -m bench.cpu_parallel                 # the embedded default model, batches 1 … 256
+    python -m bench.cpu_parallel --batches 16,64 --reps 9
 
 The three ways the service can evaluate a CPU batch (CM_CPU_PARALLEL, service/engine.py): one torch thread;
 `operators`, torch's intra-op parallelism over all usable CPUs; `slices`, the batch cut into slices of at
@@ -13,19 +13,14 @@ as the server runs it. Printed per batch size: the best over --reps runs of the 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/load.py (it puts the repository on the path)
-
-from load import evaluation_inputs
-
+from bench.harness import EMBEDDED_DEFAULT, evaluation_inputs, int_list
 from models import checkpoint
 from service.engine import Engine
-from service.registry import EMBEDDED_DEFAULT
 from service.settings import usable_cpus
 
 
@@ -46,11 +41,11 @@ def best_time(engine: Engine, inputs: tuple, reps: int, seconds: float) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=EMBEDDED_DEFAULT)
-    parser.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    parser.add_argument("--batches", type=int_list, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], help="e.g. 16,64")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.3)
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     loaded = checkpoint.load(args.checkpoint)
     cpus = usable_cpus()
     ways = [("1 thread", 1, 1), (f"{cpus} threads", cpus, 1), (f"{cpus} slices", 1, cpus)]

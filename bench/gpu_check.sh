@@ -29,28 +29,28 @@ fi
 if want sample; then
 log "sampling: cifar10 preset, bf16 and fp32, eager and torch.compile (issue 2)"
 for dtype in bf16 fp32; do
-  $PY bench/sample.py --preset cifar10 --device cuda --dtype $dtype --batches 1,64,256 --steps 1,2 \
+  $PY -m bench.sample --preset cifar10 --device cuda --dtype $dtype --batches 1,64,256 --steps 1,2 \
     --json "$OUT/sample_cifar10_${dtype}_eager.json"
-  $PY bench/sample.py --preset cifar10 --device cuda --dtype $dtype --batches 256 --steps 1,2 --compile \
+  $PY -m bench.sample --preset cifar10 --device cuda --dtype $dtype --batches 256 --steps 1,2 --compile \
     --channels-last --json "$OUT/sample_cifar10_${dtype}_compile.json"
 done
 fi
 
 if want train; then
   log "training throughput: cifar10 preset, bf16 (issue 3)"
-  $PY bench/train_speed.py --preset cifar10 --device cuda --precision bf16 --json "$OUT/train_cifar10_bf16.json"
+  $PY -m bench.train_speed --preset cifar10 --device cuda --precision bf16 --json "$OUT/train_cifar10_bf16.json"
 fi
 
 if want serve; then
   log "serving: cifar10 preset through the real HTTP service on the GPU, bf16, traced (the default) and eager (issue 4)"
-  $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 \
+  $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 \
     --json "$OUT/serve_cifar10_bf16.json"
-  $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 --no-trace \
+  $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --concurrency 16,64 --n 8 --steps 1,2 --duration 8 --no-trace \
     --json "$OUT/serve_cifar10_bf16_eager.json"
 fi
 if want compile; then
   log "serving with CM_COMPILE=true, buckets 64/128/256 (the GPU setting README recommends under load)"
-  CM_BATCH_BUCKETS=64,128,256 $PY bench/gpu_serve.py --preset cifar10 --dtype bf16 --compile --concurrency 16,64 \
+  CM_BATCH_BUCKETS=64,128,256 $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --compile --concurrency 16,64 \
     --n 8 --steps 1,2 --duration 6 --json "$OUT/serve_cifar10_bf16_compile.json"
 fi
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -1,10 +1,10 @@
 """What each HTTP layer costs per request: the same fixed PNG answered at three depths, under wrk.
 
-    python bench/http_layers.py                    # c=64, 4 s each, 2 rounds
-    python bench/http_layers.py --concurrency 16 --rounds 3
+    python -m bench.http_layers                    # c=64, 4 s each, 2 rounds
+    python -m bench.http_layers --concurrency 16 --rounds 3
 
 The layers, from the top:
-  fastapi   a FastAPI route returning the PNG (bench/load.py's HTTP ceiling), under uvicorn
+  fastapi   a FastAPI route returning the PNG (bench.load's HTTP ceiling, bench.harness.bare_app), under uvicorn
   asgi      a bare ASGI callable returning it, under uvicorn: uvicorn's request cycle, no framework
   protocol  an asyncio protocol on uvloop parsing with httptools and writing the answer: what uvicorn's HTTP
             protocol does below ASGI, and what service/api/protocol.py builds on for POST /v1/generate
@@ -18,28 +18,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/load.py
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository
-import load
+from bench.harness import WrkRun, drive, fixed_png, free_port, process, require_wrk, serve_bare, warm_up
 
 LAYERS = ("fastapi", "asgi", "protocol")
 
 
-def png() -> bytes:
-    import numpy as np
-
-    from service.encode import encode_png
-
-    return encode_png(np.full((8, 8, 1), 128, dtype=np.uint8))
-
-
 def asgi_app() -> Any:
-    body = png()
+    """The fixed PNG from a bare ASGI callable (lifespan answered, so uvicorn runs it as the service's app)."""
+    body = fixed_png()
     head = {"type": "http.response.start", "status": 200,
             "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]}
 
@@ -61,7 +53,7 @@ def serve_protocol(port: int) -> None:
     import httptools
     import uvloop
 
-    body = png()
+    body = fixed_png()
     answer = b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
     class Protocol(asyncio.Protocol):
@@ -86,24 +78,26 @@ def serve_protocol(port: int) -> None:
 def serve(layer: str, port: int) -> None:
     if layer == "protocol":
         serve_protocol(port)
-        return
-    import uvicorn
+    elif layer == "fastapi":
+        serve_bare(port, workers=1)
+    else:
+        import uvicorn
 
-    app = load.bare_app() if layer == "fastapi" else asgi_app()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                interface="asgi3", lifespan="on" if layer == "asgi" else "auto")
+        uvicorn.run(asgi_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                    interface="asgi3", lifespan="on")
 
 
 def measure(layer: str, concurrency: int, duration: float) -> float:
-    port = load.free_port()
+    """Requests/s of one layer in a fresh process, after a 1 s warm-up."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="cmserve-layers-")) / f"{layer}.log"
-    argv = [sys.executable, str(Path(__file__).resolve()), "--serve", layer, str(port)]
+    argv = [sys.executable, "-m", "bench.http_layers", "--serve", layer, str(port)]
     ready = url + ("/docs" if layer == "fastapi" else "/")  # the two bare servers answer any GET
-    with load.process(argv, {**load.os.environ}, ready, log):
-        load.drive(url, [load.WrkRun({"n": 1}, concurrency)], 1.0)  # warm-up
-        run = load.WrkRun({"n": 1}, concurrency)
-        load.drive(url, [run], duration)
+    with process(argv, os.environ, ready, log):
+        warm_up(url, {"n": 1}, concurrency)
+        run = WrkRun({"n": 1}, concurrency)
+        drive(url, [run], duration)
     return run.requests_per_s
 
 
@@ -117,6 +111,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve[0], int(args.serve[1]))
         return
+    require_wrk()
     print(f"wrk c={args.concurrency}, {args.duration:g} s per layer and round; requests/s (µs per request)")
     for round_ in range(args.rounds):
         cells = []

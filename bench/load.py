@@ -1,12 +1,12 @@
 """Closed-loop load against a real `python -m service` process, with the ceilings measured in the same run.
 
-    python bench/load.py                          # digits: concurrency 1,4,16,64 × n 1,8 × 1-step, 2-step, mix
-    python bench/load.py --duration 3 --concurrency 1,64 --n 1
-    python bench/load.py --workers 2              # CM_WORKERS=2: two server processes on one socket
+    python -m bench.load                          # digits: concurrency 1,4,16,64 × n 1,8 × 1-step, 2-step, mix
+    python -m bench.load --duration 3 --concurrency 1,64 --n 1
+    python -m bench.load --workers 2              # CM_WORKERS=2: two server processes on one socket
 
 The load comes from wrk (Debian's `apt-get install -y wrk`) with bench/wrk/post.lua: one C process drives
-thousands of requests per second, so the client is not the bottleneck (the bare-endpoint figure below is
-the proof). A "mix" runs two wrk processes at once, half the connections sending 1-step requests and half
+thousands of requests per second, so the client is not the bottleneck (the HTTP ceiling below shows how far
+it goes). A "mix" runs two wrk processes at once, half the connections sending 1-step requests and half
 4-step ones, so each step count gets its own latency percentiles.
 
 Printed for each scenario: images/s, p50/p95/p99 latency per step count, mean images per network
@@ -29,41 +29,39 @@ forward pass (the one-process best time, whatever --workers: one request is serv
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import platform
 import queue
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from models import checkpoint  # noqa: E402
-from models.config import preset  # noqa: E402
-from models.consistency import ConsistencyModel  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.registry import EMBEDDED_DEFAULT  # noqa: E402
-from service.settings import Settings, usable_cpus, worker_cpus  # noqa: E402
-
-WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
-MIX = "mix"  # half the connections 1-step, half 4-step
-
+from bench.harness import (
+    MIX,
+    Scenario,
+    WrkRun,
+    default_checkpoint,
+    drive,
+    evaluation_inputs,
+    free_port,
+    int_list,
+    machine,
+    process,
+    require_wrk,
+    run_scenario,
+    serve_bare,
+    service,
+    warm_up,
+    write_json,
+)
+from models import checkpoint
+from service.engine import Engine
+from service.settings import Settings, usable_cpus, worker_cpus
 
 # ---------------------------------------------------------------------- ceilings
 
@@ -71,13 +69,6 @@ MIX = "mix"  # half the connections 1-step, half 4-step
 def worker_threads(workers: int, torch_threads: int = 0) -> int:
     """Torch threads per server worker: CM_TORCH_THREADS, or the server's default max(1, CPUs // workers)."""
     return Settings(workers=workers, torch_threads=torch_threads).cpu_threads
-
-
-def evaluation_inputs(loaded: checkpoint.LoadedCheckpoint, b: int) -> tuple[torch.Tensor, ...]:
-    """Arguments of one engine evaluation of `b` images (labels only for a class-conditional model)."""
-    config = loaded.meta.config
-    labels = torch.zeros(b, dtype=torch.long) if config.num_classes else None
-    return torch.randn(b, *config.image_shape), torch.full((b,), 80.0), labels
 
 
 def single_process_ceiling(path: Path, batches: list[int], seconds: float) -> dict[int, dict[str, float]]:
@@ -210,91 +201,15 @@ def way(m: dict[str, float]) -> str:
     return f"{m['threads']:.0f} thread{'s' if m['threads'] > 1 else ''}"
 
 
-def bare_app() -> Any:
-    """The HTTP-alone ceiling: FastAPI answering POST /v1/generate with a fixed 8x8 PNG (imported lazily)."""
-    import numpy as np
-    from fastapi import FastAPI
-    from starlette.responses import Response
-
-    from service.encode import encode_png
-
-    png = encode_png(np.full((8, 8, 1), 128, dtype=np.uint8))
-    app = FastAPI()
-
-    @app.post("/v1/generate")
-    async def generate() -> Response:
-        return Response(png, media_type="image/png")
-
-    return app
+# ---------------------------------------------------------------------- HTTP alone
 
 
-# ---------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} not ready within {timeout} s")
-
-
-@contextmanager
-def process(argv: list[str], env: dict[str, str], ready_url: str, log: Path,
-            cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(ready_url, proc)
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def wait_workers(log: Path, workers: int, log_level: str, timeout: float = 180.0) -> None:
-    """/readyz answers once the first worker is ready: with several, wait for each one's "ready" log line."""
-    if workers == 1 or log_level not in ("debug", "info"):
-        return
-    deadline = time.monotonic() + timeout
-    while log.read_text(errors="replace").count("ready: serving") < workers:
-        if time.monotonic() > deadline:
-            print(f"note: not every one of the {workers} workers logged ready within {timeout:.0f} s")
-            return
-        time.sleep(0.1)
-
-
-def serve_bare(port: int, workers: int) -> None:
-    """The bare endpoint under uvicorn: `workers` processes on one socket (an import string makes that possible)."""
-    import uvicorn
-
-    uvicorn.run(f"{Path(__file__).stem}:bare_app", factory=True, workers=workers, app_dir=str(Path(__file__).parent),
-                host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-def http_ceiling(concurrency: list[int], duration: float, workers: int, env: dict[str, str],
-                 log: Path) -> dict[int, float]:
-    """Requests/s of the bare endpoint at each wrk concurrency."""
+def http_ceiling(concurrency: list[int], duration: float, workers: int, log: Path) -> dict[int, float]:
+    """Requests/s of the bare endpoint (bench.harness.bare_app) at each wrk concurrency."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port), "--workers", str(workers)]
+    argv = [sys.executable, "-m", "bench.load", "--serve-bare", str(port), "--workers", str(workers)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
     http: dict[int, float] = {}
     with process(argv, env, url + "/docs", log):
         for c in concurrency:
@@ -304,102 +219,7 @@ def http_ceiling(concurrency: list[int], duration: float, workers: int, env: dic
     return http
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Sum of every cmserve_ sample by name (labels dropped)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("cmserve_"):
-                totals[s.name] = totals.get(s.name, 0.0) + s.value
-    return totals
-
-
-# ---------------------------------------------------------------------- wrk
-
-
-@dataclass
-class WrkRun:
-    body: dict[str, Any]
-    connections: int
-    stats: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.stats["requests"] / (self.stats["duration_us"] / 1e6)
-
-    @property
-    def errors(self) -> int:
-        keys = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
-        return int(sum(self.stats[k] for k in keys))
-
-
-def start_wrk(url: str, run: WrkRun, duration: float) -> subprocess.Popen[str]:
-    env = {**os.environ, "WRK_BODY": json.dumps(run.body)}
-    seconds = max(1, round(duration))
-    argv = ["wrk", "-t1", f"-c{run.connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(WRK_SCRIPT),
-            url + "/v1/generate"]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish_wrk(proc: subprocess.Popen[str], run: WrkRun) -> None:
-    out, _ = proc.communicate()
-    line = next((ln for ln in out.splitlines() if ln.startswith("WRK_JSON ")), None)
-    if line is None:
-        raise SystemExit(f"wrk printed no result:\n{out}")
-    run.stats = json.loads(line.removeprefix("WRK_JSON "))
-
-
-def drive(url: str, runs: list[WrkRun], duration: float) -> None:
-    """Run the wrk processes at the same time."""
-    procs = [start_wrk(url, run, duration) for run in runs]
-    for proc, run in zip(procs, runs, strict=True):
-        finish_wrk(proc, run)
-
-
-# ---------------------------------------------------------------------- scenarios
-
-
-@dataclass
-class Scenario:
-    concurrency: int
-    n: int
-    steps: int | str  # 1, 2 or MIX
-    runs: list[WrkRun] = field(default_factory=list)
-    images_per_forward: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return f"c={self.concurrency:<3d} n={self.n:<2d} steps={self.steps}"
-
-    def plan(self) -> list[WrkRun]:
-        if self.steps == MIX:
-            half = self.concurrency // 2
-            return [WrkRun({"n": self.n, "steps": 1}, half), WrkRun({"n": self.n, "steps": 4}, half)]
-        return [WrkRun({"n": self.n, "steps": self.steps}, self.concurrency)]
-
-    @property
-    def images_per_s(self) -> float:
-        return sum(r.requests_per_s * r.body["n"] for r in self.runs)
-
-    @property
-    def mean_steps(self) -> float:
-        done = [(r.requests_per_s * r.body["n"], r.body["steps"]) for r in self.runs]
-        total = sum(images for images, _ in done)
-        return sum(images * steps for images, steps in done) / total if total else 1.0
-
-
-def run_scenario(url: str, scenario: Scenario, duration: float) -> None:
-    before = scrape(url)
-    scenario.runs = scenario.plan()
-    drive(url, scenario.runs, duration)
-    after = scrape(url)
-    count = after["cmserve_batch_size_count"] - before["cmserve_batch_size_count"]
-    images = after["cmserve_batch_size_sum"] - before["cmserve_batch_size_sum"]
-    scenario.images_per_forward = images / count if count else 0.0
+# ---------------------------------------------------------------------- ceilings of a scenario
 
 
 def model_images_per_s(model: dict[int, dict[str, float]], batch: int, steps: float) -> float:
@@ -416,21 +236,12 @@ def combined(model_img_s: float, http_req_s: float, n: int) -> float:
 # ---------------------------------------------------------------------- main
 
 
-def default_checkpoint(tmp: Path) -> tuple[Path, str]:
-    if EMBEDDED_DEFAULT.is_file():
-        return EMBEDDED_DEFAULT, "embedded default (trained)"
-    torch.manual_seed(0)
-    model = ConsistencyModel.from_config(preset("digits"))
-    path = checkpoint.save(tmp / "digits-random.safetensors", model, preset="digits")
-    return path, "digits preset, random weights (the embedded default does not exist yet; same cost per image)"
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="model to serve (default: the embedded digits model)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario")
-    parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--n", default="1,8", help="images per request")
+    parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], help="e.g. 1,4,16,64")
+    parser.add_argument("--n", type=int_list, default=[1, 8], help="images per request, e.g. 1,8")
     parser.add_argument("--steps", default="1,2,mix", help="1, 2 and/or mix (half 1-step, half 4-step clients)")
     parser.add_argument("--max-batch", type=int, default=256, help="CM_MAX_BATCH of the server")
     parser.add_argument("--workers", type=int, default=1,
@@ -441,61 +252,67 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
     if args.workers < 1:
-        parser.error("--workers must be at least 1")
+        parser.error(f"--workers {args.workers}: must be at least 1")
+    kinds = args.steps.split(",")
+    bad = [k for k in kinds if k != MIX and not k.isdigit()]
+    if bad:
+        parser.error(f"--steps {args.steps}: {bad} not allowed; give step counts and/or {MIX}")
+    args.steps = [k if k == MIX else int(k) for k in kinds]
+    return args
+
+
+def serve_scenarios(args: argparse.Namespace, ckpt: Path, log: Path, model: dict[int, dict[str, float]],
+                    http: dict[int, float]) -> list[Scenario]:
+    """Every scenario against one `python -m service`, each row printed as it finishes."""
+    settings = {"CM_MODELS": f"digits={ckpt}", "CM_LOG_LEVEL": args.log_level, "CM_MAX_BATCH": str(args.max_batch),
+                "CM_MAX_IMAGES_PER_REQUEST": str(max(args.n)), "CM_TORCH_THREADS": str(args.torch_threads),
+                "CM_WORKERS": str(args.workers)}
+    threads = worker_threads(args.workers, args.torch_threads)
+    print(f"\nservice: python -m service, CM_WORKERS={args.workers}, CM_MAX_BATCH={args.max_batch}, "
+          f"torch threads {threads} per worker, log level {args.log_level} (log: {log})")
+    # A mix needs two connections (one per step count), so it starts at concurrency 2.
+    scenarios = [Scenario(c, n, s) for n in args.n for s in args.steps for c in args.concurrency
+                 if s != MIX or c >= 2]
+    with service(settings, log) as server:
+        warm_up(server.url)
+        print(f"{'scenario':<24} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'img/eval':>8}  "
+              "latency ms p50 / p95 / p99 by steps")
+        for scenario in scenarios:
+            run_scenario(server.url, scenario, args.duration)
+            print(format_row(scenario, model, http, args.max_batch))
+    return scenarios
+
+
+def main() -> None:
+    args = parse_args()
     if args.serve_bare:
         serve_bare(args.serve_bare, args.workers)
         return
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install -y wrk")
-
-    concurrency = [int(c) for c in args.concurrency.split(",")]
-    ns = [int(n) for n in args.n.split(",")]
-    step_kinds: list[int | str] = [s if s == MIX else int(s) for s in args.steps.split(",")]
+    require_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-load-"))
     ckpt, ckpt_note = default_checkpoint(tmp) if args.checkpoint is None else (args.checkpoint, str(args.checkpoint))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({usable_cpus()} usable); "
-          f"torch {torch.__version__}")
+    print(f"machine: {machine(torch.device('cpu'))}, {usable_cpus()} usable CPUs")
     print(f"model: {ckpt_note}")
     print("note: server, wrk and this script share the same cores (and, on a shared machine, other jobs)\n")
 
     # Ceiling 1: the engine alone.
-    batches = sorted({1, *(min(c * n, args.max_batch) for c in concurrency for n in ns), args.max_batch})
+    batches = sorted({1, *(min(c * n, args.max_batch) for c in args.concurrency for n in args.n), args.max_batch})
     model = model_ceiling(ckpt, batches, workers=args.workers)
     print_model_ceiling(model, args.workers)
 
     # Ceiling 2: a bare FastAPI endpoint, same uvicorn, same number of worker processes, same wrk.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
-    http = http_ceiling(concurrency, min(args.duration, 3.0), args.workers, env, tmp / "bare.log")
+    http = http_ceiling(args.concurrency, min(args.duration, 3.0), args.workers, tmp / "bare.log")
     print(f"\nHTTP ceiling (bare FastAPI endpoint returning a fixed PNG, {args.workers} uvicorn worker process"
           f"{'es' if args.workers > 1 else ''}, wrk):")
     for c, rps in http.items():
         print(f"  concurrency {c:3d}: {rps:8.0f} requests/s")
 
-    # The service under load.
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_env = {**env, "CM_MODELS": f"digits={ckpt}", "CM_PORT": str(port), "CM_LOG_LEVEL": args.log_level,
-                  "CM_MAX_BATCH": str(args.max_batch), "CM_MAX_IMAGES_PER_REQUEST": str(max(ns)),
-                  "CM_TORCH_THREADS": str(args.torch_threads), "CM_WORKERS": str(args.workers)}
-    threads = worker_threads(args.workers, args.torch_threads)
-    print(f"\nservice: python -m service, CM_WORKERS={args.workers}, CM_MAX_BATCH={args.max_batch}, "
-          f"torch threads {threads} per worker, log level {args.log_level} (log: {tmp / 'service.log'})")
-    # A mix needs two connections (one per step count), so it starts at concurrency 2.
-    scenarios = [Scenario(c, n, s) for n in ns for s in step_kinds for c in concurrency if s != MIX or c >= 2]
-    with process([sys.executable, "-m", "service"], server_env, url + "/readyz", tmp / "service.log"):
-        wait_workers(tmp / "service.log", args.workers, args.log_level)
-        drive(url, [WrkRun({"n": 1, "steps": 1}, 4)], 1.0)  # warm the path
-        header = (f"{'scenario':<24} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'img/eval':>8}  "
-                  "latency ms p50 / p95 / p99 by steps")
-        print(header)
-        for scenario in scenarios:
-            run_scenario(url, scenario, args.duration)
-            print(format_row(scenario, model, http, args.max_batch))
-    # The VM's speed drifts by more than the targets' margins over a run's minutes: measure the model ceiling of
-    # the concurrency-64 scenarios again now, and give their ratios against both measurements.
-    again = sorted({min(64 * n, args.max_batch) for n in ns} & set(batches)) if 64 in concurrency else []
+    scenarios = serve_scenarios(args, ckpt, tmp / "service.log", model, http)
+
+    # The machine's speed drifts over a run's minutes: measure the concurrency-64 model ceiling again now, and
+    # give those ratios against both measurements.
+    again = sorted({min(64 * n, args.max_batch) for n in args.n} & set(batches)) if 64 in args.concurrency else []
     model_after = model_ceiling(ckpt, again, workers=args.workers) if again else {}
     for b, m in model_after.items():
         print(f"\nmodel ceiling measured again after the scenarios: batch {b}: {m['images_per_s']:.0f} images/s "
@@ -505,9 +322,9 @@ def main() -> None:
     for line in report:
         print("  " + line)
     if args.json:
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "workers": args.workers,
-            "torch_threads_per_worker": threads,
+            "torch_threads_per_worker": worker_threads(args.workers, args.torch_threads),
             "model": {str(b): m for b, m in model.items()},
             "model_after": {str(b): m for b, m in model_after.items()},
             "http_requests_per_s": http,
@@ -516,7 +333,7 @@ def main() -> None:
                            "runs": [{"body": r.body, "connections": r.connections, **r.stats} for r in s.runs]}
                           for s in scenarios],
             "targets": report,
-        }, indent=2))
+        })
 
 
 def ceiling_of(scenario: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int) -> float:
@@ -526,11 +343,7 @@ def ceiling_of(scenario: Scenario, model: dict[int, dict[str, float]], http: dic
 
 def format_row(s: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int) -> str:
     ceiling = ceiling_of(s, model, http, max_batch)
-    latencies = "  ".join(
-        f"{r.body['steps']}-step {r.stats['p50_us'] / 1e3:.1f} / {r.stats['p95_us'] / 1e3:.1f} / "
-        f"{r.stats['p99_us'] / 1e3:.1f}" + (f" ({r.errors} errors)" if r.errors else "")
-        for r in s.runs
-    )
+    latencies = "  ".join(r.latency(50, 95, 99) for r in s.runs)
     return (f"{s.name:<24} {s.images_per_s:9.0f} {ceiling:8.0f} {s.images_per_s / ceiling:6.2f} "
             f"{s.images_per_forward:8.1f}  {latencies}")
 

@@ -1,18 +1,18 @@
 """Event-loop CPU per POST /v1/generate, in process: the app driven over ASGI, no sockets, no client process.
 
-    python bench/loop_cost.py                      # digits, {"n": 1}, access log on, 6 repetitions
-    python bench/loop_cost.py --log-level warning  # without the access log
-    python bench/loop_cost.py --body '{"n": 8, "steps": 2}'
+    python -m bench.loop_cost                      # digits, {"n": 1}, access log on, 6 repetitions
+    python -m bench.loop_cost --log-level warning  # without the access log
+    python -m bench.loop_cost --body '{"n": 8, "steps": 2}'
 
-What HTTP handling costs the service per request is what limits it at high request rates on the CPU
-(BENCHMARKS.md, "Serving"), and wrk runs against a real server on a shared 2-core VM move by ±5-10% from
-one run to the next, more than one change to the request path gains. This measures that cost alone: the
+What HTTP handling costs the service per request is what limits it at high request rates on the CPU, and
+wrk runs against a real server on a shared VM move from one run to the next by more than one change to the
+request path gains (BENCHMARKS.md, "Reading the serving figures"). This measures that cost alone: the
 app (create_app, lifespan running, the real engine and model) gets `--concurrency` concurrent requests
 straight through its ASGI interface, the event loop on one CPU and the engine thread on another when there
 are two, and the loop thread's CPU time (time.thread_time) is divided by the requests answered. Log lines
 go to stderr as in the server; send them to a file (2>FILE). Without uvicorn's protocol work and the
-sockets the figure is lower than in a server (~0.13 against ~0.18 ms a request on the 2-core VM), and the
-smallest of the repetitions is the steadiest figure to compare two revisions with.
+sockets the figure is lower than in a server, and the smallest of the repetitions is the steadiest figure
+to compare two revisions with.
 """
 
 from __future__ import annotations
@@ -21,15 +21,11 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.app import create_app
 from service.logs import configure_logging

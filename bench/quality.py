@@ -1,7 +1,7 @@
 """Sample quality of a digits checkpoint against the floor (issue 3's quality target).
 
-    python bench/quality.py                                  # models/pretrained/digits.safetensors
-    python bench/quality.py runs/digits/export.safetensors --samples 2000 --json
+    python -m bench.quality                                  # models/pretrained/digits.safetensors
+    python -m bench.quality runs/digits/export.safetensors --samples 2000 --json
 
 Prints the Fréchet distance (digits classifier feature space) of 1-step and 2-step samples to the held-out
 split, the floor (held-out vs training split) and the ratios to the floor. Targets: 1-step <= 2x the
@@ -19,19 +19,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.harness import EMBEDDED_DEFAULT
+from models.checkpoint import CheckpointError
+from training.evaluate import EvaluationError, evaluate_checkpoint
 
-from models.checkpoint import CheckpointError  # noqa: E402
-from training.evaluate import EvaluationError, evaluate_checkpoint  # noqa: E402
-
-DEFAULT_CHECKPOINT = ROOT / "models" / "pretrained" / "digits.safetensors"
 TARGETS = {1: 2.0, 2: 1.5}  # steps -> largest allowed ratio of the Fréchet distance to the floor
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("checkpoint", nargs="?", type=Path, default=EMBEDDED_DEFAULT)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=500)

@@ -1,7 +1,7 @@
 """Sampling throughput and model-FLOP utilization (MFU) against the measured fp32 matmul peak.
 
-    python bench/sample.py                                   # digits on CPU, batch 1/16/64/256, 1 and 2 steps
-    python bench/sample.py --preset cifar10 --device cuda --dtype bf16 --compile --batches 64,256
+    python -m bench.sample                                   # digits on CPU, batch 1/16/64/256, 1 and 2 steps
+    python -m bench.sample --preset cifar10 --device cuda --dtype bf16 --compile --batches 64,256
 
 MFU = images/s × steps × FLOPs per network evaluation / peak, where the peak is the best fp32 matmul
 rate this machine reaches (MKL's sgemm and oneDNN's GEMM on the CPU, cuBLAS on a GPU; TF32 off).
@@ -10,7 +10,6 @@ rate this machine reaches (MKL's sgemm and oneDNN's GEMM on the CPU, cuBLAS on a
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -19,17 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.harness import int_list, random_model, sync, write_json
 from models.__main__ import flops_per_image
-from models.config import preset
-from models.consistency import ConsistencyModel
 from models.sampling import default_sigmas, sample
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def best_rate(fn: Callable[[], object], work: float, device: torch.device, seconds: float = 0.5) -> float:
@@ -72,8 +65,8 @@ def main() -> None:
     parser.add_argument("--preset", default="digits")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--batches", default="1,16,64,256")
-    parser.add_argument("--steps", default="1,2")
+    parser.add_argument("--batches", type=int_list, default=[1, 16, 64, 256], help="e.g. 64,256")
+    parser.add_argument("--steps", type=int_list, default=[1, 2], help="e.g. 1,2")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--tf32", action="store_true", help="let cuDNN/cuBLAS use TF32 for fp32 (their default)")
@@ -83,12 +76,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    cfg = preset(args.preset)
-    model = ConsistencyModel.from_config(cfg).eval().requires_grad_(False)
-    with torch.no_grad():  # trained-like weights: no zero-initialised layers, no denormals
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.02)
+    model = random_model(args.preset).eval().requires_grad_(False)
+    cfg = model.cfg
     flops = flops_per_image(model)
     model = model.to(device=device, dtype=dtype)
     if args.channels_last:
@@ -104,9 +93,9 @@ def main() -> None:
     print(f"# measured matmul peak: fp32 {peak / 1e12:.3f} TFLOP/s, {args.dtype} {peak_dtype / 1e12:.3f} TFLOP/s")
     print(f"{'steps':>5} {'batch':>6} {'images/s':>10} {'ms/batch':>9} {'MFU fp32':>9} {'MFU dtype':>9}")
     results = []
-    for steps in (int(s) for s in args.steps.split(",")):
+    for steps in args.steps:
         sigmas = default_sigmas(steps, cfg.sigma_min, cfg.sigma_max)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in args.batches:
             seeds = list(range(batch))
             rate = best_rate(lambda s=seeds, g=sigmas: sample(model, s, g, device=device, dtype=dtype), batch, device)
             mfu = rate * steps * flops / peak
@@ -115,9 +104,9 @@ def main() -> None:
                             "mfu_dtype_peak": mfu_dtype})
             print(f"{steps:>5} {batch:>6} {rate:>10.1f} {1e3 * batch / rate:>9.2f} {mfu:>9.1%} {mfu_dtype:>9.1%}")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "device": name, "dtype": args.dtype,
-                                         "compile": args.compile, "gflops_per_eval": flops / 1e9,
-                                         "peak_fp32": peak, "peak_dtype": peak_dtype, "results": results}, indent=1))
+        write_json(args.json, {"preset": args.preset, "device": name, "dtype": args.dtype, "compile": args.compile,
+                               "gflops_per_eval": flops / 1e9, "peak_fp32": peak, "peak_dtype": peak_dtype,
+                               "results": results})
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Where a real server's CPU goes per request under wrk load: event loops against engine (and other) threads.
 
-    python bench/server_cpu.py                            # 2 workers, c=64, {"n": 1}, 10 s, 3 runs
-    python bench/server_cpu.py --workers 1 --body '{"n": 8}' --runs 1
+    python -m bench.server_cpu                            # 2 workers, c=64, {"n": 1}, 10 s, 3 runs
+    python -m bench.server_cpu --workers 1 --body '{"n": 8}' --runs 1
 
 Starts `python -m service` (CM_WORKERS=--workers), drives it with wrk (bench/wrk/post.lua) and, over the
 middle half of each run, reads every server thread's CPU time from /proc/PID/task/TID/stat and the requests
 answered from /metrics. A worker's main thread is its event loop; its other threads are the engine (nearly
 all of the rest), the encoder pool and the metrics refresher. Printed per run: requests/s (wrk) and the CPU
 per request of the event loops and of the other threads, in µs. To compare two revisions, alternate them
-on the same minutes (the VM drifts by more than most changes gain): e.g. `git checkout REV -- service`
-between runs. Linux only (/proc); the server's own log goes to a temporary file.
+on the same minutes (a shared VM drifts by more than most changes gain), e.g. from a `git worktree` of the
+other revision with --checkout. Linux only (/proc); the server's own log goes to a temporary file. The
+server takes the shell's CM_ settings.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from load import WrkRun, finish_wrk, free_port, process, scrape, start_wrk, wait_workers
+from bench.harness import REPO, WrkRun, finish_wrk, require_wrk, scrape, service, start_wrk
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -83,21 +81,19 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--runs", type=int, default=3, help="runs against the same server")
     parser.add_argument("--log-level", default="info", help="CM_LOG_LEVEL (info: one line a request)")
+    parser.add_argument("--checkout", type=Path, default=REPO, help="run the service from this checkout")
     args = parser.parse_args()
     if args.workers < 1 or args.concurrency < 1 or args.runs < 1 or args.duration < 2:
         parser.error("--workers, --concurrency and --runs must be at least 1, --duration at least 2")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CM_PORT": str(port), "CM_WORKERS": str(args.workers), "CM_LOG_LEVEL": args.log_level}
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "service.log"
-        with process([sys.executable, "-m", "service"], env, url + "/readyz", log) as proc:
-            wait_workers(log, args.workers, args.log_level)
-            pids = server_pids(proc.pid, args.workers)
-            print(f"service: {args.workers} worker(s) (pids {pids}), wrk c={args.concurrency}, body {args.body}, "
-                  f"{args.duration:g} s per run")
-            for _ in range(args.runs):
-                print(one_run(args, url, pids), flush=True)
+    require_wrk()
+    settings = {"CM_WORKERS": str(args.workers), "CM_LOG_LEVEL": args.log_level}
+    with tempfile.TemporaryDirectory() as tmp, \
+            service(settings, Path(tmp) / "service.log", cwd=args.checkout, inherit_settings=True) as server:
+        pids = server_pids(server.proc.pid, args.workers)
+        print(f"service: {args.workers} worker(s) (pids {pids}), wrk c={args.concurrency}, body {args.body}, "
+              f"{args.duration:g} s per run")
+        for _ in range(args.runs):
+            print(one_run(args, server.url, pids), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Where a served cycle's time goes: the engine's evaluations and the event loop's work between them.
 
-    python bench/timeline.py                         # 1 worker, c=64 n=1 1-step, wrk 5 s
-    python bench/timeline.py --concurrency 4 --n 8
-    python bench/timeline.py --env CM_CPU_PARALLEL=operators
+    python -m bench.timeline                         # 1 worker, c=64 n=1 1-step, wrk 5 s
+    python -m bench.timeline --concurrency 4 --n 8
+    python -m bench.timeline --env CM_CPU_PARALLEL=operators
 
-Starts `python -m service` (the embedded default model) with its scheduler and requests timed (this file,
+Starts `python -m service` (the embedded default model) with its scheduler and requests timed (this module,
 run with --serve, wraps Scheduler._run, Engine.evaluate, Scheduler.submit and the requests' end, and writes
 their timestamps when the server exits), drives it with wrk (bench/wrk/post.lua) after a 1 s warm-up, and
 prints: images/s, images per evaluation, the share of time the engine evaluates, an evaluation's wall time
@@ -22,7 +22,6 @@ import argparse
 import atexit
 import bisect
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,8 +31,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/load.py
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository
+from bench.harness import WrkRun, drive, require_wrk, service, warm_up
 
 
 def serve(out: Path) -> int:
@@ -148,25 +146,22 @@ def main() -> None:
     if args.serve:
         sys.exit(serve(args.serve))
 
-    import load  # bench/load.py: the server process, wrk
-
+    bad = [kv for kv in args.env if not kv.startswith("CM_") or "=" not in kv]
+    if bad:
+        parser.error(f"--env {bad[0]}: expected CM_NAME=VALUE")
+    settings = {"CM_MAX_IMAGES_PER_REQUEST": str(max(args.n, 1)), **dict(kv.split("=", 1) for kv in args.env)}
+    if settings.get("CM_WORKERS", "1") != "1":
+        parser.error(f"--env CM_WORKERS={settings['CM_WORKERS']}: the timeline is of one worker (1)")
+    require_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-timeline-"))
-    port = load.free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
-    env.update({"CM_MODELS": f"digits={load.EMBEDDED_DEFAULT}", "CM_PORT": str(port),
-                "CM_MAX_IMAGES_PER_REQUEST": str(max(args.n, 1))})
-    env.update(kv.split("=", 1) for kv in args.env)
-    if env.get("CM_WORKERS", "1") != "1":
-        raise SystemExit("--env CM_WORKERS: the timeline is of one worker")
     out = tmp / "timeline.json"
-    with load.process([sys.executable, __file__, "--serve", str(out)], env, url + "/readyz",
-                      args.log or tmp / "service.log"):
-        body = {"n": args.n, "steps": args.steps}
-        load.drive(url, [load.WrkRun(body, args.concurrency)], 1.0)
+    argv = [sys.executable, "-m", "bench.timeline", "--serve", str(out)]
+    body = {"n": args.n, "steps": args.steps}
+    with service(settings, args.log or tmp / "service.log", argv=argv) as server:
+        warm_up(server.url, body, args.concurrency)
         start = time.monotonic()
-        run = load.WrkRun(body, args.concurrency)
-        load.drive(url, [run], args.duration)
+        run = WrkRun(body, args.concurrency)
+        drive(server.url, [run], args.duration)
         end = time.monotonic()
     print(f"c={args.concurrency} n={args.n} steps={args.steps}: wrk {run.requests_per_s * args.n:.0f} images/s")
     report(json.loads(out.read_text()), (start + 0.5, end - 0.5))

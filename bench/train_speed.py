@@ -1,8 +1,8 @@
 """Training throughput (images/s) of full iCT steps: student forward/backward, teacher forward, RAdam, EMA.
 
-    python bench/train_speed.py                                   # digits preset on the CPU, batch 128
-    python bench/train_speed.py --model-channels 64               # the embedded default's width
-    python bench/train_speed.py --preset cifar10 --device cuda --precision bf16 [--compile]
+    python -m bench.train_speed                                   # digits preset on the CPU, batch 128
+    python -m bench.train_speed --model-channels 64               # the embedded default's width
+    python -m bench.train_speed --preset cifar10 --device cuda --precision bf16 [--compile]
 
 Digits train on the real training split; other presets on random images of the preset's shape (the
 speed of a step does not depend on the pixels). For cifar10 the default batch is 128 per GPU, the
@@ -13,17 +13,12 @@ share of one GPU in iCT's global batch of 1024 on 8 GPUs, and the script prints 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.harness import machine, sync, write_json
 from models.config import PRESETS, preset
 from training.data import Dataset, load_digits_train
 from training.loop import DistInfo, LoopConfig, Trainer
@@ -41,11 +36,6 @@ def synthetic_data(shape: tuple[int, int, int], num_classes: int, n: int = 4096)
     return Dataset(images, labels, tuple(str(i) for i in range(num_classes)), flip=True, name="synthetic")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(trainer: Trainer, warmup: int, steps: int) -> float:
     """Images per second over `steps` timed steps after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -57,21 +47,6 @@ def measure(trainer: Trainer, warmup: int, steps: int) -> float:
     result.loss.item()  # waits for the last step
     sync(trainer.device)
     return steps * trainer.loop.global_batch / (time.perf_counter() - start)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {torch.get_num_threads()} threads, load average {load:.2f} (torch {torch.__version__})"
 
 
 def main() -> None:
@@ -123,8 +98,7 @@ def main() -> None:
               f"devices with batch {ICT_CIFAR_BATCH // GPUS} each: {hours:.1f} hours, ASSUMING DDP SCALES LINEARLY "
               f"(no all-reduce or input cost measured here)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":
