@@ -11,8 +11,9 @@ from models.config import ModelConfig, preset
 from models.sampling import karras_sigmas
 from tests.conftest import randomize
 from training import ict
+from training.config import ConfigError
 from training.data import Dataset, load_digits_train
-from training.loop import DistInfo, LoopConfig, Trainer, consistency_loss, rng_devices
+from training.loop import DistInfo, LoopConfig, Trainer, consistency_loss, rng_devices, setup_distributed
 from training.recipe import RECIPES, Recipe
 
 
@@ -141,6 +142,18 @@ def test_batch_is_the_rank_slice_of_one_global_batch(digits: Dataset) -> None:
         part.dist, part.local_batch = DistInfo(rank=rank, world_size=2), 4
         x, y = part.batch(5)
         assert torch.equal(x, x_all[rank * 4 : (rank + 1) * 4]) and torch.equal(y, y_all[rank * 4 : (rank + 1) * 4])
+
+
+def test_global_batch_must_split_evenly_across_ranks(digits: Dataset) -> None:
+    loop = LoopConfig(total_steps=8, global_batch=15, lr=1e-3, ema_decay=0.9, grad_clip=0.0)
+    with pytest.raises(ConfigError, match=r"^--batch 15 is not divisible by the 2 ranks$"):
+        Trainer(small_cfg(), RECIPES["ict"], loop, digits, DistInfo(rank=0, world_size=2), torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_it_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"^--device cuda: CUDA is not available on this machine$"):
+        setup_distributed("cuda")
 
 
 @pytest.mark.gpu
