@@ -152,6 +152,18 @@ def test_existing_run_needs_resume_and_resume_may_not_change_the_recipe(
     run(out, "--steps", "2", "--resume", "--save-every", "1")  # allowed change; nothing left to do
 
 
+def test_export_mistakes_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, message in (
+        ([str(tmp_path), "--out", str(tmp_path / "x.safetensors")], f"error: RUN_DIR {tmp_path}: no config.json"),
+        ([str(tmp_path)], "error: the following arguments are required: --out"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            export.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1 and message in err[0]
+
+
 def test_cli_error_in_a_real_process_is_one_line(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "training.train", "--out", str(tmp_path), "--data", "cifar10:/nowhere"]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
