@@ -55,10 +55,31 @@ def validate_sigmas(sigmas: Sequence[float], sigma_min: float, sigma_max: float)
     return sig
 
 
+def renoise_scale(sigma: torch.Tensor, sigma_min: float) -> torch.Tensor:
+    """√(σ² − σ_min²) in float64, the noise that takes an estimate back to level σ (CM Algorithm 1, line 5)."""
+    return (sigma.to(torch.float64) ** 2 - sigma_min**2).sqrt()
+
+
+def noise_scales(sigmas: Sequence[float], sigma_min: float) -> list[float]:
+    """Each step's noise scale as float32 values: σ_1 (x_T = σ_1·z_1, line 1), then √(σ_j² − σ_min²) (line 5)."""
+    sigma32 = torch.tensor(list(sigmas), dtype=torch.float32)
+    scales = renoise_scale(sigma32, sigma_min).to(torch.float32)
+    scales[0] = sigma32[0]
+    return scales.tolist()
+
+
+def renoise(x: torch.Tensor | None, scale: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
+    """A step's input x + scale·z, with one scale (B,) per image or one for all; x None stands for estimates
+    of zero, whose input is scale·z (x_T = σ_1·z_1 at the first step) (CM Algorithm 1, lines 1 and 5)."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(-1, *([1] * (z.ndim - 1)))
+    noise = scale * z
+    return noise if x is None else x + noise
+
+
 def step_input(x: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, sigma_min: float) -> torch.Tensor:
     """Re-noise a denoised estimate to level σ: x + √(σ² − σ_min²)·z (CM Algorithm 1, line 5)."""
-    scale = (sigma.to(torch.float64) ** 2 - sigma_min**2).sqrt().to(x.dtype)
-    return x + scale.reshape(-1, *([1] * (x.ndim - 1))) * z
+    return renoise(x, renoise_scale(sigma, sigma_min).to(x.dtype), z)
 
 
 @torch.no_grad()

@@ -2,17 +2,13 @@
 
 A request becomes a `Job` of n images; each image carries its σ schedule, its own seeded noise and its
 current step. Queue entries are `Run`s, consecutive images of one job at the same step, so that
-bookkeeping costs one Python object per request rather than per image. One engine thread loops:
+bookkeeping costs one Python object per request rather than per image. Each model has a `Lane`: its queue
+and its engine. One engine thread loops:
 
-  collect  take up to max_batch images from the front of a model's queue (any request, any step),
-           dropping those of expired or cancelled requests before they cost compute; when the device
-           was idle and images are arriving quickly, wait up to max_wait for a fuller batch, but only
-           while they keep coming: once none has arrived for a quiet time (QUIET_GAPS of the latest
-           gaps between arrivals; at least QUIET_EVALUATION of an evaluation while the front end holds
-           requests that are not jobs here, on their way in or being answered), run what is there; right
-           after an evaluation, when at least as many requests are being answered or read as wait here,
-           wait (up to an evaluation's time) for those clients to send again and run them all together
-  run      build each image's step input (CM Algorithm 1) and evaluate the batch once
+  collect  pick the next model with images waiting (round robin); wait as long as `batching.batch_wait`
+           says (the one rule of when a batch runs); take up to max_batch images from the front of its queue
+           (any request, any step), dropping those of expired or cancelled requests before they cost compute
+  run      build each image's step input (CM Algorithm 1, models.sampling) and evaluate the batch once
   requeue  images with steps left go back to the FRONT of the queue, in order
   complete a request whose last image finished (or that failed) gets its `on_done` callback
 
@@ -37,15 +33,17 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from models.sampling import image_class_label, image_noise, to_uint8
+from models.sampling import image_class_label, image_noise, noise_scales, renoise, to_uint8
 
-from .engine import Engine
+from .batching import batch_wait
+from .engine import Evaluation
 from .errors import DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull, ServiceError
 
 logger = logging.getLogger("cmserve.scheduler")
@@ -54,19 +52,23 @@ MAX_RETRY_AFTER_S = 60
 SCHEDULE_CACHE = 256  # distinct σ schedules remembered per model
 SCHEDULES = ("shortest", "started")  # queue orders (module docstring)
 STARVATION_EVALUATIONS = 10  # "shortest": a request older than this many evaluations' time goes first
-# Waiting for a fuller batch ends when no image came for the longest of: this many of the latest gaps between
-# two arrivals, this fraction of an evaluation's time, and MIN_QUIET_S (a wake-up alone costs tens of µs).
-QUIET_GAPS = 3.0
-QUIET_EVALUATION = 0.1
-MIN_QUIET_S = 0.25e-3
 
 
-def noise_scales(sigmas: Sequence[float], sigma_min: float) -> list[float]:
-    """Each step's noise scale in float32: σ_1 for x_T = σ_1·z_1, then √(τ² − σ_min²) (CM Algorithm 1, line 5)."""
-    sig32 = torch.tensor(list(sigmas), dtype=torch.float32)
-    scales = (sig32.to(torch.float64) ** 2 - sigma_min**2).sqrt().to(torch.float32)  # as sampling.step_input
-    scales[0] = sig32[0]
-    return scales.tolist()
+class EngineLike(Protocol):
+    """What the scheduler needs of a model's engine (service.engine.Engine; tests use a small fake)."""
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...  # (C, H, W)
+
+    @property
+    def num_classes(self) -> int: ...  # 0: unconditional
+
+    @property
+    def sigma_min(self) -> float: ...
+
+    def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
+        """f(x, σ) clamped to [-1, 1] for a CPU batch (B, C, H, W), σ (B,), labels (B,) or None."""
+        ...
 
 
 @dataclass(eq=False)
@@ -116,7 +118,7 @@ class Job:
         """Each image's class label (None for unconditional models); known once the job has started."""
         return [None] * self.n if self.labels is None else list(self.labels)
 
-    def prepare(self, engine: Engine, schedule: tuple[list[float], list[float]],
+    def prepare(self, engine: EngineLike, schedule: tuple[list[float], list[float]],
                 generator: torch.Generator | None = None) -> None:
         """Draw every image's noise and label from its seed; runs on the engine thread (`generator`: a CPU
         generator of that thread's to reseed for each draw, rather than one made per draw)."""
@@ -171,13 +173,14 @@ class SchedulerObserver:
 @dataclass
 class Lane:
     """One model's queue and engine. The queue is a deque per class (evaluations left, or one class for the
-    "started" order); `queued` counts the images in all of them."""
+    "started" order). Only its push and pop methods change it, and they keep its two counts."""
 
     name: str
-    engine: Engine
+    engine: EngineLike
     by_steps_left: bool = True  # the "shortest" order: one class per number of evaluations left
     classes: dict[int, deque[Run]] = field(default_factory=dict)
-    queued: int = 0
+    queued: int = 0  # images in the queue
+    evaluations: int = 0  # image-evaluations the queued images still need
     schedules: dict[tuple[float, ...], tuple[list[float], list[float]]] = field(default_factory=dict)
 
     def _class(self, run: Run) -> deque[Run]:
@@ -188,13 +191,17 @@ class Lane:
             self.classes = dict(sorted(self.classes.items()))  # fewest evaluations left first
         return found
 
+    def _count(self, run: Run, sign: int) -> None:
+        self.queued += sign * run.size
+        self.evaluations += sign * run.evaluations_left
+
     def push_back(self, run: Run) -> None:
         self._class(run).append(run)
-        self.queued += run.size
+        self._count(run, 1)
 
     def push_front(self, run: Run) -> None:
         self._class(run).appendleft(run)
-        self.queued += run.size
+        self._count(run, 1)
 
     def pop(self, now: float, starve_s: float) -> Run | None:
         """The next run: the front of the first class, unless the request of another class's front arrived more
@@ -208,22 +215,20 @@ class Lane:
             if now - oldest[0].job.submitted_at > starve_s:
                 queue = oldest
         run = queue.popleft()
-        self.queued -= run.size
+        self._count(run, -1)
         return run
 
     def runs(self) -> list[Run]:
         return [run for queue in self.classes.values() for run in queue]
 
-    def remove(self, job: Job) -> list[Run]:
-        """Take every queued run of `job` out; the runs removed."""
-        removed: list[Run] = []
+    def remove(self, job: Job) -> None:
+        """Take every queued run of `job` out."""
         for key, queue in self.classes.items():
             mine = [run for run in queue if run.job is job]
             if mine:
-                removed += mine
                 self.classes[key] = deque(run for run in queue if run.job is not job)
-        self.queued -= sum(run.size for run in removed)
-        return removed
+                for run in mine:
+                    self._count(run, -1)
 
     def schedule(self, sigmas: list[float]) -> tuple[list[float], list[float]]:
         """(σ per step in float32, noise scale per step) for a schedule, remembered."""
@@ -235,6 +240,40 @@ class Lane:
             sigma32 = torch.tensor(sigmas, dtype=torch.float32).tolist()
             found = self.schedules[key] = (sigma32, noise_scales(sigmas, self.engine.sigma_min))
         return found
+
+
+@dataclass
+class Arrivals:
+    """What the scheduler knows of the images coming in: the inputs of `batch_wait` that submissions change."""
+
+    last: float = -math.inf  # when the latest job was submitted
+    gap: float = math.inf  # seconds between the two latest submissions
+    lane: Lane | None = None  # the model of the latest evaluation
+    answered: int = 0  # images of the jobs that evaluation ended: their clients may send again
+    returned: int = 0  # images submitted to that model since
+
+    def arrive(self, lane: Lane, n: int, now: float) -> bool:
+        """Count a submission of n images; True when it brings back the last of the images answered."""
+        self.gap, self.last = now - self.last, now
+        if lane is not self.lane:
+            return False
+        self.returned += n
+        return self.returned - n < self.answered <= self.returned
+
+    def evaluated(self, lane: Lane, answered: int) -> None:
+        self.lane, self.answered, self.returned = lane, answered, 0
+
+    def of(self, lane: Lane) -> tuple[int, int]:
+        """(answered, returned) for a lane: zeros unless the latest evaluation was its own."""
+        return (self.answered, self.returned) if lane is self.lane else (0, 0)
+
+
+@dataclass(slots=True)
+class Waiting:
+    """The engine thread asleep on the condition: for any work (lane None), or for a lane's batch since `since`."""
+
+    lane: Lane | None
+    since: float
 
 
 class Scheduler:
@@ -249,7 +288,6 @@ class Scheduler:
         observer: SchedulerObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         schedule: str = "shortest",
-        held: Callable[[], int] | None = None,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -259,42 +297,26 @@ class Scheduler:
         self.max_queue = max_queue
         self.observer = observer or SchedulerObserver()
         self.clock = clock
-        # Requests the front end holds, from arrival to response sent (None: unknown). More than the open jobs
-        # means some are on their way in, or their answers on their way out to clients that will send again.
-        self.held = held
-        self._open_jobs = 0  # submitted and not finished
-        self._lanes: dict[str, Lane] = {}
-        self._order: list[Lane] = []  # round-robin order over models
-        self._next = 0
-        self._cond = threading.Condition(threading.Lock())
-        self._queued = 0  # images waiting, all models
-        self._pending_evaluations = 0  # image-evaluations admitted and not yet run (for Retry-After)
-        self._last_submit = -math.inf
-        self._last_gap = math.inf  # seconds between the two latest submissions
-        self._idle = True
-        self._engine_waiting = False  # the engine thread sleeps on the condition
-        self._filling: Lane | None = None  # the lane whose fuller batch the engine is waiting for
-        self._awaited_jobs = -1  # waiting for answered clients: wake the engine when this many jobs are open
-        self._last_lane: Lane | None = None  # the model of the latest evaluation
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._evaluation_s = 0.0  # moving average of one evaluation's duration
-        self._generator = torch.Generator(device="cpu")  # the engine thread's, reseeded for each image's draws
         self.evaluations = 0  # network evaluations run
         self.images_evaluated = 0  # image-evaluations run (sum of batch sizes)
+        self._lanes: dict[str, Lane] = {}  # by model name, in round-robin order
+        self._next = 0  # index of the lane whose turn is next
+        self._cond = threading.Condition(threading.Lock())
+        self._arrivals = Arrivals()
+        self._idle = True  # the engine found no work at its latest look
+        self._waiting: Waiting | None = None
+        self._evaluation_s = 0.0  # moving average of one evaluation's duration
+        self._generator = torch.Generator(device="cpu")  # the engine thread's, reseeded for each image's draws
+        self._stopping = False
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ models and jobs
 
-    def add_model(self, name: str, engine: Engine) -> None:
+    def add_model(self, name: str, engine: EngineLike) -> None:
         with self._cond:
             if name in self._lanes:
                 raise ValueError(f"model {name!r} is already scheduled")
-            lane = Lane(name, engine, by_steps_left=self.schedule == "shortest")
-            self._lanes[name] = lane
-            self._order.append(lane)
-
-    def models(self) -> list[str]:
-        return list(self._lanes)
+            self._lanes[name] = Lane(name, engine, by_steps_left=self.schedule == "shortest")
 
     def submit(self, job: Job) -> None:
         """Admit a job at the back of its model's queue, or raise QueueFull at once."""
@@ -302,23 +324,24 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise NotReady("the server is shutting down")
-            if self._queued + job.n > self.max_queue:
+            queued = self.queue_depth()
+            if queued + job.n > self.max_queue:
                 raise QueueFull(
-                    f"the queue holds {self._queued} images and admits at most {self.max_queue} "
+                    f"the queue holds {queued} images and admits at most {self.max_queue} "
                     f"(CM_MAX_QUEUE); this request has {job.n}",
                     retry_after_s=self._retry_after_locked(),
                 )
             now = self.clock()
             job.submitted_at = now
-            self._last_gap, self._last_submit = now - self._last_submit, now
             lane.push_back(Run(job, 0, job.n, 0))
-            self._queued += job.n
-            self._pending_evaluations += job.n * job.steps
-            self._open_jobs += 1
-            # Waking the engine costs a system call and a GIL hand-off: only when it sleeps, and while it waits
-            # for a fuller batch only once that batch is full (it wakes on its own when the wait ends).
-            if self._engine_waiting and (self._filling is None or self._filling.queued >= self.max_batch
-                                         or self._open_jobs == self._awaited_jobs):
+            back = self._arrivals.arrive(lane, job.n, now)
+            # Wake the engine (a system call and a GIL hand-off) only when batch_wait may now say "run": the
+            # batch is full, or the last answered client is back after an evaluation; its other turns are timed.
+            waiting = self._waiting
+            if waiting is not None and (
+                waiting.lane is None
+                or (waiting.lane is lane and (lane.queued >= self.max_batch or (back and not self._idle)))
+            ):
                 self._cond.notify()
 
     def cancel(self, job: Job, error: ServiceError) -> bool:
@@ -326,20 +349,16 @@ class Scheduler:
         with self._cond:
             if not self._finish_locked(job, error):
                 return False
-            self._remove_runs_locked(self._lanes[job.model], job)
+            self._lanes[job.model].remove(job)
         job.on_done(job)
         return True
 
     def queue_depth(self, model: str | None = None) -> int:
         """Images waiting for an evaluation (not counting those on the device now)."""
         if model is None:
-            return self._queued
+            return sum(lane.queued for lane in self._lanes.values())
         lane = self._lanes.get(model)
         return lane.queued if lane else 0
-
-    def retry_after_s(self) -> int:
-        with self._cond:
-            return self._retry_after_locked()
 
     # ------------------------------------------------------------------ the engine thread
 
@@ -354,7 +373,7 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-            leftover = [run.job for lane in self._order for run in lane.runs()]
+            leftover = [run.job for lane in self._lanes.values() for run in lane.runs()]
         if self._thread is not None:
             self._thread.join(timeout)
         for job in dict.fromkeys(leftover):
@@ -392,106 +411,53 @@ class Scheduler:
                         self._idle = True
                         if not block:
                             return None
-                        self._wait_locked(None)
+                        self._sleep_locked(Waiting(None, self.clock()), None)
                         continue
                     if block:
-                        if self._idle:
-                            self._wait_for_fuller_batch_locked(lane)
-                        else:
-                            self._wait_for_answered_clients_locked(lane)
+                        self._wait_for_batch_locked(lane)
                     self._idle = False
                     runs = self._take_locked(lane, expired)
                     if runs:
-                        self._last_lane = lane
                         return lane, runs
                 return None
         finally:
             for job in expired:
                 job.on_done(job)
 
-    def _wait_locked(self, timeout: float | None) -> None:
-        self._engine_waiting = True
-        try:
-            self._cond.wait(timeout)
-        finally:
-            self._engine_waiting = False
-
     def _next_lane_locked(self) -> Lane | None:
-        for i in range(len(self._order)):
-            lane = self._order[(self._next + i) % len(self._order)]
+        lanes = list(self._lanes.values())
+        for i in range(len(lanes)):
+            lane = lanes[(self._next + i) % len(lanes)]
             if lane.queued:
-                self._next = (self._next + i + 1) % len(self._order)
+                self._next = (self._next + i + 1) % len(lanes)
                 return lane
         return None
 
-    def _wait_for_fuller_batch_locked(self, lane: Lane) -> None:
-        """The device is idle: wait up to max_wait for more images, but only while they keep arriving.
+    def _wait_for_batch_locked(self, lane: Lane) -> None:
+        """Sleep until batch_wait says to run the lane's batch (or the scheduler stops)."""
+        waiting = Waiting(lane, self.clock())
+        while not self._stopping:
+            left = self._wait_left_locked(waiting)
+            if left <= 0:
+                return
+            self._sleep_locked(waiting, left)
 
-        A burst of closed-loop clients (answered together, each sending its next request) arrives one
-        request's handling apart and then stops: waiting out max_wait after it only adds latency (on the
-        CPU at concurrency 4, ending the wait early served 4-50% more requests/s, BENCHMARKS.md). So the wait
-        also ends after a quiet time with no arrival: QUIET_GAPS × the latest gap between two arrivals and
-        MIN_QUIET_S, and while the front end holds requests that are not open jobs here (`held`: some are
-        being read, or answered to clients that will send again), at least a tenth of an evaluation: next to
-        a long evaluation a short pause in arrivals is then no reason to start a smaller batch (without this
-        floor, concurrency 64 always settled into two alternating halves of the clients, 4% slower than the
-        fixed wait). Once every request held is queued here nothing more is known to come, and waiting out
-        the floor only delayed the batch (at concurrency 4 it cost ~20% of the requests/s, BENCHMARKS.md).
+    def _wait_left_locked(self, waiting: Waiting) -> float:
+        assert waiting.lane is not None
+        now, arrivals = self.clock(), self._arrivals
+        answered, returned = arrivals.of(waiting.lane)
+        return batch_wait(
+            queued=waiting.lane.queued, max_batch=self.max_batch, idle=self._idle, answered=answered,
+            returned=returned, gap=arrivals.gap, since_arrival=now - arrivals.last, evaluation_s=self._evaluation_s,
+            waited=now - waiting.since, max_wait=self.max_wait_s,
+        )
 
-        Arrivals do not wake the engine during this wait (each wake-up is a system call and a GIL hand-off
-        with the event loop; at concurrency 64 waking on every arrival cost ~7% of the throughput): it wakes
-        when its quiet time or max_wait runs out, and when the batch is full.
-        """
-        if self._last_gap >= self.max_wait_s:
-            return  # a lone request: waiting would only add latency
-        until = self.clock() + self.max_wait_s
-        self._filling = lane
+    def _sleep_locked(self, waiting: Waiting, timeout: float | None) -> None:
+        self._waiting = waiting
         try:
-            while lane.queued < self.max_batch and not self._stopping:
-                now = self.clock()
-                floor = QUIET_EVALUATION * self._evaluation_s if self._more_coming_locked() else 0.0
-                quiet = max(QUIET_GAPS * self._last_gap, floor, MIN_QUIET_S)
-                quiet -= now - self._last_submit
-                left = min(until - now, quiet)
-                if left <= 0:
-                    return
-                self._wait_locked(left)
+            self._cond.wait(timeout)
         finally:
-            self._filling = None
-
-    def _wait_for_answered_clients_locked(self, lane: Lane) -> None:
-        """Right after an evaluation: when at least as many requests are on their way in as wait here, wait
-        for them (up to an evaluation's time, or max_wait if longer), then run them all together at once.
-
-        Requests the front end holds beyond the open jobs are mostly those just finished, being answered to
-        clients that will send again. Without this wait, clients that once fell into two groups (the first
-        requests of a burst started a batch without the rest) stay in two groups for good: each group's
-        requests arrive while the other group's batch runs, so the device is never idle and never waits. At
-        concurrency 64 with CPU slices the two half batches served 15-25% fewer images/s than one batch of
-        all 64 (BENCHMARKS.md). Only the arrival that brings back the last of them wakes the engine.
-        """
-        if self.held is None or lane.queued >= self.max_batch or lane is not self._last_lane:
-            return  # (the clients just answered asked another model: they will not join this batch)
-        on_their_way = self.held() - self._open_jobs
-        if on_their_way < max(1, self._open_jobs):
-            return
-        start = self.clock()
-        until = start + max(self.max_wait_s, self._evaluation_s)
-        self._awaited_jobs = self._open_jobs + on_their_way
-        self._filling = lane
-        try:
-            while lane.queued < self.max_batch and self._open_jobs < self._awaited_jobs and not self._stopping:
-                left = until - self.clock()
-                if left <= 0:
-                    return
-                self._wait_locked(left)
-        finally:
-            self._filling = None
-            self._awaited_jobs = -1
-
-    def _more_coming_locked(self) -> bool:
-        """Whether requests are known to be on their way: the front end holds more than the open jobs."""
-        return self.held is None or self.held() > self._open_jobs
+            self._waiting = None
 
     def _take_locked(self, lane: Lane, expired: list[Job]) -> list[Run]:
         """Pop up to max_batch images from the lane's front, splitting the last run if needed."""
@@ -503,21 +469,17 @@ class Scheduler:
             run = lane.pop(now, starve_s)
             if run is None:
                 break
-            self._queued -= run.size
             job = run.job
             if job.finished:  # cancelled while queued (its runs are normally removed at once)
                 continue
             if job.deadline <= now:
-                self._pending_evaluations -= run.evaluations_left
                 self._finish_locked(job, DeadlineExceeded(_deadline_message(job)))
-                self._remove_runs_locked(lane, job)
+                lane.remove(job)
                 expired.append(job)
                 continue
             room = self.max_batch - count
             if run.size > room:  # split: the rest keeps its place at the front
-                rest = Run(job, run.start + room, run.stop, run.step)
-                lane.push_front(rest)
-                self._queued += rest.size
+                lane.push_front(Run(job, run.start + room, run.stop, run.step))
                 run = Run(job, run.start, run.start + room, run.step)
             runs.append(run)
             count += run.size
@@ -565,17 +527,14 @@ class Scheduler:
         again: list[Run] = []
         with self._cond:
             self.evaluations += 1
-            batch = sum(run.size for run in runs)
-            self.images_evaluated += batch
-            self._pending_evaluations -= batch
+            self.images_evaluated += sum(run.size for run in runs)
             for job in failed_jobs:
                 if self._finish_locked(job, OutOfMemory("the device ran out of memory even for one image")):
-                    self._remove_runs_locked(lane, job)
+                    lane.remove(job)
                     ended.append(job)
             for run in runs:
                 job = run.job
                 if job.finished:  # failed above, or cancelled during the evaluation: drop its later steps
-                    self._pending_evaluations -= run.evaluations_left - run.size
                     continue
                 if run.step + 1 < job.steps:
                     again.append(Run(job, run.start, run.stop, run.step + 1))
@@ -586,9 +545,7 @@ class Scheduler:
                     ended.append(job)
             for run in reversed(again):  # back to the front (of their class), in their order
                 lane.push_front(run)
-                self._queued += run.size
-            if again:
-                self._cond.notify()
+            self._arrivals.evaluated(lane, sum(job.n for job in ended))
         if finished_images:
             self.observer.on_images_finished(lane.name, finished_images)
         return ended
@@ -596,11 +553,9 @@ class Scheduler:
     def _fail_runs(self, lane: Lane, runs: list[Run], error: ServiceError) -> list[Job]:
         ended = []
         with self._cond:
-            for run in runs:
-                self._pending_evaluations -= run.evaluations_left
             for job in dict.fromkeys(run.job for run in runs):
                 if self._finish_locked(job, error):
-                    self._remove_runs_locked(lane, job)
+                    lane.remove(job)
                     ended.append(job)
         return ended
 
@@ -610,43 +565,31 @@ class Scheduler:
         if job.finished:
             return False
         job.finished = True
-        self._open_jobs -= 1
         job.error = error
         job.finished_at = self.clock()
         return True
 
-    def _remove_runs_locked(self, lane: Lane, job: Job) -> None:
-        for run in lane.remove(job):
-            self._queued -= run.size
-            self._pending_evaluations -= run.evaluations_left
-
     def _retry_after_locked(self) -> int:
-        """Seconds until the admitted work is likely done: evaluations left / batch × evaluation time."""
-        evaluations = self._pending_evaluations / self.max_batch
+        """Seconds until the queued work is likely done: its image-evaluations / batch × evaluation time."""
+        evaluations = sum(lane.evaluations for lane in self._lanes.values()) / self.max_batch
         return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(evaluations * self._evaluation_s))))
 
 
 def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Step inputs (B, C, H, W), σ (B,) and labels (B,) for a batch: x + scale·z (CM Algorithm 1).
-
-    At step 1 an image's estimate is zeros and its scale is σ_1, so the input is σ_1·z_1 (= x_T);
-    later the scale is √(τ² − σ_min²), exactly as models.sampling.step_input computes it.
-    """
+    """Step inputs (B, C, H, W), σ (B,) and labels (B,) for a batch: x + scale·z (models.sampling.renoise)."""
     if len(runs) == 1:
         run = runs[0]
         job, a, b, j = run.job, run.start, run.stop, run.step
-        x = job.scales[j] * job.noise[a:b, j]  # (B, C, H, W)
-        if job.x is not None:  # None only before the first step, with estimates of zero (x_T = σ_1·z_1)
-            x += job.x[a:b]
+        x = renoise(None if job.x is None else job.x[a:b], job.scales[j], job.noise[a:b, j])  # (B, C, H, W)
         sigma = torch.full((b - a,), job.sigma32[j])
         labels = None if job.labels is None else torch.tensor(job.labels[a:b], dtype=torch.long)
         return x, sigma, labels
     scale = torch.tensor([run.job.scales[run.step] for run in runs for _ in range(run.size)])
     sigma = torch.tensor([run.job.sigma32[run.step] for run in runs for _ in range(run.size)])
     noise = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
-    x = scale.view(-1, 1, 1, 1) * noise
-    if any(run.step for run in runs):  # the estimates, zeros for images at their first step (x_T = σ_1·z_1)
-        x += torch.cat([_estimates(run) for run in runs])
+    # the estimates; zeros for images at their first step, and none at all when every image is there
+    estimates = torch.cat([_estimates(run) for run in runs]) if any(run.step for run in runs) else None
+    x = renoise(estimates, scale, noise)
     labels = None
     if runs[0].job.labels is not None:  # one tensor for the batch (a model's jobs are all (un)conditional)
         labels = torch.tensor([label for run in runs for label in run.job.labels[run.start : run.stop]],

@@ -32,7 +32,6 @@ class ServiceState:
             max_queue=settings.max_queue,
             observer=self.metrics,
             schedule=settings.schedule,
-            held=lambda: self.in_flight,
         )
         self.encoder: Encoder | None = None
         self._ready = False

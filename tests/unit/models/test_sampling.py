@@ -16,7 +16,11 @@ from models.sampling import (
     image_noise,
     karras_sigmas,
     multistep_sample,
+    noise_scales,
+    renoise,
+    renoise_scale,
     sample,
+    step_input,
     to_uint8,
     validate_sigmas,
 )
@@ -89,6 +93,28 @@ def test_multistep_sample_checks_its_inputs(tiny_model: ConsistencyModel) -> Non
         multistep_sample(tiny_model, x, [80.0, 1.0], [], torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="strictly decreasing"):
         multistep_sample(tiny_model, x, [1.0, 80.0], [x], torch.zeros(1, dtype=torch.long))
+
+
+def test_noise_scales_are_sigma_1_then_the_renoise_scales_in_float32() -> None:
+    sigmas, sigma_min = [80.0, 2.5, 0.821], 0.002
+    scales = noise_scales(sigmas, sigma_min)
+    assert scales[0] == 80.0  # x_T = σ_1·z_1 (Algorithm 1, line 1)
+    for got, sigma in zip(scales[1:], sigmas[1:], strict=True):  # √(τ² − ε²) (line 5), rounded to float32
+        assert got == pytest.approx(math.sqrt(sigma**2 - sigma_min**2), rel=1e-7)
+        assert got == float(np.float32(got))
+    sigma = torch.tensor(sigmas[1:], dtype=torch.float32)
+    assert renoise_scale(sigma, sigma_min).to(torch.float32).tolist() == scales[1:]
+
+
+def test_renoise_is_x_plus_scale_times_z_per_image() -> None:
+    x, z = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    scale = torch.tensor([1.0, 2.0, 0.5])
+    expected = torch.stack([x[i] + scale[i] * z[i] for i in range(3)])
+    assert torch.equal(renoise(x, scale, z), expected)
+    assert torch.equal(renoise(None, 80.0, z), 80.0 * z)  # estimates of zero: x_T = σ_1·z_1
+    assert torch.equal(renoise(x, float(scale[1]), z), x + scale[1] * z)  # one scale for all: same bits
+    sigma = torch.tensor([0.5, 2.0, 80.0])
+    assert torch.equal(step_input(x, sigma, z, 0.002), renoise(x, renoise_scale(sigma, 0.002).float(), z))
 
 
 def test_image_noise_is_per_seed_and_prefix_stable() -> None:

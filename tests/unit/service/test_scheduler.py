@@ -1,10 +1,10 @@
-"""The scheduler alone: per-evaluation batching, exact seeded sampling, fairness, bound, deadline, cancel, OOM."""
+"""The scheduler alone: per-evaluation batching, exact seeded sampling, fairness, bound, deadline, cancel, OOM,
+and when a batch runs. Scheduling is tested on a fake engine; the real one checks the images bit for bit."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,31 +13,49 @@ import torch
 
 from models.consistency import ConsistencyModel
 from models.sampling import image_class_label, sample, to_uint8
-from service.engine import Engine
+from service.engine import Engine, Evaluation
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull
-from service.scheduler import STARVATION_EVALUATIONS, Job, Scheduler, SchedulerObserver
+from service.scheduler import STARVATION_EVALUATIONS, EngineLike, Job, Scheduler, SchedulerObserver
 
 ONE = [80.0]
 TWO = [80.0, 0.821]
 FOUR = [80.0, 17.5, 2.5, 0.17]
 
 
-class RecordingEngine(Engine):
-    """The real engine, recording what each network evaluation was asked to do."""
+class FakeEngine(EngineLike):
+    """f(x, σ) = x / (1 + σ), image by image; records each evaluation's σ and labels; rows labelled `fail_label`
+    fail as if out of memory; `during` runs inside each evaluation."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+    image_shape = (1, 2, 2)
+    num_classes = 10
+    sigma_min = 0.002
+
+    def __init__(self, fail_label: int | None = None) -> None:
         self.calls: list[tuple[list[float], list[int]]] = []  # (σ per image, label per image)
-        self.before_forward = lambda: None
+        self.during = lambda: None
+        self.fail_label = fail_label
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
         self.calls.append((sigma.tolist(), [] if labels is None else labels.tolist()))
-        self.before_forward()
-        return super()._forward(x, sigma, labels)
+        self.during()
+        failed = [row for row, label in enumerate(self.calls[-1][1]) if label == self.fail_label]
+        return Evaluation(out=(x / (1 + sigma.view(-1, 1, 1, 1))).clamp(-1, 1), failed=failed)
 
     @property
     def sizes(self) -> list[int]:
         return [len(s) for s, _ in self.calls]
+
+
+class RecordingEngine(Engine):
+    """The real engine, recording the batch size of each network call."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sizes: list[int] = []
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return super()._forward(x, sigma, labels)
 
 
 class FakeClock:
@@ -58,12 +76,12 @@ class Finished:
         self.jobs.append(job)
 
 
-def make_job(model: ConsistencyModel, seed: int, n: int, sigmas: list[float], deadline: float = 1e12,
-             name: str = "m", on_done: Any = None, class_label: int | None = None) -> Job:
+def make_job(seed: int, n: int, sigmas: list[float], deadline: float = 1e12, name: str = "m", on_done: Any = None,
+             class_label: int | None = None) -> Job:
     return Job(name, list(sigmas), seed, n, class_label, deadline, on_done or Finished())
 
 
-def scheduler_for(engine: Engine, max_batch: int = 64, max_queue: int = 1000, clock: FakeClock | None = None,
+def scheduler_for(engine: EngineLike, max_batch: int = 64, max_queue: int = 1000, clock: FakeClock | None = None,
                   observer: SchedulerObserver | None = None, schedule: str = "shortest") -> Scheduler:
     kwargs = {"clock": clock} if clock else {}
     scheduler = Scheduler(max_batch=max_batch, max_wait_s=0.0, max_queue=max_queue, observer=observer,
@@ -84,9 +102,29 @@ def reference(model: ConsistencyModel, seed: int, n: int, sigmas: list[float]) -
     return sample(model, [seed + i for i in range(n)], sigmas)
 
 
+def alone(seed: int, n: int, sigmas: list[float], class_label: int | None = None) -> torch.Tensor:
+    """The job's images when it has a fake engine to itself."""
+    scheduler = scheduler_for(FakeEngine())
+    job = make_job(seed, n, sigmas, class_label=class_label)
+    scheduler.submit(job)
+    drain(scheduler)
+    return job.result
+
+
+def assert_counts(scheduler: Scheduler) -> None:
+    """The lanes' counts agree with what their queues hold."""
+    for name in ("m",):
+        lane = scheduler._lanes[name]
+        assert lane.queued == sum(run.size for run in lane.runs()) == scheduler.queue_depth(name)
+        assert lane.evaluations == sum(run.evaluations_left for run in lane.runs())
+
+
+# ---------------------------------------------------------------------- the images (the real engine)
+
+
 def test_a_job_alone_is_exactly_models_sampling(tiny_model: ConsistencyModel) -> None:
     scheduler = scheduler_for(Engine(tiny_model))
-    job = make_job(tiny_model, 123, 5, FOUR)
+    job = make_job(123, 5, FOUR)
     scheduler.submit(job)
     assert drain(scheduler) == 4  # one evaluation per step
     assert job.finished and job.error is None
@@ -95,7 +133,7 @@ def test_a_job_alone_is_exactly_models_sampling(tiny_model: ConsistencyModel) ->
 
 def test_finished_images_come_as_uint8_with_their_labels(tiny_model: ConsistencyModel) -> None:
     scheduler = scheduler_for(Engine(tiny_model))
-    drawn, fixed = make_job(tiny_model, 40, 3, TWO), make_job(tiny_model, 50, 2, ONE, class_label=6)
+    drawn, fixed = make_job(40, 3, TWO), make_job(50, 2, ONE, class_label=6)
     scheduler.submit(drawn)
     scheduler.submit(fixed)
     drain(scheduler)
@@ -112,171 +150,16 @@ def test_mixed_batches_give_the_same_images(tiny_model: ConsistencyModel) -> Non
     engine = RecordingEngine(tiny_model)
     scheduler = scheduler_for(engine, max_batch=5)  # forces runs to split across evaluations
     specs = [(7, 3, FOUR), (1000, 1, ONE), (42, 4, TWO), (9, 2, ONE), (77, 3, FOUR)]
-    jobs = [make_job(tiny_model, seed, n, sig) for seed, n, sig in specs]
+    jobs = [make_job(seed, n, sig) for seed, n, sig in specs]
     for job in jobs:
         scheduler.submit(job)
-    drain(scheduler)
+        assert_counts(scheduler)
+    while scheduler.run_once(block=False):
+        assert_counts(scheduler)
     assert max(engine.sizes) == 5 and sum(engine.sizes) == sum(n * len(sig) for _, n, sig in specs)
     for job, (seed, n, sig) in zip(jobs, specs, strict=True):
         assert job.error is None
         np.testing.assert_array_equal(to_uint8(job.result), to_uint8(reference(tiny_model, seed, n, sig)))
-
-
-def test_one_evaluation_holds_every_image_with_its_own_sigma(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine)
-    two, one = make_job(tiny_model, 1, 2, TWO), make_job(tiny_model, 50, 1, ONE)
-    scheduler.submit(two)
-    scheduler.submit(one)
-    assert drain(scheduler) == 2
-    sigma32 = torch.tensor(TWO, dtype=torch.float32).tolist()
-    assert engine.calls[0][0] == [sigma32[0]] * 3  # both requests' first step, one evaluation
-    assert engine.calls[1][0] == [sigma32[1]] * 2  # only the 2-step request's second step
-    assert engine.calls[0][1] == one.labels + two.labels  # fewest evaluations left first
-
-
-def test_a_one_step_request_does_not_wait_behind_four_step_requests(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine, max_batch=16)
-    done = Finished()
-    long_jobs = [make_job(tiny_model, 10 * i, 3, FOUR, on_done=done) for i in range(3)]
-    for job in long_jobs:
-        scheduler.submit(job)
-    assert scheduler.run_once(block=False)  # the 4-step requests take their first step
-    short = make_job(tiny_model, 999, 1, ONE, on_done=done)
-    scheduler.submit(short)
-    assert scheduler.run_once(block=False)  # the 1-step request joins their second step ...
-    assert done.jobs == [short]  # ... and is finished after that single evaluation
-    drain(scheduler)
-    assert done.jobs == [short, *long_jobs] and len(engine.calls) == 4
-    np.testing.assert_array_equal(to_uint8(short.result), to_uint8(reference(tiny_model, 999, 1, ONE)))
-
-
-def test_started_order_puts_continuing_images_before_everything_new(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine, max_batch=2, schedule="started")
-    first, second = make_job(tiny_model, 1, 2, TWO), make_job(tiny_model, 2, 2, ONE)
-    scheduler.submit(first)
-    scheduler.submit(second)
-    drain(scheduler)
-    sig = torch.tensor(TWO, dtype=torch.float32).tolist()
-    assert [s for s, _ in engine.calls] == [[sig[0]] * 2, [sig[1]] * 2, [80.0] * 2]  # started work finishes first
-
-
-def test_shortest_order_serves_fewest_evaluations_left_first(tiny_model: ConsistencyModel) -> None:
-    """A full batch: new 1-step images go before started 4-step images with 3 to go, which go before new 4-step
-    ones; among equals a requeued image is in front of a new one; every image is still the reference image."""
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine, max_batch=2)
-    sig4 = torch.tensor(FOUR, dtype=torch.float32).tolist()
-    long_a = make_job(tiny_model, 1, 2, FOUR)
-    scheduler.submit(long_a)
-    assert scheduler.run_once(block=False)  # long_a's first step: 3 evaluations left now
-    long_b, short = make_job(tiny_model, 5, 2, FOUR), make_job(tiny_model, 9, 2, ONE)
-    scheduler.submit(long_b)
-    scheduler.submit(short)
-    drain(scheduler)
-    order = [s for s, _ in engine.calls]
-    assert order[:3] == [[sig4[0]] * 2, [80.0] * 2, [sig4[1]] * 2]  # short first, then long_a's second step
-    assert order[3:] == [[sig4[2]] * 2, [sig4[3]] * 2, *([[sig4[i]] * 2 for i in range(4)])]  # long_a ends first
-    for job, seed, n, sig in ((long_a, 1, 2, FOUR), (long_b, 5, 2, FOUR), (short, 9, 2, ONE)):
-        np.testing.assert_array_equal(to_uint8(job.result), to_uint8(reference(tiny_model, seed, n, sig)))
-
-
-def test_shortest_order_does_not_starve_long_requests(tiny_model: ConsistencyModel) -> None:
-    """A stream of 1-step requests that alone fills every batch: a 4-step request still goes once it has waited
-    STARVATION_EVALUATIONS evaluations' time, and then keeps going first until it is done."""
-    clock = FakeClock()
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine, max_batch=1, clock=clock)
-    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.01)  # each evaluation takes 10 ms
-    long = make_job(tiny_model, 3, 1, FOUR)
-    scheduler.submit(long)
-    scheduler.submit(make_job(tiny_model, 100, 1, ONE))
-    evaluations = 0
-    while not long.finished:
-        scheduler.submit(make_job(tiny_model, 200 + evaluations, 1, ONE))  # always a 1-step image waiting
-        assert scheduler.run_once(block=False)
-        evaluations += 1
-        assert evaluations <= STARVATION_EVALUATIONS + 6, "the 4-step request starved"
-    assert long.error is None and evaluations > STARVATION_EVALUATIONS  # it did wait behind the 1-step stream
-    np.testing.assert_array_equal(to_uint8(long.result), to_uint8(reference(tiny_model, 3, 1, FOUR)))
-
-
-def test_queue_bound_refuses_at_once_with_retry_after(tiny_model: ConsistencyModel) -> None:
-    scheduler = scheduler_for(Engine(tiny_model), max_queue=5)
-    scheduler.submit(make_job(tiny_model, 0, 3, ONE))
-    full = r"holds 3 images and admits at most 5 \(CM_MAX_QUEUE\); this request has 3"
-    with pytest.raises(QueueFull, match=full) as e:
-        scheduler.submit(make_job(tiny_model, 5, 3, ONE))
-    assert e.value.retry_after_s >= 1
-    assert scheduler.queue_depth("m") == 3
-    scheduler.submit(make_job(tiny_model, 9, 2, ONE))  # exactly full is fine
-    assert scheduler.queue_depth() == 5
-    drain(scheduler)
-    assert scheduler.queue_depth() == 0
-    scheduler.submit(make_job(tiny_model, 5, 3, ONE))  # room again
-
-
-def test_expired_images_are_dropped_before_compute(tiny_model: ConsistencyModel) -> None:
-    clock = FakeClock()
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine, clock=clock)
-    done = Finished()
-    late = make_job(tiny_model, 1, 3, ONE, deadline=clock.now + 1, on_done=done)
-    scheduler.submit(late)
-    clock.now += 2
-    assert scheduler.run_once(block=False) is False  # nothing left to run
-    assert engine.calls == []  # never reached the network
-    assert done.jobs == [late] and isinstance(late.error, DeadlineExceeded)
-    assert "3 of 3 images unfinished" in late.error.message
-    assert scheduler.queue_depth() == 0
-
-
-def test_a_deadline_in_mid_flight_drops_the_remaining_steps(tiny_model: ConsistencyModel) -> None:
-    clock = FakeClock()
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine, clock=clock)
-    job = make_job(tiny_model, 1, 2, FOUR, deadline=clock.now + 1)
-    other = make_job(tiny_model, 2, 1, TWO)
-    scheduler.submit(job)
-    scheduler.submit(other)
-    scheduler.run_once(block=False)
-    scheduler.run_once(block=False)
-    clock.now += 5
-    drain(scheduler)
-    assert isinstance(job.error, DeadlineExceeded) and other.error is None
-    assert engine.sizes == [3, 3]  # two evaluations, then the 4-step job's last two steps never ran
-
-
-def test_cancel_removes_the_queued_images(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine)
-    done = Finished()
-    gone, kept = make_job(tiny_model, 1, 3, TWO, on_done=done), make_job(tiny_model, 2, 2, TWO, on_done=done)
-    scheduler.submit(gone)
-    scheduler.submit(kept)
-    assert scheduler.cancel(gone, Cancelled("client went away"))
-    assert scheduler.queue_depth() == 2
-    assert not scheduler.cancel(gone, Cancelled("twice"))  # already ended: no second callback
-    drain(scheduler)
-    assert engine.sizes == [2, 2]
-    assert done.jobs == [gone, kept] and isinstance(gone.error, Cancelled) and kept.error is None
-
-
-def test_cancel_during_an_evaluation_stops_the_later_steps(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
-    scheduler = scheduler_for(engine)
-    gone, kept = make_job(tiny_model, 1, 2, FOUR), make_job(tiny_model, 2, 1, FOUR)
-    scheduler.submit(gone)
-    scheduler.submit(kept)
-    engine.before_forward = lambda: scheduler.cancel(gone, Cancelled("client went away"))
-    scheduler.run_once(block=False)
-    engine.before_forward = lambda: None
-    drain(scheduler)
-    assert engine.sizes == [3, 1, 1, 1]
-    assert isinstance(gone.error, Cancelled) and kept.error is None
-    np.testing.assert_array_equal(to_uint8(kept.result), to_uint8(reference(tiny_model, 2, 1, FOUR)))
 
 
 def test_injected_oom_splits_the_batch_and_every_request_succeeds(tiny_model: ConsistencyModel) -> None:
@@ -289,7 +172,7 @@ def test_injected_oom_splits_the_batch_and_every_request_succeeds(tiny_model: Co
     engine = OOMAboveTwo(tiny_model)
     scheduler = scheduler_for(engine, max_batch=8)
     specs = [(3, 3, TWO), (30, 1, ONE), (300, 3, FOUR)]
-    jobs = [make_job(tiny_model, seed, n, sig) for seed, n, sig in specs]
+    jobs = [make_job(seed, n, sig) for seed, n, sig in specs]
     for job in jobs:
         scheduler.submit(job)
     drain(scheduler)
@@ -299,43 +182,245 @@ def test_injected_oom_splits_the_batch_and_every_request_succeeds(tiny_model: Co
         np.testing.assert_array_equal(to_uint8(job.result), to_uint8(reference(tiny_model, seed, n, sig)))
 
 
-def test_an_image_that_never_fits_fails_only_its_request(tiny_model: ConsistencyModel) -> None:
-    class OOMOnLabel(Engine):
-        def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-            if labels is not None and bool((labels == 9).any()):
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-            return super()._forward(x, sigma, labels)
+# ---------------------------------------------------------------------- batches and their order (a fake engine)
 
-    scheduler = scheduler_for(OOMOnLabel(tiny_model))
-    doomed = make_job(tiny_model, 1, 2, TWO, class_label=9)
-    fine = make_job(tiny_model, 2, 2, TWO, class_label=4)
+
+def test_a_job_is_the_same_alone_or_split_across_mixed_batches() -> None:
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch=5)
+    specs = [(7, 3, FOUR, None), (1000, 1, ONE, 2), (42, 4, TWO, None), (9, 2, ONE, None), (77, 3, FOUR, 5)]
+    jobs = [make_job(seed, n, sig, class_label=label) for seed, n, sig, label in specs]
+    for job in jobs:
+        scheduler.submit(job)
+    drain(scheduler)
+    assert max(engine.sizes) == 5
+    for job, (seed, n, sig, label) in zip(jobs, specs, strict=True):
+        assert torch.equal(job.result, alone(seed, n, sig, label))
+
+
+def test_one_evaluation_holds_every_image_with_its_own_sigma() -> None:
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine)
+    two, one = make_job(1, 2, TWO), make_job(50, 1, ONE)
+    scheduler.submit(two)
+    scheduler.submit(one)
+    assert drain(scheduler) == 2
+    sigma32 = torch.tensor(TWO, dtype=torch.float32).tolist()
+    assert engine.calls[0][0] == [sigma32[0]] * 3  # both requests' first step, one evaluation
+    assert engine.calls[1][0] == [sigma32[1]] * 2  # only the 2-step request's second step
+    assert engine.calls[0][1] == one.labels + two.labels  # fewest evaluations left first
+
+
+def test_a_one_step_request_does_not_wait_behind_four_step_requests() -> None:
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch=16)
+    done = Finished()
+    long_jobs = [make_job(10 * i, 3, FOUR, on_done=done) for i in range(3)]
+    for job in long_jobs:
+        scheduler.submit(job)
+    assert scheduler.run_once(block=False)  # the 4-step requests take their first step
+    short = make_job(999, 1, ONE, on_done=done)
+    scheduler.submit(short)
+    assert scheduler.run_once(block=False)  # the 1-step request joins their second step ...
+    assert done.jobs == [short]  # ... and is finished after that single evaluation
+    drain(scheduler)
+    assert done.jobs == [short, *long_jobs] and len(engine.calls) == 4
+    assert torch.equal(short.result, alone(999, 1, ONE))
+
+
+def test_started_order_puts_continuing_images_before_everything_new() -> None:
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch=2, schedule="started")
+    first, second = make_job(1, 2, TWO), make_job(2, 2, ONE)
+    scheduler.submit(first)
+    scheduler.submit(second)
+    drain(scheduler)
+    sig = torch.tensor(TWO, dtype=torch.float32).tolist()
+    assert [s for s, _ in engine.calls] == [[sig[0]] * 2, [sig[1]] * 2, [80.0] * 2]  # started work finishes first
+
+
+def test_shortest_order_serves_fewest_evaluations_left_first() -> None:
+    """A full batch: new 1-step images go before started 4-step images with 3 to go, which go before new 4-step
+    ones; among equals a requeued image is in front of a new one; every image is still the image made alone."""
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch=2)
+    sig4 = torch.tensor(FOUR, dtype=torch.float32).tolist()
+    long_a = make_job(1, 2, FOUR)
+    scheduler.submit(long_a)
+    assert scheduler.run_once(block=False)  # long_a's first step: 3 evaluations left now
+    long_b, short = make_job(5, 2, FOUR), make_job(9, 2, ONE)
+    scheduler.submit(long_b)
+    scheduler.submit(short)
+    drain(scheduler)
+    order = [s for s, _ in engine.calls]
+    assert order[:3] == [[sig4[0]] * 2, [80.0] * 2, [sig4[1]] * 2]  # short first, then long_a's second step
+    assert order[3:] == [[sig4[2]] * 2, [sig4[3]] * 2, *([[sig4[i]] * 2 for i in range(4)])]  # long_a ends first
+    for job, seed, n, sig in ((long_a, 1, 2, FOUR), (long_b, 5, 2, FOUR), (short, 9, 2, ONE)):
+        assert torch.equal(job.result, alone(seed, n, sig))
+
+
+def test_shortest_order_does_not_starve_long_requests() -> None:
+    """A stream of 1-step requests that alone fills every batch: a 4-step request still goes once it has waited
+    STARVATION_EVALUATIONS evaluations' time, and then keeps going first until it is done."""
+    clock = FakeClock()
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch=1, clock=clock)
+    engine.during = lambda: setattr(clock, "now", clock.now + 0.01)  # each evaluation takes 10 ms
+    long = make_job(3, 1, FOUR)
+    scheduler.submit(long)
+    scheduler.submit(make_job(100, 1, ONE))
+    evaluations = 0
+    while not long.finished:
+        scheduler.submit(make_job(200 + evaluations, 1, ONE))  # always a 1-step image waiting
+        assert scheduler.run_once(block=False)
+        evaluations += 1
+        assert evaluations <= STARVATION_EVALUATIONS + 6, "the 4-step request starved"
+    assert long.error is None and evaluations > STARVATION_EVALUATIONS  # it did wait behind the 1-step stream
+    assert torch.equal(long.result, alone(3, 1, FOUR))
+
+
+def test_models_take_turns() -> None:
+    a, b = FakeEngine(), FakeEngine()
+    scheduler = Scheduler(max_batch=8, max_wait_s=0.0, max_queue=100)
+    scheduler.add_model("a", a)
+    scheduler.add_model("b", b)
+    scheduler.submit(make_job(1, 2, FOUR, name="a"))
+    scheduler.submit(make_job(2, 1, TWO, name="b"))
+    order = []
+    while scheduler.run_once(block=False):
+        order.append(len(a.calls) * 10 + len(b.calls))
+    assert order == [10, 11, 21, 22, 32, 42]  # a, b, a, b, then a alone
+
+
+# ---------------------------------------------------------------------- bound, deadlines, cancel, failures
+
+
+def test_queue_bound_refuses_at_once_with_retry_after() -> None:
+    scheduler = scheduler_for(FakeEngine(), max_queue=5)
+    scheduler.submit(make_job(0, 3, ONE))
+    full = r"holds 3 images and admits at most 5 \(CM_MAX_QUEUE\); this request has 3"
+    with pytest.raises(QueueFull, match=full) as e:
+        scheduler.submit(make_job(5, 3, ONE))
+    assert e.value.retry_after_s >= 1
+    assert scheduler.queue_depth("m") == 3
+    scheduler.submit(make_job(9, 2, ONE))  # exactly full is fine
+    assert scheduler.queue_depth() == 5
+    drain(scheduler)
+    assert scheduler.queue_depth() == 0
+    scheduler.submit(make_job(5, 3, ONE))  # room again
+
+
+def test_retry_after_is_the_queued_evaluations_over_a_batch_times_an_evaluation() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    engine.during = lambda: setattr(clock, "now", clock.now + 2.0)  # each evaluation takes 2 s
+    scheduler = scheduler_for(engine, max_batch=4, max_queue=8, clock=clock)
+    scheduler.submit(make_job(0, 1, ONE))
+    drain(scheduler)
+    scheduler.submit(make_job(1, 8, FOUR))  # 32 image-evaluations: 8 batches of 4, 16 s
+    with pytest.raises(QueueFull) as e:
+        scheduler.submit(make_job(2, 1, ONE))
+    assert e.value.retry_after_s == 16
+
+
+def test_expired_images_are_dropped_before_compute() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, clock=clock)
+    done = Finished()
+    late = make_job(1, 3, ONE, deadline=clock.now + 1, on_done=done)
+    scheduler.submit(late)
+    clock.now += 2
+    assert scheduler.run_once(block=False) is False  # nothing left to run
+    assert engine.calls == []  # never reached the network
+    assert done.jobs == [late] and isinstance(late.error, DeadlineExceeded)
+    assert "3 of 3 images unfinished" in late.error.message
+    assert scheduler.queue_depth() == 0
+    assert_counts(scheduler)
+
+
+def test_a_deadline_in_mid_flight_drops_the_remaining_steps() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, clock=clock)
+    job = make_job(1, 2, FOUR, deadline=clock.now + 1)
+    other = make_job(2, 1, TWO)
+    scheduler.submit(job)
+    scheduler.submit(other)
+    scheduler.run_once(block=False)
+    scheduler.run_once(block=False)
+    clock.now += 5
+    drain(scheduler)
+    assert isinstance(job.error, DeadlineExceeded) and other.error is None
+    assert engine.sizes == [3, 3]  # two evaluations, then the 4-step job's last two steps never ran
+    assert_counts(scheduler)
+
+
+def test_cancel_removes_the_queued_images() -> None:
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine)
+    done = Finished()
+    gone, kept = make_job(1, 3, TWO, on_done=done), make_job(2, 2, TWO, on_done=done)
+    scheduler.submit(gone)
+    scheduler.submit(kept)
+    assert scheduler.cancel(gone, Cancelled("client went away"))
+    assert scheduler.queue_depth() == 2
+    assert_counts(scheduler)
+    assert not scheduler.cancel(gone, Cancelled("twice"))  # already ended: no second callback
+    drain(scheduler)
+    assert engine.sizes == [2, 2]
+    assert done.jobs == [gone, kept] and isinstance(gone.error, Cancelled) and kept.error is None
+
+
+def test_cancel_during_an_evaluation_stops_the_later_steps() -> None:
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine)
+    gone, kept = make_job(1, 2, FOUR), make_job(2, 1, FOUR)
+    scheduler.submit(gone)
+    scheduler.submit(kept)
+    engine.during = lambda: scheduler.cancel(gone, Cancelled("client went away"))
+    scheduler.run_once(block=False)
+    engine.during = lambda: None
+    drain(scheduler)
+    assert engine.sizes == [3, 1, 1, 1]
+    assert isinstance(gone.error, Cancelled) and kept.error is None
+    assert torch.equal(kept.result, alone(2, 1, FOUR))
+
+
+def test_an_image_that_never_fits_fails_only_its_request() -> None:
+    scheduler = scheduler_for(FakeEngine(fail_label=9))
+    doomed = make_job(1, 2, TWO, class_label=9)
+    fine = make_job(2, 2, TWO, class_label=4)
     scheduler.submit(doomed)
     scheduler.submit(fine)
     drain(scheduler)
     assert isinstance(doomed.error, OutOfMemory) and fine.error is None
+    assert torch.equal(fine.result, alone(2, 2, TWO, 4))
     assert scheduler.queue_depth() == 0
+    assert_counts(scheduler)
 
 
-def test_an_engine_fault_fails_that_batch_and_the_server_keeps_serving(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
+def test_an_engine_fault_fails_that_batch_and_the_server_keeps_serving() -> None:
+    engine = FakeEngine()
     scheduler = scheduler_for(engine)
 
     def fail_once() -> None:
-        engine.before_forward = lambda: None
+        engine.during = lambda: None
         raise RuntimeError("device fault")
 
-    engine.before_forward = fail_once
-    broken = make_job(tiny_model, 1, 2, TWO)
+    engine.during = fail_once
+    broken = make_job(1, 2, TWO)
     scheduler.submit(broken)
     drain(scheduler)
     assert isinstance(broken.error, EngineFailure) and "RuntimeError" in broken.error.message
-    healthy = make_job(tiny_model, 2, 1, ONE)
+    assert_counts(scheduler)
+    healthy = make_job(2, 1, ONE)
     scheduler.submit(healthy)
     drain(scheduler)
     assert healthy.error is None
 
 
-def test_observer_sees_evaluations_waits_and_finished_images(tiny_model: ConsistencyModel) -> None:
+def test_observer_sees_evaluations_waits_and_finished_images() -> None:
     class Recorder(SchedulerObserver):
         def __init__(self) -> None:
             self.batches: list[int] = []
@@ -352,46 +437,47 @@ def test_observer_sees_evaluations_waits_and_finished_images(tiny_model: Consist
             self.images += count
 
     recorder = Recorder()
-    scheduler = scheduler_for(Engine(tiny_model), observer=recorder)
-    scheduler.submit(make_job(tiny_model, 1, 3, TWO))
-    scheduler.submit(make_job(tiny_model, 2, 2, ONE))
+    scheduler = scheduler_for(FakeEngine(), observer=recorder)
+    scheduler.submit(make_job(1, 3, TWO))
+    scheduler.submit(make_job(2, 2, ONE))
     drain(scheduler)
     assert recorder.batches == [5, 3] and recorder.waits == 2 and recorder.images == 5
     assert (scheduler.evaluations, scheduler.images_evaluated) == (2, 8)
 
 
-def test_models_take_turns(tiny_model: ConsistencyModel) -> None:
-    a, b = RecordingEngine(tiny_model), RecordingEngine(tiny_model)
-    scheduler = Scheduler(max_batch=8, max_wait_s=0.0, max_queue=100)
-    scheduler.add_model("a", a)
-    scheduler.add_model("b", b)
-    scheduler.submit(make_job(tiny_model, 1, 2, FOUR, name="a"))
-    scheduler.submit(make_job(tiny_model, 2, 1, TWO, name="b"))
-    order = []
-    while scheduler.run_once(block=False):
-        order.append(len(a.calls) * 10 + len(b.calls))
-    assert order == [10, 11, 21, 22, 32, 42]  # a, b, a, b, then a alone
+def test_stop_fails_what_is_still_queued() -> None:
+    scheduler = scheduler_for(FakeEngine())
+    done = Finished()
+    job = make_job(1, 1, ONE, on_done=done)
+    scheduler.submit(job)
+    scheduler.stop()
+    assert done.jobs == [job] and isinstance(job.error, NotReady)
+    with pytest.raises(NotReady):
+        scheduler.submit(make_job(2, 1, ONE))
 
 
-def test_engine_thread_batches_what_arrived_while_the_device_was_busy(tiny_model: ConsistencyModel) -> None:
-    engine = RecordingEngine(tiny_model)
+# ---------------------------------------------------------------------- the engine thread and when a batch runs
+
+
+def test_engine_thread_batches_what_arrived_while_the_device_was_busy() -> None:
+    engine = FakeEngine()
     scheduler = scheduler_for(engine)
     entered, release = threading.Event(), threading.Event()
 
     def hold_first() -> None:
-        engine.before_forward = lambda: None
+        engine.during = lambda: None
         entered.set()
         assert release.wait(30)
 
-    engine.before_forward = hold_first
+    engine.during = hold_first
     finished = threading.Semaphore(0)
-    jobs = [make_job(tiny_model, 0, 1, ONE, on_done=lambda _: finished.release())]
+    jobs = [make_job(0, 1, ONE, on_done=lambda _: finished.release())]
     scheduler.start()
     try:
         scheduler.submit(jobs[0])
         assert entered.wait(30)
         for seed in (10, 20, 30):
-            jobs.append(make_job(tiny_model, seed, 2, ONE, on_done=lambda _: finished.release()))
+            jobs.append(make_job(seed, 2, ONE, on_done=lambda _: finished.release()))
             scheduler.submit(jobs[-1])
         release.set()
         for _ in jobs:
@@ -414,210 +500,173 @@ def ends(runner: threading.Thread) -> bool:
     return not runner.is_alive()
 
 
-def waiting_scheduler(
-    model: ConsistencyModel, clock: FakeClock, max_batch: int = 8, held: Callable[[], int] | None = None
-) -> tuple[Scheduler, RecordingEngine]:
-    """max_wait 30 s on a fake clock that moves only when the test moves it."""
-    engine = RecordingEngine(model)
-    scheduler = Scheduler(max_batch=max_batch, max_wait_s=30.0, max_queue=100, clock=clock, held=held)
+def asleep(scheduler: Scheduler) -> bool:
+    """Wait until the engine sleeps on a batch it waits for; whether it does."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with scheduler._cond:
+            if scheduler._waiting is not None and scheduler._waiting.lane is not None:
+                return True
+        time.sleep(0.001)
+    return False
+
+
+def count_wakeups(scheduler: Scheduler) -> list[int]:
+    """The queue depth at each wake-up a submission gives the engine."""
+    notified: list[int] = []
+    real_notify = scheduler._cond.notify
+    scheduler._cond.notify = lambda n=1: (notified.append(scheduler.queue_depth()), real_notify(n))  # type: ignore
+    return notified
+
+
+def waiting_scheduler(clock: FakeClock, max_batch: int = 8, max_wait_s: float = 30.0,
+                      ) -> tuple[Scheduler, FakeEngine]:
+    """max_wait 30 s on a fake clock that moves only when the test moves it; each evaluation takes 100 ms."""
+    engine = FakeEngine()
+    engine.during = lambda: setattr(clock, "now", clock.now + 0.1)
+    scheduler = Scheduler(max_batch=max_batch, max_wait_s=max_wait_s, max_queue=100, clock=clock)
     scheduler.add_model("m", engine)
     return scheduler, engine
 
 
-def test_waits_for_a_fuller_batch_while_requests_keep_arriving(tiny_model: ConsistencyModel) -> None:
+def arrive(scheduler: Scheduler, clock: FakeClock, seeds: range | tuple[int, ...], gap: float = 0.0001,
+           name: str = "m") -> None:
+    for seed in seeds:
+        clock.now += gap
+        scheduler.submit(make_job(seed, 1, ONE, name=name))
+
+
+def test_waits_for_a_fuller_batch_while_requests_keep_arriving() -> None:
     clock = FakeClock()
-    scheduler, engine = waiting_scheduler(tiny_model, clock, max_batch=3)
-    scheduler.submit(make_job(tiny_model, 1, 1, ONE))
-    clock.now += 0.001
-    scheduler.submit(make_job(tiny_model, 2, 1, ONE))  # 1 ms after the first: worth waiting for more
+    scheduler, engine = waiting_scheduler(clock, max_batch=3)
+    arrive(scheduler, clock, (1, 2), gap=0.001)  # 1 ms apart: worth waiting for more
     runner = engine_cycle(scheduler)
     clock.now += 0.002  # less than 3 gaps of 1 ms: the wait goes on
-    scheduler.submit(make_job(tiny_model, 3, 1, ONE))  # completes the batch and ends the wait
+    scheduler.submit(make_job(3, 1, ONE))  # completes the batch and ends the wait
     assert ends(runner)
     assert engine.sizes == [3]
 
 
-def test_stops_waiting_when_requests_stop_arriving(tiny_model: ConsistencyModel) -> None:
+def test_stops_waiting_when_requests_stop_arriving() -> None:
     """A burst of closed-loop clients arrived together and nothing follows: run it, do not wait out max_wait."""
     clock = FakeClock()
-    scheduler, engine = waiting_scheduler(tiny_model, clock)
-    for seed in range(4):
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
-        clock.now += 0.0002  # 0.2 ms apart
+    scheduler, engine = waiting_scheduler(clock)
+    arrive(scheduler, clock, range(4), gap=0.0002)
     clock.now += 3 * 0.0002  # then quiet for 3 of those gaps (the fake clock never reaches max_wait's 30 s)
-    runner = engine_cycle(scheduler)
-    assert ends(runner)
+    assert ends(engine_cycle(scheduler))
     assert engine.sizes == [4]
 
 
-def test_a_short_wait_is_renewed_by_each_arrival(tiny_model: ConsistencyModel) -> None:
+def test_a_short_wait_is_renewed_by_each_arrival() -> None:
     """The quiet time counts from the latest arrival, so a steady stream is waited for up to max_wait."""
     clock = FakeClock()
-    scheduler, engine = waiting_scheduler(tiny_model, clock, max_batch=6)
-    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
-    clock.now += 0.0001
-    scheduler.submit(make_job(tiny_model, 1, 1, ONE))  # gaps of 0.1 ms: the quiet time is its 0.25 ms floor
+    scheduler, engine = waiting_scheduler(clock, max_batch=6)
+    arrive(scheduler, clock, (0, 1))  # gaps of 0.1 ms: the quiet time is its 0.25 ms floor
     runner = engine_cycle(scheduler)
-    for seed in range(2, 6):
-        clock.now += 0.0002  # each arrival within the quiet time of the one before
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+    arrive(scheduler, clock, range(2, 6), gap=0.0002)  # each arrival within the quiet time of the one before
     assert ends(runner)
     assert engine.sizes == [6]
 
 
-def test_the_quiet_time_is_at_least_a_tenth_of_an_evaluation(tiny_model: ConsistencyModel) -> None:
-    """After 100 ms evaluations, a 1 ms pause in a 0.1 ms stream does not cut the batch short; 10 ms does."""
+def test_while_answered_clients_come_back_the_quiet_time_is_a_tenth_of_an_evaluation() -> None:
+    """Four clients were answered by a 100 ms evaluation: while one of them is still to come back, a 1 ms pause
+    in their 0.1 ms stream does not cut the batch short; 10 ms does."""
     clock = FakeClock()
-    scheduler, engine = waiting_scheduler(tiny_model, clock)
-    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.1)  # each evaluation takes 100 ms
-    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
-    assert drain(scheduler) == 1  # a lone request: runs at once and times the evaluation; then the device idles
-    for seed in (1, 2):
-        clock.now += 0.0001
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
+    scheduler, engine = waiting_scheduler(clock)
+    arrive(scheduler, clock, range(4))
+    assert drain(scheduler) == 1  # answers four clients; then the device idles
+    arrive(scheduler, clock, (4, 5, 6))  # three of them send again
     clock.now += 0.001  # 10 gaps, but a hundredth of an evaluation
     runner = engine_cycle(scheduler)
-    clock.now += 0.0001
-    scheduler.submit(make_job(tiny_model, 3, 1, ONE))
+    assert asleep(scheduler) and engine.sizes == [4]
     clock.now += 0.011  # now quiet for more than a tenth of an evaluation
     with scheduler._cond:
         scheduler._cond.notify()  # the engine thread wakes (as at the end of a timed wait) and sees it
     assert ends(runner)
-    assert engine.sizes == [1, 3]
+    assert engine.sizes == [4, 3]
 
 
-def test_the_evaluation_floor_holds_only_while_requests_are_on_their_way(tiny_model: ConsistencyModel) -> None:
-    """With a request held by the front end but not yet a job here, a short pause does not end the wait; once
-    every held request is queued, the short quiet time does, however long an evaluation takes."""
+def test_once_the_answered_clients_are_back_the_short_quiet_time_ends_the_wait() -> None:
     clock = FakeClock()
-    held = [0]
-    scheduler, engine = waiting_scheduler(tiny_model, clock, held=lambda: held[0])
-    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.1)  # each evaluation takes 100 ms
-    held[0] = 1
-    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
-    assert drain(scheduler) == 1  # times the evaluation
-    held[0] = 4  # three requests arrive, a fourth is still being read
-    for seed in (1, 2, 3):
-        clock.now += 0.0001
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
-    clock.now += 0.001  # 10 gaps, but a hundredth of an evaluation
-    runner = engine_cycle(scheduler)
-    runner.join(0.2)
-    assert runner.is_alive() and engine.sizes == [1]  # the fourth is on its way: the wait goes on
-    clock.now += 0.0001
-    scheduler.submit(make_job(tiny_model, 4, 1, ONE))  # every held request is now a job here
-    clock.now += 0.004  # quiet for 3 of the latest gaps (1.1 ms), far less than a tenth of an evaluation
-    assert ends(runner)
-    assert engine.sizes == [1, 4]
+    scheduler, engine = waiting_scheduler(clock)
+    arrive(scheduler, clock, range(4))
+    assert drain(scheduler) == 1
+    notified = count_wakeups(scheduler)
+    arrive(scheduler, clock, range(4, 8))  # all four send again
+    clock.now += 0.0004  # quiet for 3 of the latest gaps, far less than a tenth of an evaluation
+    assert ends(engine_cycle(scheduler))
+    assert engine.sizes == [4, 4] and notified == []
 
 
-def after_a_first_evaluation(model: ConsistencyModel, clock: FakeClock, held: list[int], max_wait_s: float = 30.0,
-                             ) -> tuple[Scheduler, RecordingEngine]:
-    """Clients A and B were evaluated (100 ms) and are being answered; C and D arrived meanwhile and wait."""
-    engine = RecordingEngine(model)
-    engine.before_forward = lambda: setattr(clock, "now", clock.now + 0.1)
-    scheduler = Scheduler(max_batch=8, max_wait_s=max_wait_s, max_queue=100, clock=clock, held=lambda: held[0])
-    scheduler.add_model("m", engine)
-    held[0] = 2
-    for seed in (0, 1):
-        scheduler.submit(make_job(model, seed, 1, ONE))
+def after_a_first_evaluation(clock: FakeClock, answered: int = 2, waiting: int = 2, name: str = "m",
+                             max_wait_s: float = 30.0) -> tuple[Scheduler, dict[str, FakeEngine]]:
+    """`answered` clients were evaluated (100 ms) and are being answered; `waiting` others of model `name` arrived
+    during that evaluation and wait."""
+    scheduler, engine = waiting_scheduler(clock, max_wait_s=max_wait_s)
+    engines = {"m": engine}
+    if name != "m":
+        engines[name] = FakeEngine()
+        engines[name].during = engine.during
+        scheduler.add_model(name, engines[name])
+    arrive(scheduler, clock, range(answered), name=name)
+    first, evaluate = engines[name], engines[name].during
+    first.during = lambda: (evaluate(), arrive(scheduler, clock, range(100, 100 + waiting), gap=0.0),
+                            setattr(first, "during", evaluate))
     assert scheduler.run_once(block=False)
-    for seed in (2, 3):
-        clock.now += 0.0001
-        scheduler.submit(make_job(model, seed, 1, ONE))
-    held[0] = 4
-    return scheduler, engine
+    assert scheduler.queue_depth() == waiting
+    return scheduler, engines
 
 
-def test_after_an_evaluation_the_engine_waits_for_the_answered_clients_to_send_again(
-    tiny_model: ConsistencyModel,
-) -> None:
+def test_after_an_evaluation_the_engine_waits_for_the_answered_clients_to_send_again() -> None:
     """Two groups of closed-loop clients would otherwise take turns for good, each group's batch running while
-    the other group is answered: the engine waits for the answered ones and runs all four together."""
+    the other group is answered: the engine waits for the answered ones and runs all four together; only the
+    arrival of the last of them wakes it."""
     clock = FakeClock()
-    held = [0]
-    scheduler, engine = after_a_first_evaluation(tiny_model, clock, held)
+    scheduler, engines = after_a_first_evaluation(clock)
+    notified = count_wakeups(scheduler)
     runner = engine_cycle(scheduler)
-    runner.join(0.2)
-    assert runner.is_alive() and engine.sizes == [2]  # A and B are still on their way back
-    for seed in (4, 5):  # A's and B's next requests (the front end still holds four)
-        clock.now += 0.0001
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))  # the second wakes the engine: all are back
+    assert asleep(scheduler) and engines["m"].sizes == [2]  # A and B are still on their way back
+    arrive(scheduler, clock, (4, 5))  # A's and B's next requests: the second brings the last of them back
     assert ends(runner)
-    assert engine.sizes == [2, 4]
+    assert engines["m"].sizes == [2, 4] and notified == [4]
 
 
-def test_the_wait_for_answered_clients_lasts_at_most_an_evaluation(tiny_model: ConsistencyModel) -> None:
+def test_the_wait_for_answered_clients_lasts_at_most_an_evaluation() -> None:
     """Clients that do not come back (each request its own client) delay the next batch by an evaluation at most."""
     clock = FakeClock()
-    held = [0]
-    scheduler, engine = after_a_first_evaluation(tiny_model, clock, held, max_wait_s=0.002)
+    scheduler, engines = after_a_first_evaluation(clock, max_wait_s=0.002)
     runner = engine_cycle(scheduler)
-    runner.join(0.2)
-    assert runner.is_alive()
-    clock.now += 0.1  # an evaluation's time (more than max_wait)
+    assert asleep(scheduler)
+    clock.now += 0.1001  # an evaluation's time (more than max_wait)
     assert ends(runner)
-    assert engine.sizes == [2, 2]
+    assert engines["m"].sizes == [2, 2]
 
 
-def test_no_wait_after_an_evaluation_when_fewer_are_on_their_way_than_wait(tiny_model: ConsistencyModel) -> None:
+def test_no_wait_after_an_evaluation_that_answered_fewer_than_wait() -> None:
     clock = FakeClock()
-    held = [0]
-    scheduler, engine = after_a_first_evaluation(tiny_model, clock, held)
-    held[0] = 3  # one answered client on its way, two requests waiting
-    runner = engine_cycle(scheduler)
-    assert ends(runner)  # runs at once: the fake clock never moves, so a wait would not end
-    assert engine.sizes == [2, 2]
+    scheduler, engines = after_a_first_evaluation(clock, answered=1, waiting=2)
+    assert ends(engine_cycle(scheduler))  # runs at once: the fake clock never moves, so a wait would not end
+    assert engines["m"].sizes == [1, 2]
 
 
-def test_no_wait_after_an_evaluation_for_clients_of_another_model(tiny_model: ConsistencyModel) -> None:
+def test_no_wait_after_an_evaluation_for_clients_of_another_model() -> None:
     """Clients A and B of model "other" are being answered; C and D of model "m" wait: they run at once."""
     clock = FakeClock()
-    held = [2]
-    scheduler = Scheduler(max_batch=8, max_wait_s=30.0, max_queue=100, clock=clock, held=lambda: held[0])
-    engines = {name: RecordingEngine(tiny_model) for name in ("other", "m")}
-    for name, engine in engines.items():
-        scheduler.add_model(name, engine)
-    for seed in (0, 1):
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE, name="other"))
-    assert scheduler.run_once(block=False)
-    for seed in (2, 3):
-        clock.now += 0.0001
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))
-    held[0] = 4  # as many on their way as wait, but for the other model
-    runner = engine_cycle(scheduler)
-    assert ends(runner)  # the fake clock never moves: a wait would not end
+    scheduler, engines = after_a_first_evaluation(clock, name="other")
+    assert ends(engine_cycle(scheduler))  # the fake clock never moves: a wait would not end
     assert engines["m"].sizes == [2] and engines["other"].sizes == [2]
 
 
-def test_arrivals_do_not_wake_the_engine_until_the_fuller_batch_is_full(tiny_model: ConsistencyModel) -> None:
+def test_arrivals_do_not_wake_the_engine_until_the_fuller_batch_is_full() -> None:
     """Each wake-up costs a system call and a GIL hand-off with the event loop: during the wait, only a full
     batch wakes the engine early (the quiet time and max_wait end the wait on their own)."""
     clock = FakeClock()
-    scheduler, engine = waiting_scheduler(tiny_model, clock, max_batch=6)
-    notified = []
-    real_notify = scheduler._cond.notify
-    scheduler._cond.notify = lambda n=1: (notified.append(scheduler.queue_depth()), real_notify(n))
-    scheduler.submit(make_job(tiny_model, 0, 1, ONE))
-    clock.now += 0.0001
-    scheduler.submit(make_job(tiny_model, 1, 1, ONE))
+    scheduler, engine = waiting_scheduler(clock, max_batch=6)
+    notified = count_wakeups(scheduler)
+    arrive(scheduler, clock, (0, 1))
     runner = engine_cycle(scheduler)
-    deadline = time.monotonic() + 30
-    while scheduler._filling is None and time.monotonic() < deadline:  # the engine is in the wait
-        time.sleep(0.001)
-    for seed in range(2, 6):
-        scheduler.submit(make_job(tiny_model, seed, 1, ONE))  # no time passes: the wait goes on
+    assert asleep(scheduler)
+    arrive(scheduler, clock, range(2, 6), gap=0.0)  # no time passes: the wait goes on
     assert ends(runner)
     assert engine.sizes == [6]
     assert notified == [6]  # one wake-up, by the arrival that filled the batch
-
-
-def test_stop_fails_what_is_still_queued(tiny_model: ConsistencyModel) -> None:
-    scheduler = scheduler_for(Engine(tiny_model))
-    done = Finished()
-    job = make_job(tiny_model, 1, 1, ONE, on_done=done)
-    scheduler.submit(job)
-    scheduler.stop()
-    assert done.jobs == [job] and isinstance(job.error, NotReady)
-    with pytest.raises(NotReady):
-        scheduler.submit(make_job(tiny_model, 2, 1, ONE))
