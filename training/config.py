@@ -156,9 +156,8 @@ def validate(cfg: RunConfig, origin: Mapping[str, str] | None = None) -> None:
                 raise ConfigError(f"{flag(name)} {value!r} is not one of {choices(name)}")
             source = f"{origin[name]}: option {name} =" if name in origin else flag(name)
             raise ConfigError(f"{source} {value!r} must be of type {annotations[name]}")
-        ok, allowed = RANGES.get(name, (None, ""))
-        if ok is not None and not ok(value):
-            raise ConfigError(f"{flag(name)} {value} must be {allowed}")
+        if name in RANGES and not RANGES[name][0](value):
+            raise ConfigError(f"{flag(name)} {value} must be {RANGES[name][1]}")
     try:
         cfg.recipe_obj()
     except ValueError as e:
