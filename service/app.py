@@ -11,8 +11,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from .api.errors import install_error_handlers
-from .api.fastpath import GenerateFastPath
-from .api.middleware import BodyLimit, RequestContext
+from .api.generate import GenerateHandler
+from .api.middleware import RequestContext
 from .api.routes import STATIC_DIR, install_routes
 from .api.security import ApiKeys, RateLimiter
 from .engine import Engine
@@ -58,27 +58,18 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.service = state
     app.state.api_keys = ApiKeys(settings.api_keys)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key)
+    app.state.generate = GenerateHandler(state, app.state.api_keys, app.state.rate_limiter)
     install_error_handlers(app)
     install_routes(app, guarded=bool(settings.api_keys) or settings.rate_limit_per_key > 0)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.wrap = lambda stack: RequestContext(  # outermost: it sees every response
-        BodyLimit(
-            GenerateFastPath(stack, state=state, api_keys=app.state.api_keys, rate_limiter=app.state.rate_limiter),
-            max_bytes=settings.max_body_bytes,
-        ),
-        state=state,
-    )
+    app.wrap = RequestContext  # outermost: it sees every response
     return app
 
 
 class ServiceApp(FastAPI):
-    """FastAPI with cmserve's middleware outside the whole stack Starlette and FastAPI build.
-
-    That stack (server-error handler, FastAPI's telemetry and body-limit layers, exception handlers, router)
-    is what a request the fast path answers never needs; with `wrap` around it, such a request skips those
-    layers (their 500 handler included: the fast path answers its own errors, see fastpath.py).
-    """
+    """FastAPI with cmserve's request context outside the whole stack Starlette and FastAPI build, so that it
+    sees every response, the server-error handler's 500 included."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

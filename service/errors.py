@@ -20,6 +20,17 @@ class InvalidRequest(ServiceError):
     reason = "invalid"
 
 
+class BodyTooLarge(InvalidRequest):
+    """The body is longer than CM_MAX_BODY_BYTES (by its Content-Length, or counted as it arrives)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes (CM_MAX_BODY_BYTES)")
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The body is not sent as JSON."""
+
+
 class UnknownModel(InvalidRequest):
     """The request names a model that is not served."""
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -45,6 +46,19 @@ ENCODE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 
 STATS_WINDOW_S = 10.0  # /v1/stats rates are averages over about this long
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LIVE_REFRESH_S = 0.5  # with several workers, how often each writes its callback gauges
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """One model's label children of the per-model metrics."""
+
+    forward_duration: Any
+    batch_size: Any
+    forward_passes: Any
+    images: Any
+    queue_wait: Any
+    request_duration: Any
+    queue_depth: Any
 
 
 class Metrics(SchedulerObserver):
@@ -99,7 +113,7 @@ class Metrics(SchedulerObserver):
                                 multiprocess_mode="livemax")
         self.build_info.labels(VERSION).set(1)
         self._live: list[tuple[Gauge, Callable[[], float]]] = []  # gauges whose value a callback gives
-        self._per_model: dict[str, tuple] = {}
+        self._per_model: dict[str, ModelMetrics] = {}
         self._cache: dict[tuple, Any] = {}  # label children of the request-path metrics (bounded label values)
         self._memory_tracked = False
         self._stats_lock = threading.Lock()
@@ -111,38 +125,37 @@ class Metrics(SchedulerObserver):
         if self.multiprocess:
             threading.Thread(target=self._refresh_forever, name="cmserve-metrics", daemon=True).start()
 
-    def _children(self, model: str) -> tuple:
+    def _children(self, model: str) -> ModelMetrics:
         """Label children of one model, created once (they then show at 0) and cached for the hot path."""
         found = self._per_model.get(model)
         if found is None:
             for reason in FAILURE_REASONS:
                 self.failures.labels(model, reason)
             self.requests.labels(model, "200")
-            found = (
-                self.forward_duration.labels(model),
-                self.batch_size.labels(model),
-                self.forward_passes.labels(model),
-                self.images.labels(model),
-                self.queue_wait.labels(model),
-                self.request_duration.labels(model),
-                self.queue_depth.labels(model),
+            found = self._per_model[model] = ModelMetrics(
+                forward_duration=self.forward_duration.labels(model),
+                batch_size=self.batch_size.labels(model),
+                forward_passes=self.forward_passes.labels(model),
+                images=self.images.labels(model),
+                queue_wait=self.queue_wait.labels(model),
+                request_duration=self.request_duration.labels(model),
+                queue_depth=self.queue_depth.labels(model),
             )
-            self._per_model[model] = found
         return found
 
     # ------------------------------------------------------------------ scheduler observer (engine thread)
 
     def on_evaluation(self, model: str, batch_size: int, seconds: float) -> None:
-        forward, batch, passes, *_ = self._children(model)
-        forward.observe(seconds)
-        batch.observe(batch_size)
-        passes.inc()
+        children = self._children(model)
+        children.forward_duration.observe(seconds)
+        children.batch_size.observe(batch_size)
+        children.forward_passes.inc()
 
     def on_queue_wait(self, model: str, seconds: float) -> None:
-        self._children(model)[4].observe(seconds)
+        self._children(model).queue_wait.observe(seconds)
 
     def on_images_finished(self, model: str, count: int) -> None:
-        self._children(model)[3].inc(count)
+        self._children(model).images.inc(count)
 
     # ------------------------------------------------------------------ request outcomes (event loop)
 
@@ -152,7 +165,7 @@ class Metrics(SchedulerObserver):
         if reason is not None:
             self._child(self.failures, model, reason).inc()
         if model in self._per_model:
-            self._per_model[model][5].observe(seconds)
+            self._per_model[model].request_duration.observe(seconds)
 
     def observe_encode(self, fmt: str, seconds: float) -> None:
         self._child(self.encode_duration, fmt).observe(seconds)
@@ -166,7 +179,7 @@ class Metrics(SchedulerObserver):
         return child
 
     def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
-        self._live.append((self._children(model)[6], depth))
+        self._live.append((self._children(model).queue_depth, depth))
 
     def track_in_progress(self, count: Callable[[], int]) -> None:
         """cmserve_requests_in_progress: read from `count` at each scrape in one process (no update per request);
@@ -222,13 +235,6 @@ class Metrics(SchedulerObserver):
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return merged
-
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self._readable().get_sample_value(name, labels or {}) or 0.0
-
-    def total(self, name: str) -> float:
-        """Sum of a metric's samples called `name` over all label values."""
-        return self._totals(self._readable(), (name,))[name]
 
     @staticmethod
     def _totals(registry: CollectorRegistry, names: Iterable[str]) -> dict[str, float]:

@@ -35,7 +35,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from .api.protocol import UVICORN_VERSION, GenerateAnswerer, GenerateProtocol
+from .api.protocol import UVICORN_VERSION, GenerateProtocol
 from .app import create_app
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
@@ -125,8 +125,7 @@ def http_protocol(settings: Settings, app: FastAPI) -> Any:
         logger.warning("uvicorn %s is not the version %s that the generate protocol was written for; every request "
                        "goes through uvicorn's own protocol", uvicorn.__version__, UVICORN_VERSION)
         return "auto"
-    answerer = GenerateAnswerer(app.state.service, app.state.api_keys, app.state.rate_limiter)
-    return functools.partial(GenerateProtocol, answerer=answerer)
+    return functools.partial(GenerateProtocol, handler=app.state.generate)
 
 
 def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:

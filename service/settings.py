@@ -19,7 +19,6 @@ ENV_PREFIX = "CM_"
 DEFAULT_MODEL_NAME = "digits"  # the name the embedded default checkpoint is served under
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 class SettingsError(ValueError):

@@ -10,12 +10,14 @@ import json
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ..errors import (
+    BodyTooLarge,
     Cancelled,
     DeadlineExceeded,
     Draining,
@@ -30,18 +32,23 @@ from ..errors import (
     ServiceError,
     Unauthorized,
     UnknownModel,
+    UnsupportedMediaType,
 )
 from ..schemas import GenerateRequest
+from .requests import Reply
 
 logger = logging.getLogger("cmserve.api")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that went away; never reaches the client
+JSON = b"application/json"
 NOT_READY_RETRY_AFTER_S = 5
 
 # Most specific class first: the first isinstance match wins.
 ERROR_STATUS: list[tuple[type[ServiceError], int, str]] = [
     (UnknownModel, 404, "unknown_model"),
     (NotAcceptable, 406, "not_acceptable"),
+    (BodyTooLarge, 413, "body_too_large"),
+    (UnsupportedMediaType, 415, "unsupported_media_type"),
     (InvalidRequest, 422, "invalid_request"),
     (Unauthorized, 401, "unauthorized"),
     (RateLimited, 429, "rate_limited"),
@@ -68,13 +75,27 @@ HTTP_TYPES = {
 FIELDS = tuple(GenerateRequest.model_fields)
 
 
+def error_reply(status: int, type_: str, message: str, field: str | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+    """The error JSON {"error": {"type", "message", "field"}} with its status and headers."""
+    raw = [(b"content-type", JSON)] + [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in
+                                       (headers or {}).items()]
+    return Reply(status, raw, orjson.dumps({"error": {"type": type_, "message": message, "field": field}}))
+
+
 def error_response(status: int, type_: str, message: str, field: str | None = None, headers: Any = None) -> Response:
-    body = json.dumps({"error": {"type": type_, "message": message, "field": field}}, ensure_ascii=False)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return to_response(error_reply(status, type_, message, field, headers))
 
 
-def service_error_response(error: ServiceError) -> Response:
-    """The HTTP response for a domain error."""
+def to_response(reply: Reply) -> Response:
+    """A Reply as a Starlette response (which adds content-length after the reply's headers)."""
+    response = Response(reply.body, status_code=reply.status)
+    response.raw_headers = [*reply.headers, *response.raw_headers]
+    return response
+
+
+def service_error_reply(error: ServiceError) -> Reply:
+    """The HTTP reply for a domain error."""
     status, type_ = next(((s, t) for cls, s, t in ERROR_STATUS if isinstance(error, cls)), (500, "internal"))
     headers: dict[str, str] = {}
     if isinstance(error, RetryLater):
@@ -85,7 +106,7 @@ def service_error_response(error: ServiceError) -> Response:
         headers["Retry-After"] = "1"
     elif isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return error_response(status, type_, error.message, error.field, headers)
+    return error_reply(status, type_, error.message, error.field, headers)
 
 
 def _field_name(loc: tuple[Any, ...]) -> str | None:
@@ -126,34 +147,17 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
 
 async def _on_service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return service_error_response(exc)
+    return to_response(service_error_reply(exc))
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = list(exc.errors())
-    content_type = request.headers.get("content-type", "")
-    whole_body = any(e.get("loc") == ("body",) for e in errors)
-    if whole_body and content_type and "json" not in content_type.lower():
-        return error_response(
-            415, "unsupported_media_type",
-            f"send the body as JSON with Content-Type: application/json, not {content_type}",
-        )
-    if whole_body and not content_type and isinstance(exc.body, bytes) and exc.body:  # FastAPI reads only typed bodies
-        return error_response(
-            415, "unsupported_media_type",
-            "send the body as JSON with Content-Type: application/json (the request had no Content-Type)",
-        )
-    message, field = describe_validation_error(errors) if errors else ("invalid request", None)
+    message, field = describe_validation_error(list(exc.errors())) if exc.errors() else ("invalid request", None)
     return error_response(422, "invalid_request", message, field)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    cause = exc.__cause__
-    if exc.status_code == 400 and cause is not None:  # FastAPI could not parse the body: not UTF-8, nested too deep
-        message = f"request body is not valid JSON ({type(cause).__name__}: {cause})"
-        return error_response(422, "invalid_request", message)
     type_ = HTTP_TYPES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     if exc.status_code == 404:
@@ -161,14 +165,14 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, type_, message, None, exc.headers)
 
 
-def unexpected_error_response(method: str, path: str) -> Response:
+def unexpected_error_reply(method: str, path: str) -> Reply:
     """500 for an exception nothing else handled; call it inside the `except` (it logs the traceback)."""
     logger.exception("unhandled error in %s %s", method, path)
-    return error_response(500, "internal", "internal server error; the request id identifies it in the logs")
+    return error_reply(500, "internal", "internal server error; the request id identifies it in the logs")
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    return unexpected_error_response(request.method, request.url.path)
+    return to_response(unexpected_error_reply(request.method, request.url.path))
 
 
 def install_error_handlers(app: FastAPI) -> None:

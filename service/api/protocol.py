@@ -1,21 +1,12 @@
-"""POST /v1/generate answered in uvicorn's HTTP protocol, below ASGI, for the requests that allow it.
+"""An optional accelerator: POST /v1/generate answered in uvicorn's HTTP protocol, below ASGI.
 
-At thousands of requests per second on the CPU the event loop's work per request limits the server, and about a
-fifth of it is the ASGI plumbing around the answer: uvicorn's request cycle (its scope, events, task and
-message dicts), the middleware layers and Starlette's response object (BENCHMARKS.md). `GenerateProtocol` is
-uvicorn's httptools protocol with one addition: a request it can take whole, it answers itself with the same
-code as the ASGI route (`respond`, routes.py), request id, log line and metrics as `RequestContext` does them,
-and one write of the whole response. It takes a request when:
-- it is POST /v1/generate exactly, HTTP/1.1 with keep-alive, without Expect, Upgrade or Transfer-Encoding, with a
-  Content-Length up to CM_MAX_BODY_BYTES and a JSON content type;
-- no earlier request of the connection is still being answered (pipelined ones queue as uvicorn queues them);
-- its body is a valid request (`fastpath._parse`).
-Every other request, and one whose body turns out invalid, goes to the ASGI app exactly as without it (FastAPI
-then gives the documented error). API keys, the rate limit, readiness and draining are checked by the same
-code as there, and their errors answered the same way. A client that disconnects is seen at once
-(`connection_lost`), and its queued images are removed then, with no watcher task. uvicorn's graceful shutdown
-waits for these requests like its own: their task is in the server's task set, and a connection that is
-answering one closes after it.
+On the CPU at thousands of requests per second the event loop's work per request limits the server, and
+uvicorn's request cycle, FastAPI's routing and Starlette's response objects are a large share of it
+(BENCHMARKS.md, "HTTP layers"). `GenerateProtocol` is uvicorn's httptools protocol with one addition: a
+request that `may_take` accepts is answered by the same `GenerateHandler` as the FastAPI route (generate.py),
+from its arrival on; this module only supplies the body as it arrives, the disconnect as the connection
+reports it, and one write of the response. Every other request goes to the ASGI app as without it.
+CM_PROTOCOL_FAST_PATH=false turns it off.
 """
 
 from __future__ import annotations
@@ -25,47 +16,58 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from ..state import ServiceState
-from .errors import CLIENT_CLOSED_REQUEST
-from .fastpath import _is_json, _parse, answer
-from .middleware import GENERATE_PATH, RequestLog, end_request, request_id
-from .security import ApiKeys, RateLimiter
+from ..errors import BodyTooLarge, Cancelled
+from .generate import PATH, GenerateHandler
+from .requests import Headers, Reply
 
 # GenerateProtocol relies on uvicorn's protocol internals (its parser callbacks and per-connection state) as
 # they are in this version, the one requirements.txt pins (a test keeps the two equal). With any other,
 # the server keeps uvicorn's own protocol (server.http_protocol).
 UVICORN_VERSION = "0.54.0"
-_PATH = GENERATE_PATH.encode()
+_PATH = PATH.encode()
 
 
-class GenerateAnswerer:
-    """What the protocol needs to answer a generate request: the service and its checks (one per server)."""
+def may_take(method: bytes, url: bytes, http_version: str, keep_alive: bool, upgrade: bool, expect_continue: bool,
+             idle: bool, headers: Headers, max_body: int) -> bool:
+    """Whether the protocol answers this request itself, from its request line and headers.
 
-    def __init__(self, state: ServiceState, api_keys: ApiKeys, rate_limiter: RateLimiter) -> None:
-        self.state = state
-        self.api_keys = api_keys
-        self.rate_limiter = rate_limiter
-        self.max_body = state.settings.max_body_bytes
+    POST /v1/generate exactly, HTTP/1.1 with keep-alive, no Upgrade or Expect: 100-continue, on a connection
+    with no earlier request still being answered (pipelined requests queue as uvicorn queues them), with one
+    Content-Length up to `max_body` and no Transfer-Encoding. Anything else is left to the ASGI app.
+    """
+    if method != b"POST" or url != _PATH or http_version != "1.1" or not keep_alive or upgrade or expect_continue:
+        return False
+    if not idle:
+        return False
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return False
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return False
+    return length is not None and length <= max_body
 
 
 class _Cycle:
     """Stands for uvicorn's RequestResponseCycle while the protocol answers a request itself.
 
-    uvicorn's protocol reads these attributes: `response_complete` (a pipelined request waits until it is
-    True), `keep_alive` (a graceful shutdown sets it False: close after the response), `disconnected` and
-    `message_event.set()` (connection_lost). `watch` is the answer's disconnect watch (routes.respond): the
-    disconnect is known at once, with no watcher task.
+    uvicorn's protocol reads `response_complete` (a pipelined request waits until it is True), sets
+    `keep_alive` False in a graceful shutdown (close after the response), and on connection_lost sets
+    `disconnected` and calls `message_event.set()`.
     """
 
-    __slots__ = ("_on_disconnect", "disconnected", "keep_alive", "response_complete")
+    __slots__ = ("_body", "_chunks", "_on_disconnect", "disconnected", "keep_alive", "response_complete")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.response_complete = False
         self.keep_alive = True
         self.disconnected = False
+        self._chunks: list[bytes] = []
+        self._body: asyncio.Future[bytes] = loop.create_future()
         self._on_disconnect: Callable[[], None] | None = None
 
     @property
@@ -73,8 +75,26 @@ class _Cycle:
         return self
 
     def set(self) -> None:
-        if self.disconnected and self._on_disconnect is not None:
+        if not self.disconnected:
+            return
+        if not self._body.done():
+            self._body.set_exception(Cancelled("the client disconnected before sending the whole body"))
+        if self._on_disconnect is not None:
             self._on_disconnect()
+
+    def add_body(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    def body_complete(self) -> None:
+        if not self._body.done():
+            self._body.set_result(b"".join(self._chunks))
+        self._chunks = []
+
+    async def read_body(self, limit: int) -> bytes:
+        body = await self._body
+        if len(body) > limit:  # (may_take admits only a declared length within the cap)
+            raise BodyTooLarge(limit)
+        return body
 
     def watch(self, on_disconnect: Callable[[], None]) -> Callable[[], None]:
         if self.disconnected:  # gone before the answer began to wait
@@ -87,95 +107,68 @@ class _Cycle:
 
 
 class GenerateProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol that answers the generate requests it can take itself (see the module)."""
+    """uvicorn's httptools protocol that answers the generate requests it may take itself (see the module)."""
 
-    def __init__(self, *args: Any, answerer: GenerateAnswerer, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handler: GenerateHandler, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.answerer = answerer
-        self._body: list[bytes] | None = None  # the body of a request taken, while it arrives
+        self.handler = handler
+        self._taking: _Cycle | None = None  # the request taken, while its body arrives
 
     # Parser callbacks ----------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        if self._takes():
-            self._body = []
-            return
-        super().on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self._body is None:
-            super().on_body(body)
-        else:
-            self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._body is None:
-            super().on_message_complete()
-            return
-        body = b"".join(self._body)
-        self._body = None
-        request = _parse(body)
-        if request is None:  # to the ASGI app, as if never taken: it says what is wrong
+        idle = not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+        if not may_take(self.parser.get_method(), self.url, self.parser.get_http_version(),
+                        self.parser.should_keep_alive(), self.parser.should_upgrade(), self.expect_100_continue,
+                        idle, self.headers, self.handler.state.settings.max_body_bytes):
             super().on_headers_complete()
-            self.cycle.body = body
-            super().on_message_complete()
             return
-        cycle = self.cycle = _Cycle()  # type: ignore[assignment]
-        task = self.loop.create_task(self._answer(cycle, request, self.headers))
+        cycle = self._taking = self.cycle = _Cycle(self.loop)  # type: ignore[assignment]
+        task = self.loop.create_task(self._answer(cycle, self.headers, time.monotonic()))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
-    def _takes(self) -> bool:
-        """Whether this request is one to answer here, from its request line and headers."""
-        if self.url != _PATH or self.parser.get_method() != b"POST" or self.expect_100_continue:
-            return False
-        if self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive():
-            return False
-        if self.parser.should_upgrade() or self.pipeline or not (self.cycle is None or self.cycle.response_complete):
-            return False
-        length = content_type = None
-        for name, value in self.headers:
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    return False
-                length = int(value)
-            elif name == b"content-type" and content_type is None:
-                content_type = value.decode("latin-1")
-            elif name == b"transfer-encoding":
-                return False
-        return length is not None and length <= self.answerer.max_body and _is_json(content_type)
+    def on_body(self, body: bytes) -> None:
+        if self._taking is None:
+            super().on_body(body)
+        else:
+            self._taking.add_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._taking is None:
+            super().on_message_complete()
+            return
+        self._taking.body_complete()
+        self._taking = None
 
     # Answering -----------------------------------------------------------
 
-    async def _answer(self, cycle: _Cycle, request: Any, headers: list[tuple[bytes, bytes]]) -> None:
-        answerer = self.answerer
-        state = answerer.state
-        log = RequestLog(request_id=request_id(headers), started=time.monotonic())
-        state.request_started()
+    async def _answer(self, cycle: _Cycle, headers: Headers, arrived: float) -> None:
+        handler = self.handler
+        log = handler.begin(headers, arrived)
         status = 500
         try:
-            response = await answer(state, answerer.api_keys, answerer.rate_limiter, request, headers, log,
-                                    cycle.watch)
-            status = response.status_code
-            if not cycle.disconnected and status != CLIENT_CLOSED_REQUEST:
+            reply = await handler.answer(log, headers, cycle.read_body, cycle.watch)
+            status = reply.status
+            if not cycle.disconnected:
                 if self.flow.write_paused:
                     await self.flow.drain()
-                self._write(response, log.request_id, cycle.keep_alive)
+                self._write(reply, log.request_id, cycle.keep_alive)
         finally:
-            state.request_ended()
-            end_request(state, log, "POST", GENERATE_PATH, status, time.monotonic() - log.started, generate=True)
+            handler.end(log, status)
             cycle.response_complete = True
             if not cycle.keep_alive and not self.transport.is_closing():
                 self.transport.close()
             self.on_response_complete()  # uvicorn's: the next pipelined request, or the keep-alive timer
 
-    def _write(self, response: Response, request_id: str, keep_alive: bool) -> None:
-        """The whole response in one write: status line, uvicorn's default headers (date), the response's."""
-        content = [STATUS_LINE[response.status_code]]
-        for name, value in (*self.server_state.default_headers, *response.raw_headers):
+    def _write(self, reply: Reply, request_id: str, keep_alive: bool) -> None:
+        """The whole response in one write, with the headers the ASGI route's response has, in its order."""
+        content = [STATUS_LINE[reply.status]]
+        for name, value in (*self.server_state.default_headers, *reply.headers):
             content += (name, b": ", value, b"\r\n")
-        content += (b"x-request-id: ", request_id.encode(), b"\r\n")
+        content += (b"x-request-id: ", request_id.encode(), b"\r\n",
+                    b"content-length: ", str(len(reply.body)).encode(), b"\r\n")
         if not keep_alive:
             content.append(b"connection: close\r\n")
-        content += (b"\r\n", response.body)
+        content += (b"\r\n", reply.body)
         self.transport.write(b"".join(content))

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.responses import Response
 from starlette.types import Receive
 
 from ..encode import MIME
-from ..errors import Cancelled, DeadlineExceeded, InvalidRequest, ServiceError
+from ..errors import BodyTooLarge, Cancelled
 from ..registry import ServedModel
-from ..scheduler import Job
 from ..schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -31,16 +27,13 @@ from ..schemas import (
     StatsResponse,
 )
 from ..state import ServiceState
-from .errors import CLIENT_CLOSED_REQUEST, error_response
-from .middleware import RequestLog, request_log
-from .negotiate import choose_representation
-from .security import ApiKeys, RateLimiter
+from .errors import error_response, to_response
+from .generate import DisconnectWatch, GenerateHandler, ReadBody
+from .middleware import ARRIVED_KEY
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
-_seeds = random.Random()  # seeds need not be secret: this is fast, and seeded from os.urandom
 NO_CACHE = {"Cache-Control": "no-store"}
 DISCONNECT_WATCH_S = 0.05  # a request's client is watched for a disconnect from this long after submission
-_STRING = json.encoder.encode_basestring_ascii  # a str as json writes it by default (quoted, ASCII)
 
 
 async def get_state(request: Request) -> ServiceState:  # async: a sync dependency would hop to a thread
@@ -48,15 +41,6 @@ async def get_state(request: Request) -> ServiceState:  # async: a sync dependen
 
 
 State = Annotated[ServiceState, Depends(get_state)]
-
-
-async def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """Bearer key check (when CM_API_KEYS is set) and the per-key rate limit."""
-    keys: ApiKeys = request.app.state.api_keys
-    limiter: RateLimiter = request.app.state.rate_limiter
-    key = keys.check(authorization)
-    limiter.check(key)
-    return key
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -71,24 +55,57 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     **_errors(401, 404, 406, 413, 415, 422, 429, 500, 503, 504),
 }
+# The handler reads and validates the body itself (generate.py), so the document states it here.
+GENERATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
+    }
+}
+AUTHORIZATION = {"name": "Authorization", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "Bearer API key (when the server has CM_API_KEYS)"}
 
 
-async def generate(body: GenerateRequest, request: Request) -> Response:
+async def generate(request: Request) -> Response:
     """Sample n images with one network evaluation per step, batched with other requests' images."""
-    state: ServiceState = request.app.state.service  # not a dependency: resolving one costs ~0.1 ms a request
-    return await respond(state, body, request.headers.get("accept"), request_log(request.scope),
-                         asgi_disconnect_watch(request.receive))
+    handler: GenerateHandler = request.app.state.generate
+    headers = request.scope["headers"]
+    log = handler.begin(headers, request.scope.get(ARRIVED_KEY) or time.monotonic())
+    status = 500
+    try:
+        reply = await handler.answer(log, headers, asgi_body(request.receive), asgi_disconnect_watch(request.receive))
+        status = reply.status
+        reply.headers.append((b"x-request-id", log.request_id.encode()))
+        return to_response(reply)
+    finally:
+        handler.end(log, status)
 
 
-# watch(on_disconnect) arranges for on_disconnect() to be called if the client goes away; it returns `unwatch`.
-DisconnectWatch = Callable[[Callable[[], None]], Callable[[], None]]
+def asgi_body(receive: Receive) -> ReadBody:
+    """Reads an ASGI request's body, counting it against the cap as it streams in."""
+
+    async def read(limit: int) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Cancelled("the client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    return read
 
 
 def asgi_disconnect_watch(receive: Receive) -> DisconnectWatch:
-    """Watches an ASGI request's `receive` (its body read: it only reports a disconnect), from
-    DISCONNECT_WATCH_S on: a watcher task costs the event loop ~14 µs a request, an eighth of its work per request
-    on the CPU (BENCHMARKS.md), and most requests are answered before then. A client that left earlier is
-    noticed at that time, when a longer request's remaining images are still queued."""
+    """Watches an ASGI request's `receive` (the body has been read: it only reports a disconnect), from
+    DISCONNECT_WATCH_S on: most requests are answered before then, and a watcher task costs the event loop
+    a noticeable share of a request's work. A client that left earlier is noticed then, while a longer
+    request's remaining images are still queued."""
 
     def watch(on_disconnect: Callable[[], None]) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
@@ -111,132 +128,12 @@ def asgi_disconnect_watch(receive: Receive) -> DisconnectWatch:
     return watch
 
 
-async def respond(state: ServiceState, body: GenerateRequest, accept: str | None, log: RequestLog,
-                  watch: DisconnectWatch) -> Response:
-    """The work of POST /v1/generate for a validated body, shared by the route, the ASGI fast path (fastpath.py)
-    and the HTTP protocol (protocol.py), each of which says how it learns of a disconnect (`watch`)."""
-    state.check_ready()
-    served = state.registry.get(body.model)
-    log.model = served.name
-    settings = state.settings
-    if body.n > settings.max_images_per_request:
-        raise InvalidRequest(
-            f"n must be 1…{settings.max_images_per_request} (CM_MAX_IMAGES_PER_REQUEST), got {body.n}", field="n"
-        )
-    raw_format = choose_representation(accept, body.format, "format" in body.model_fields_set, body.n)
-    sigmas = served.resolve_sigmas(body.steps, body.sigmas)
-    label = served.resolve_class_label(body.class_label)
-    seed = _seeds.getrandbits(63) if body.seed is None else body.seed
-    log.fields.update(n=body.n, steps=len(sigmas), seed=seed)
-
-    job = served.make_job(seed=seed, n=body.n, sigmas=sigmas, class_label=label,
-                          deadline=log.started + settings.request_timeout_s)
-    try:
-        await _run_job(state, job, watch)
-    except Cancelled:
-        log.fields["status_note"] = "client disconnected"
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    fmt = raw_format or body.format
-    encoded, encode_s = await state.encoder.encode(job.images, fmt)  # type: ignore[union-attr]
-    state.metrics.observe_encode(fmt, encode_s)
-    timings = _timings_ms(job, encode_s, log.started)
-    log.fields["timings_ms"] = timings
-    labels = job.class_labels
-    if raw_format is not None:
-        return _raw_image(encoded[0], raw_format, served, seed, sigmas, labels[0])
-    return _json_images(encoded, fmt, served, seed, sigmas, labels, timings)
-
-
-async def _run_job(state: ServiceState, job: Job, watch: DisconnectWatch) -> None:
-    """Queue the job and wait for it, racing the client's disconnect and the deadline."""
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[str | None] = loop.create_future()  # None: the job ended; else why we stopped waiting
-    job.on_done = lambda _: loop.call_soon_threadsafe(_resolve, ended, None)
-    state.scheduler.submit(job)
-    unwatch = watch(lambda: _resolve(ended, "disconnect"))
-    timer = loop.call_later(job.deadline - time.monotonic(), _resolve, ended, "deadline")
-    try:
-        why = await ended
-    finally:
-        timer.cancel()
-        unwatch()
-    if why is not None:
-        error: ServiceError = Cancelled("the client disconnected") if why == "disconnect" else DeadlineExceeded(
-            f"the request took longer than {state.settings.request_timeout_s:g} s (CM_REQUEST_TIMEOUT_S); its "
-            "remaining images were dropped")
-        state.scheduler.cancel(job, error)  # False if it finished meanwhile: then its result stands
-    if job.error is not None:
-        raise job.error
-
-
-def _resolve(future: asyncio.Future[str | None], why: str | None) -> None:
-    if not future.done():
-        future.set_result(why)
-
-
 async def _disconnected(receive: Receive) -> None:
-    """Returns when the client disconnects (the body has been read, so receive() only reports that)."""
+    """Returns when the client disconnects."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _timings_ms(job: Job, encode_s: float, arrived: float) -> dict[str, float]:
-    started = job.started_at or job.submitted_at
-    finished = job.finished_at or started
-    return {
-        "queue": round((started - job.submitted_at) * 1000, 3),
-        "compute": round((finished - started) * 1000, 3),
-        "encode": round(encode_s * 1000, 3),
-        "total": round((time.monotonic() - arrived) * 1000, 3),
-    }
-
-
-def _json_images(
-    encoded: list[bytes], fmt: str, served: ServedModel, seed: int, sigmas: list[float],
-    labels: list[int | None], timings: dict[str, float],
-) -> Response:
-    return JsonBody(json_body(served.name, int(time.time()), seed, sigmas, MIME[fmt], encoded, labels, timings))
-
-
-class JsonBody(Response):
-    """A 200 with a JSON body already written: Response without its __init__, which renders the content and
-    builds the headers through a header object (a few µs a request); the same status, headers and body."""
-
-    media_type = "application/json"
-
-    def __init__(self, text: str) -> None:  # (Response.__init__ not called: its work is done here)
-        self.status_code = 200
-        self.background = None
-        self.body = text.encode()
-        self.raw_headers = [(b"content-length", str(len(self.body)).encode()), (b"content-type", b"application/json")]
-
-
-def json_body(model: str, created: int, seed: int, sigmas: list[float], mime: str, encoded: list[bytes],
-              labels: list[int | None], timings: dict[str, float]) -> str:
-    """The GenerateResponse JSON, compact, written from a template: the text `json` writes for the same document
-    (a test compares them) in about half its time (2.9 against 5.1 µs for one image), which counts at
-    thousands of requests per second on the CPU."""
-    quoted_mime = _STRING(mime)
-    images = []
-    for i, data in enumerate(encoded):
-        label = labels[i]
-        images.append(f'{{"index":{i:d},"seed":{seed + i:d},"class_label":{"null" if label is None else int(label)},'
-                      f'"mime":{quoted_mime},"b64":"{base64.b64encode(data).decode()}"}}')
-    return (f'{{"model":{_STRING(model)},"created":{created:d},"seed":{seed:d},'
-            f'"sigmas":[{",".join(map(repr, map(float, sigmas)))}],"images":[{",".join(images)}],'
-            f'"timings_ms":{{"queue":{float(timings["queue"])!r},"compute":{float(timings["compute"])!r},'
-            f'"encode":{float(timings["encode"])!r},"total":{float(timings["total"])!r}}}}}')
-
-
-def _raw_image(
-    data: bytes, fmt: str, served: ServedModel, seed: int, sigmas: list[float], label: int | None
-) -> Response:
-    headers = {"X-Model": served.name, "X-Seed": str(seed), "X-Sigmas": ",".join(repr(s) for s in sigmas)}
-    if label is not None:
-        headers["X-Class-Label"] = str(label)
-    return Response(data, media_type=MIME[fmt], headers=headers)
 
 
 async def list_models(state: State) -> ModelsResponse:
@@ -295,15 +192,29 @@ async def index() -> Response:
     return FileResponse(page, media_type="text/html")
 
 
+def _with_request_schema(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document, with GenerateRequest among its schemas (no route declares it as a parameter)."""
+
+    def document() -> dict[str, Any]:
+        doc = openapi()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("GenerateRequest", GenerateRequest.model_json_schema(
+            ref_template="#/components/schemas/{model}", mode="validation"))
+        return doc
+
+    return document
+
+
 def install_routes(app: FastAPI, guarded: bool) -> None:
     """Add the routes to the app itself (an included APIRouter costs an extra route-matching pass per request).
 
-    `guarded`: API keys or a rate limit are configured, so /v1/generate checks them (and documents the
-    Authorization header); without either it runs no dependency at all.
+    `guarded`: API keys or a rate limit are configured, so the document shows /v1/generate's Authorization header.
     """
+    extra = {**GENERATE_BODY, "parameters": [AUTHORIZATION]} if guarded else GENERATE_BODY
+    app.openapi = _with_request_schema(app.openapi)  # type: ignore[method-assign]
     app.add_api_route(
         "/v1/generate", generate, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,
-        summary="Generate images", dependencies=[Depends(require_api_key)] if guarded else None,
+        summary="Generate images", openapi_extra=extra,
     )
     app.add_api_route(
         "/v1/models", list_models, methods=["GET"], response_model=ModelsResponse, summary="Served models"

@@ -115,25 +115,13 @@ async def test_generate_json_is_exactly_models_sampling(tiny_checkpoint: Path) -
     assert set(doc.timings_ms.model_dump()) == {"queue", "compute", "encode", "total"}
 
 
-async def test_valid_json_skips_fastapi_and_the_rest_gets_fastapis_errors(tiny_checkpoint: Path) -> None:
-    """The fast path answers the JSON bodies it validates (sent whole or chunked, for JSON or a raw image);
-    every other request is replayed, body and all, to FastAPI's route, which gives the documented error."""
+async def test_a_json_body_whole_chunked_or_of_a_json_type_is_answered_and_others_get_errors(
+        tiny_checkpoint: Path) -> None:
+    """The handler reads the body itself: sent whole or chunked, as application/json or application/*+json, for
+    JSON or a raw image; an invalid body is a 422 naming the field, a body not sent as JSON a 415."""
     body = {"n": 2, "steps": 2, "seed": 77}
     text = json.dumps(body).encode()
-    async with running_app(app_settings({"tiny": tiny_checkpoint})) as (app, client):
-        route = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == "/v1/generate")
-        calls: list[bytes] = []
-        handler = route.app
-
-        async def counted(scope: Any, receive: Any, send: Any) -> None:
-            async def recorded() -> Any:
-                message = await receive()
-                calls.append(message.get("body", b""))
-                return message
-
-            await handler(scope, recorded, send)
-
-        route.app = counted
+    async with running_app(app_settings({"tiny": tiny_checkpoint})) as (_, client):
 
         async def chunked() -> Any:
             yield text[:5]
@@ -143,14 +131,14 @@ async def test_valid_json_skips_fastapi_and_the_rest_gets_fastapis_errors(tiny_c
         streamed = await client.post("/v1/generate", content=chunked(), headers={"content-type": "application/json"})
         vendor = await client.post("/v1/generate", content=text,
                                    headers={"content-type": "application/vnd.cmserve+json; charset=utf-8"})
+        bom = await client.post("/v1/generate", content=b"\xef\xbb\xbf" + text,
+                                headers={"content-type": "application/json"})
         raw = await client.post("/v1/generate", json={"seed": 77}, headers={"accept": "image/png"})
-        assert calls == []
         invalid = await client.post("/v1/generate", json={"n": 0})
-        untyped = await client.post("/v1/generate", content=text)  # FastAPI reads only typed bodies as JSON
+        untyped = await client.post("/v1/generate", content=text)
         plain = await client.post("/v1/generate", content=text, headers={"content-type": "text/plain"})
-        assert calls == [b'{"n":0}', text, text]  # the very bytes the client sent
     expected = reference_images(tiny_checkpoint, 77, 2, [80.0, 0.821])
-    for response in (whole, streamed, vendor):
+    for response in (whole, streamed, vendor, bom):
         assert response.status_code == 200, response.text
         for i, image in enumerate(response.json()["images"]):
             np.testing.assert_array_equal(decode_b64(image["b64"]), expected[i])
@@ -164,7 +152,7 @@ async def test_valid_json_skips_fastapi_and_the_rest_gets_fastapis_errors(tiny_c
 async def test_a_bug_is_a_json_500_with_the_request_id_and_serving_goes_on(
     tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The fast path sits outside FastAPI's server-error layer: it answers its own unexpected errors alike."""
+    """The generate handler answers its own unexpected errors as FastAPI's server-error layer does the others'."""
     async with running_app(app_settings({"tiny": tiny_checkpoint})) as (app, client):
         service = app.state.service
         real_get, real_exposition = service.registry.get, service.metrics.exposition
@@ -174,7 +162,7 @@ async def test_a_bug_is_a_json_500_with_the_request_id_and_serving_goes_on(
 
         service.registry.get = service.metrics.exposition = broken
         with caplog.at_level(logging.ERROR, logger="cmserve.api"):
-            fast = await client.post("/v1/generate", json={"n": 1})  # the fast path
+            fast = await client.post("/v1/generate", json={"n": 1})  # the generate handler
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # Starlette re-raises after its 500
             async with httpx.AsyncClient(transport=transport, base_url="http://cmserve") as plain:
                 routed = await plain.get("/metrics")  # FastAPI's route, its server-error layer
@@ -519,6 +507,21 @@ async def test_injected_oom_splits_batches_and_every_request_succeeds(tiny_check
     assert engine.oom_splits > 0 and max(engine.sizes) <= 2
     assert ready.status_code == 200
     assert metric(samples, "cmserve_request_failures_total", model="tiny", reason="oom") == 0
+
+
+async def test_oom_even_for_one_image_is_a_503_counted_as_oom(tiny_checkpoint: Path) -> None:
+    """The failure reason comes from the error (OutOfMemory), not from the status code it shares with refusals."""
+    def factory(model: Any, **kwargs: Any) -> OOMAboveEngine:
+        return OOMAboveEngine(model, limit=0, **kwargs)
+
+    async with running_app(app_settings({"tiny": tiny_checkpoint}), factory) as (_, client):
+        response = await client.post("/v1/generate", json={"n": 2, "seed": 1})
+        after = await client.post("/v1/generate", json={"n": 1, "seed": 2})
+        samples = await metrics_of(client)
+    assert error_of(response, 503, "out_of_memory") and response.headers["retry-after"] == "1"
+    assert after.status_code == 503  # and serving goes on
+    assert metric(samples, "cmserve_request_failures_total", model="tiny", reason="oom") == 2
+    assert metric(samples, "cmserve_request_failures_total", model="tiny", reason="rejected") == 0
 
 
 async def test_readiness_waits_for_warm_up_and_health_answers_throughout(tiny_checkpoint: Path) -> None:

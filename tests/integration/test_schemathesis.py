@@ -91,4 +91,4 @@ async def test_bodies_that_do_not_parse_are_422_not_an_undocumented_400(tiny_che
         response = await client.post("/v1/generate", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     error = ErrorResponse.model_validate(response.json()).error
-    assert error.type == "invalid_request" and error.message.startswith("request body is not valid JSON (")
+    assert error.type == "invalid_request" and error.message.startswith("request body is not valid JSON")

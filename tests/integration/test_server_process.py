@@ -2,9 +2,8 @@
 
 Determinism alone and under concurrent load, overload (503 + Retry-After), a client that disconnects
 (reliability 9, the metrics prove its images were not computed), SIGTERM with requests in flight
-(reliability 11), error cases, the body cap on a raw socket (reliability 5), /metrics parsed; the requests
-the HTTP protocol answers itself (service/api/protocol.py) against the same ones answered by the ASGI app,
-and pipelined requests.
+(reliability 11), error cases, the body cap on a raw socket (reliability 5), /metrics parsed. That the two
+request paths answer alike is tests/integration/test_request_paths.py.
 """
 
 from __future__ import annotations
@@ -108,67 +107,6 @@ def test_same_seed_same_image_alone_and_under_concurrent_load(server: ServerProc
         before, "cmserve_batch_size_sum", model="tiny")
     assert evaluated == sum(n * steps for _, n, steps in jobs)
     assert 0 < passes <= evaluated
-
-
-def raw_exchange(port: int | None, data: bytes, responses: int) -> list[tuple[list[bytes], bytes]]:
-    """Send `data` on one connection; read `responses` HTTP responses (Content-Length framed): (head lines, body)."""
-    out: list[tuple[list[bytes], bytes]] = []
-    buffer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(data)
-        while len(out) < responses:
-            while b"\r\n\r\n" not in buffer:
-                buffer += sock.recv(65536) or b""
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            length = next(int(v) for k, _, v in (line.partition(b": ") for line in lines) if k == b"content-length")
-            while len(buffer) < length:
-                buffer += sock.recv(65536)
-            out.append((lines, buffer[:length]))
-            buffer = buffer[length:]
-    return out
-
-
-def generate_request(body: bytes, chunked: bool = False) -> bytes:
-    head = (b"POST /v1/generate HTTP/1.1\r\nHost: cmserve\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + KEY.encode() + b"\r\n")
-    if chunked:  # answered by the ASGI app rather than the protocol (service/api/protocol.py)
-        return head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-
-
-def test_the_protocol_and_the_asgi_app_answer_alike(server: ServerProcess, tiny_checkpoint: Path) -> None:
-    """The same requests answered by the HTTP protocol itself and by the ASGI app: same status, headers, body."""
-    for body, accept in [(b'{"n": 2, "seed": 11}', None), (b'{"seed": 12}', b"image/png"), (b'{"model": "x"}', None),
-                         (b'{"n": 999}', None)]:
-        answers = []
-        for chunked in (False, True):
-            request = generate_request(body, chunked)
-            if accept:
-                request = request.replace(b"\r\nHost:", b"\r\nAccept: " + accept + b"\r\nHost:")
-            ((lines, content),) = raw_exchange(server.port, request, 1)
-            headers = dict(line.split(b": ", 1) for line in lines[1:])
-            for varying in (b"date", b"x-request-id"):
-                assert headers.pop(varying)
-            if content.startswith(b"{"):
-                doc = json.loads(content)
-                for varying_field in ("created", "timings_ms"):
-                    doc.pop(varying_field, None)
-                content = json.dumps(doc).encode()
-                headers.pop(b"content-length")
-            answers.append((lines[0], headers, content))
-        assert answers[0] == answers[1], body
-    assert answers[0][0] == b"HTTP/1.1 422 Unprocessable Entity"
-
-
-def test_pipelined_requests_are_answered_in_order(server: ServerProcess, tiny_checkpoint: Path) -> None:
-    requests = [generate_request(b'{"seed": 21}'), b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\n\r\n",
-                generate_request(b'{"n": 0}'), generate_request(b'{"n": 2, "seed": 22}')]
-    answers = raw_exchange(server.port, b"".join(requests), 4)
-    assert [lines[0].split(b" ")[1] for lines, _ in answers] == [b"200", b"200", b"422", b"200"]
-    check_images(json.loads(answers[0][1]), tiny_checkpoint, 21, 1, [80.0])
-    assert json.loads(answers[1][1]) == {"status": "ok"}
-    check_images(json.loads(answers[3][1]), tiny_checkpoint, 22, 2, [80.0])
 
 
 # ---------------------------------------------------------------------- overload and disconnects

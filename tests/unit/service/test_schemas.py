@@ -12,12 +12,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from service.api.errors import describe_validation_error
-from service.api.fastpath import _parse
+from service.api.generate import _json_images, parse_request
 from service.api.negotiate import choose_representation
-from service.api.routes import json_body
 from service.api.security import ANONYMOUS, ApiKeys, RateLimiter
 from service.encode import encode_image, encode_png
-from service.errors import NotAcceptable, RateLimited, Unauthorized
+from service.errors import InvalidRequest, NotAcceptable, RateLimited, Unauthorized
 from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse
 
 
@@ -150,20 +149,19 @@ def test_rate_limit_is_a_token_bucket_per_key() -> None:
     ("cifar ünï \"x\"", [80.0, 0.8214, 1e-05], [None, None, None]),
     ("m", [2], [0, 9]),
 ])
-def test_the_response_template_writes_what_json_would(model, sigmas, labels) -> None:
+def test_the_response_is_the_documented_json(model, sigmas, labels) -> None:
     encoded = [bytes([i]) * (40 + i) for i in range(len(labels))]
     timings = {"queue": 0.125, "compute": 21.0, "encode": 1e-05, "total": 33.333}
-    body = json_body(model, 1_767_225_600, 2**63 - 1, sigmas, "image/png", encoded, labels, timings)
-    doc = {"model": model, "created": 1_767_225_600, "seed": 2**63 - 1, "sigmas": [float(s) for s in sigmas],
-           "images": [{"index": i, "seed": 2**63 - 1 + i, "class_label": label, "mime": "image/png",
-                       "b64": base64.b64encode(data).decode()}
-                      for i, (data, label) in enumerate(zip(encoded, labels, strict=True))],
-           "timings_ms": timings}
-    assert body == json.dumps(doc, separators=(",", ":"))
-    GenerateResponse.model_validate_json(body)
+    reply = _json_images(encoded, "png", model, 2**63 - 1, sigmas, labels, timings)
+    assert reply.status == 200 and reply.headers == [(b"content-type", b"application/json")]
+    doc = GenerateResponse.model_validate_json(reply.body)
+    assert (doc.model, doc.seed, doc.sigmas) == (model, 2**63 - 1, [float(s) for s in sigmas])
+    assert [(i.index, i.seed, i.class_label, base64.b64decode(i.b64)) for i in doc.images] == [
+        (i, 2**63 - 1 + i, label, data) for i, (data, label) in enumerate(zip(encoded, labels, strict=True))]
+    assert doc.timings_ms.model_dump() == timings
 
 
-FAST_PATH_CORPUS = [
+CORPUS = [
     b'{}', b'{"n": 1}', b'{"n": 8, "steps": 2, "seed": 42}', b'{"n": 1.0}', b'{"n": true}', b'{"n": "1"}',
     b'{"n": 0}', b'{"n": 1e2}', b'{"n": 100000000000000000000000}', b'{"seed": 9223372036854775807}',
     b'{"seed": 9223372036854775808}', b'{"seed": -1}', b'{"seed": null}', b'{"sigmas": [80, 0.5]}',
@@ -178,18 +176,23 @@ FAST_PATH_CORPUS = [
 ]
 
 
-@pytest.mark.parametrize("body", FAST_PATH_CORPUS, ids=range(len(FAST_PATH_CORPUS)))
-def test_the_fast_path_accepts_a_body_only_as_fastapi_would(body: bytes) -> None:
-    """fastpath._parse validates the JSON in one pass; FastAPI does json.loads, then validates the Python objects.
-    Whatever the first accepts, the second must accept as the same request (the rest goes to FastAPI)."""
-    fast = _parse(body)
+@pytest.mark.parametrize("body", CORPUS, ids=range(len(CORPUS)))
+def test_a_body_is_accepted_as_json_then_validation_would_and_refused_with_a_422(body: bytes) -> None:
+    """parse_request validates the JSON in one pass; whatever it accepts, json.loads and then validating the Python
+    objects accept as the same request, and whatever it refuses is an InvalidRequest (a 422), never a crash."""
+    try:
+        parsed = parse_request(body, "application/json")
+    except InvalidRequest as e:
+        assert e.message
+        parsed = None
     try:
         data = json.loads(body)
-        fastapi = GenerateRequest.model_validate(data) if isinstance(data, dict) else None
+        reference = GenerateRequest.model_validate(data) if isinstance(data, dict) else None
     except (ValueError, RecursionError, ValidationError):
-        fastapi = None
-    if fast is not None:
-        assert fastapi is not None and fast.model_dump() == fastapi.model_dump()
-        assert fast.model_fields_set == fastapi.model_fields_set
-    elif body in (b'{}', b'{"n": 1}', b'{"n": 8, "steps": 2, "seed": 42}', b'{"class_label": "seven"}'):
-        raise AssertionError("a common body left the fast path")
+        reference = None
+    if parsed is not None:
+        assert reference is not None and parsed.model_dump() == reference.model_dump()
+        assert parsed.model_fields_set == reference.model_fields_set
+    elif body in (b'{}', b'{"n": 1}', b'{"n": 8, "steps": 2, "seed": 42}', b'{"class_label": "seven"}',
+                  b'\xef\xbb\xbf{"n": 1}'):
+        raise AssertionError("a common body was refused")

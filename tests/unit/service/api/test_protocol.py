@@ -1,7 +1,8 @@
 """Which requests the HTTP protocol answers itself (service/api/protocol.py), and that the rest reach the ASGI app
 as they would without it: fed byte for byte into the protocol, with a transport that keeps what is written.
 
-What the answers are is tested against a real server process (tests/integration/test_server_process.py).
+That both paths give the same answers is tested against real server processes
+(tests/integration/test_request_paths.py).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from typing import Any
 
 import pytest
 import uvicorn
-from starlette.responses import Response
 from uvicorn.server import ServerState
 
-from service.api import fastpath
 from service.api import protocol as protocol_module
-from service.api.protocol import GenerateAnswerer, GenerateProtocol, _Cycle
+from service.api.generate import DisconnectWatch, GenerateHandler, ReadBody
+from service.api.protocol import GenerateProtocol, _Cycle, may_take
+from service.api.requests import Headers, Reply, RequestLog
 from service.api.security import ApiKeys, RateLimiter
+from service.errors import Cancelled
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -63,7 +65,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.asgi: list[tuple[str, str, bytes]] = []
-        self.answered: list[dict[str, Any]] = []
+        self.answered: list[Any] = []
         self.release = asyncio.Event()  # the protocol's answers wait for this
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -78,22 +80,32 @@ class Recorder:
         await send({"type": "http.response.body", "body": b"asgi"})
 
 
-async def feed(*chunks: bytes, max_body: int = 4096, release: bool = True,
-               monkeypatch: pytest.MonkeyPatch) -> tuple[Recorder, GenerateProtocol]:
-    """A protocol that has been fed `chunks`; its own answers come from a stand-in for routes.respond."""
+class RecordingHandler(GenerateHandler):
+    """The real handler's begin and end; its answer records the body read and waits for `release`."""
+
+    def __init__(self, state: ServiceState, recorder: Recorder) -> None:
+        super().__init__(state, ApiKeys(""), RateLimiter(0))
+        self.recorder = recorder
+
+    async def answer(self, log: RequestLog, headers: Headers, read_body: ReadBody, watch: DisconnectWatch) -> Reply:
+        try:
+            body = await read_body(self.state.settings.max_body_bytes)
+        except Cancelled:
+            self.recorder.answered.append("cancelled")
+            return Reply(499, [], b"")
+        self.recorder.answered.append(json.loads(body))
+        await self.recorder.release.wait()
+        return Reply(200, [(b"content-type", b"text/plain")], b"fast")
+
+
+async def feed(*chunks: bytes, max_body: int = 4096, release: bool = True) -> tuple[Recorder, GenerateProtocol]:
+    """A protocol that has been fed `chunks`; its own answers come from a RecordingHandler."""
     recorder = Recorder()
     config = uvicorn.Config(recorder.app, lifespan="off", log_config=None, interface="asgi3")
     config.load()
     state = ServiceState(Settings(max_body_bytes=max_body), engine_factory=None)  # type: ignore[arg-type]
-    answerer = GenerateAnswerer(state, ApiKeys(""), RateLimiter(0))
-
-    async def respond(state: ServiceState, request: Any, accept: str | None, log: Any, receive: Any) -> Response:
-        recorder.answered.append(request.model_dump(exclude_unset=True))
-        await recorder.release.wait()
-        return Response(b"fast", media_type="text/plain")
-
-    monkeypatch.setattr(fastpath, "respond", respond)  # what fastpath.answer calls for the protocol
-    protocol = GenerateProtocol(config=config, server_state=ServerState(), app_state={}, answerer=answerer)
+    handler = RecordingHandler(state, recorder)
+    protocol = GenerateProtocol(config=config, server_state=ServerState(), app_state={}, handler=handler)
     protocol.connection_made(Transport())
     for chunk in chunks:
         protocol.data_received(chunk)
@@ -109,54 +121,97 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_a_plain_generate_request_is_answered_by_the_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder, protocol = asyncio.run(feed(post(headers={b"X-Request-ID": b"abc-1"}), monkeypatch=monkeypatch))
+def test_a_plain_generate_request_is_answered_by_the_protocol() -> None:
+    recorder, protocol = asyncio.run(feed(post(headers={b"X-Request-ID": b"abc-1"})))
     assert recorder.answered == [{"n": 1, "seed": 3}] and recorder.asgi == []
     head, _, body = protocol.transport.written.partition(b"\r\n\r\n")  # type: ignore[attr-defined]
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 200 OK" and body == b"fast"
-    assert {b"content-length: 4", b"content-type: text/plain; charset=utf-8", b"x-request-id: abc-1"} <= set(lines)
+    assert lines[1:] == [b"content-type: text/plain", b"x-request-id: abc-1", b"content-length: 4"]
     assert not protocol.transport.is_closing()  # keep-alive
-    assert protocol.answerer.state.in_flight == 0
+    assert protocol.handler.state.in_flight == 0
 
 
-def test_a_body_in_pieces_is_collected_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_body_in_pieces_is_collected_first() -> None:
     whole = post()
-    recorder, _ = asyncio.run(feed(whole[:30], whole[30:-5], whole[-5:], monkeypatch=monkeypatch))
+    recorder, _ = asyncio.run(feed(whole[:30], whole[30:-5], whole[-5:]))
     assert recorder.answered == [{"n": 1, "seed": 3}]
 
 
-@pytest.mark.parametrize("request_bytes", [
-    post(path=b"/v1/generate?x=1"),
-    post(path=b"/v1/generate/"),
-    post(version=b"1.0"),
-    post(headers={b"Connection": b"close"}),
-    post(headers={b"Expect": b"100-continue"}),
-    post(headers={b"Content-Type": b"text/plain"}),
-    post(headers={b"Content-Type": None}),  # type: ignore[dict-item]
-    post(body=b'{"n": 1, "pad": "' + b"x" * 5000 + b'"}'),  # over the body cap
-    post(headers={b"Content-Length": None, b"Transfer-Encoding": b"chunked"}, body=b"13\r\n" + BODY + b"\r\n0\r\n\r\n"),
-], ids=["query", "other-path", "http-1.0", "connection-close", "expect", "text-plain", "no-type", "too-big",
-        "chunked"])
-def test_other_requests_reach_the_asgi_app_unchanged(request_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder, _ = asyncio.run(feed(request_bytes, monkeypatch=monkeypatch))
-    assert recorder.answered == []
-    assert len(recorder.asgi) == 1 and recorder.asgi[0][0] == "POST"
+def test_a_body_that_arrives_slowly_is_awaited() -> None:
+    whole = post()
+
+    async def run() -> Recorder:
+        recorder, protocol = await feed(whole[:-5])
+        assert recorder.answered == []  # the handler waits for the rest
+        protocol.data_received(whole[-5:])
+        await settle()
+        return recorder
+
+    assert asyncio.run(run()).answered == [{"n": 1, "seed": 3}]
 
 
-@pytest.mark.parametrize("body", [b'{"n": 0}', b'{"n": 1', b"[]", b'\xef\xbb\xbf{"n": 1}'])
-def test_a_body_that_is_not_a_valid_request_goes_to_the_asgi_app_whole(body: bytes,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder, _ = asyncio.run(feed(post(body=body), monkeypatch=monkeypatch))
-    assert recorder.answered == [] and recorder.asgi == [("POST", "/v1/generate", body)]
+def test_a_client_that_leaves_mid_body_is_answered_as_cancelled_and_counted() -> None:
+    async def run() -> tuple[list[Any], bytes, int]:
+        recorder, protocol = await feed(post()[:-5])
+        protocol.connection_lost(None)
+        await settle()
+        return recorder.answered, protocol.transport.written, protocol.handler.state.in_flight  # type: ignore
+
+    assert asyncio.run(run()) == (["cancelled"], b"", 0)
 
 
-def test_pipelined_requests_wait_for_the_answer_and_keep_their_order(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("request_bytes", "taken"), [
+    (post(), True),
+    (post(headers={b"Content-Type": b"text/plain"}), True),  # the handler answers 415, as the route would
+    (post(headers={b"Content-Type": None}), True),  # type: ignore[dict-item]
+    (post(body=b'{"n": 0}'), True),  # the handler answers 422, as the route would
+    (post(path=b"/v1/generate?x=1"), False),
+    (post(path=b"/v1/generate/"), False),
+    (post(version=b"1.0"), False),
+    (post(headers={b"Connection": b"close"}), False),
+    (post(headers={b"Expect": b"100-continue"}), False),
+    (post(body=b'{"n": 1, "pad": "' + b"x" * 5000 + b'"}'), False),  # over the body cap
+    (post(headers={b"Content-Length": None, b"Transfer-Encoding": b"chunked"},  # type: ignore[dict-item]
+          body=b"13\r\n" + BODY + b"\r\n0\r\n\r\n"), False),
+], ids=["plain", "text-plain", "no-type", "invalid", "query", "other-path", "http-1.0", "connection-close", "expect",
+        "too-big", "chunked"])
+def test_the_requests_taken_and_the_rest_reach_the_asgi_app_unchanged(request_bytes: bytes, taken: bool) -> None:
+    recorder, _ = asyncio.run(feed(request_bytes))
+    assert (len(recorder.answered), len(recorder.asgi)) == ((1, 0) if taken else (0, 1))
+
+
+GENERATE = (b"POST", b"/v1/generate", "1.1", True, False, False, True)  # method … idle, as may_take takes them
+LENGTH = [(b"content-length", b"10")]
+
+
+@pytest.mark.parametrize(("change", "headers", "taken"), [
+    ({}, LENGTH, True),
+    ({}, [(b"content-length", b"4096")], True),
+    ({}, [(b"content-length", b"4097")], False),  # over the cap: the route answers 413
+    ({}, [], False),  # no length
+    ({}, [(b"content-length", b"10"), (b"content-length", b"10")], False),
+    ({}, [(b"content-length", b"+10")], False),
+    ({}, [*LENGTH, (b"transfer-encoding", b"chunked")], False),
+    ({0: b"GET"}, LENGTH, False),
+    ({1: b"/v1/generate?x=1"}, LENGTH, False),
+    ({2: "1.0"}, LENGTH, False),
+    ({3: False}, LENGTH, False),  # Connection: close
+    ({4: True}, LENGTH, False),  # Upgrade
+    ({5: True}, LENGTH, False),  # Expect: 100-continue
+    ({6: False}, LENGTH, False),  # an earlier request of the connection is still being answered
+])
+def test_may_take(change: dict[int, Any], headers: list[tuple[bytes, bytes]], taken: bool) -> None:
+    args = [change.get(i, value) for i, value in enumerate(GENERATE)]
+    assert may_take(*args, headers=headers, max_body=4096) is taken
+
+
+def test_pipelined_requests_wait_for_the_answer_and_keep_their_order() -> None:
     get = b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\n\r\n"
     second = post(body=json.dumps({"seed": 4}).encode())
 
     async def run() -> tuple[Recorder, bytes, bytes]:
-        recorder, protocol = await feed(post() + get + second, release=False, monkeypatch=monkeypatch)
+        recorder, protocol = await feed(post() + get + second, release=False)
         before = protocol.transport.written  # type: ignore[attr-defined]
         recorder.release.set()
         await settle()
@@ -169,9 +224,9 @@ def test_pipelined_requests_wait_for_the_answer_and_keep_their_order(monkeypatch
     assert after.index(b"fast") < after.index(b"asgi")
 
 
-def test_a_client_that_leaves_while_answered_is_seen_at_once_and_gets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_client_that_leaves_while_answered_is_seen_at_once_and_gets_nothing() -> None:
     async def run() -> tuple[list[str], bytes, int]:
-        recorder, protocol = await feed(post(), release=False, monkeypatch=monkeypatch)
+        recorder, protocol = await feed(post(), release=False)
         cycle = protocol.cycle
         assert isinstance(cycle, _Cycle)
         seen: list[str] = []
@@ -181,14 +236,14 @@ def test_a_client_that_leaves_while_answered_is_seen_at_once_and_gets_nothing(mo
         protocol.connection_lost(None)
         recorder.release.set()
         await settle()
-        return seen, protocol.transport.written, protocol.answerer.state.in_flight  # type: ignore[attr-defined]
+        return seen, protocol.transport.written, protocol.handler.state.in_flight  # type: ignore[attr-defined]
 
     assert asyncio.run(run()) == (["gone"], b"", 0)
 
 
 def test_a_watch_begun_after_the_client_left_fires_too() -> None:
     async def run() -> list[str]:
-        cycle = _Cycle()
+        cycle = _Cycle(asyncio.get_running_loop())
         cycle.disconnected = True
         seen: list[str] = []
         cycle.watch(lambda: seen.append("gone"))
@@ -198,9 +253,9 @@ def test_a_watch_begun_after_the_client_left_fires_too() -> None:
     assert asyncio.run(run()) == ["gone"]
 
 
-def test_a_graceful_shutdown_closes_the_connection_after_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_graceful_shutdown_closes_the_connection_after_the_answer() -> None:
     async def run() -> tuple[bool, bytes, bool]:
-        recorder, protocol = await feed(post(), release=False, monkeypatch=monkeypatch)
+        recorder, protocol = await feed(post(), release=False)
         protocol.shutdown()  # what uvicorn calls on every connection when it shuts down
         open_while_answering = not protocol.transport.is_closing()
         recorder.release.set()
