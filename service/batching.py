@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # The quiet time that ends a wait for a fuller batch is the longest of: this many of the latest gaps between two
 # arrivals, this fraction of an evaluation (only while answered clients are still to send again), and MIN_QUIET_S
-# (a wake-up alone costs tens of µs). Tuned by measurement: see BENCHMARKS.md.
+# (a shorter wait costs about as much in wake-ups as it saves). Tuned by measurement: see BENCHMARKS.md.
 QUIET_GAPS = 3.0
 QUIET_EVALUATION = 0.1
 MIN_QUIET_S = 0.25e-3

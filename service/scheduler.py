@@ -304,7 +304,7 @@ class Scheduler:
         self._cond = threading.Condition(threading.Lock())
         self._arrivals = Arrivals()
         self._idle = True  # the engine found no work at its latest look
-        self._waiting: Waiting | None = None
+        self._waiting: Waiting | None = None  # set while the engine thread sleeps on the condition
         self._evaluation_s = 0.0  # moving average of one evaluation's duration
         self._generator = torch.Generator(device="cpu")  # the engine thread's, reseeded for each image's draws
         self._stopping = False

@@ -112,11 +112,10 @@ def alone(seed: int, n: int, sigmas: list[float], class_label: int | None = None
 
 
 def assert_counts(scheduler: Scheduler) -> None:
-    """The lanes' counts agree with what their queues hold."""
-    for name in ("m",):
-        lane = scheduler._lanes[name]
-        assert lane.queued == sum(run.size for run in lane.runs()) == scheduler.queue_depth(name)
-        assert lane.evaluations == sum(run.evaluations_left for run in lane.runs())
+    """Model m's counts agree with what its queue holds."""
+    lane = scheduler._lanes["m"]
+    assert lane.queued == sum(run.size for run in lane.runs()) == scheduler.queue_depth("m")
+    assert lane.evaluations == sum(run.evaluations_left for run in lane.runs())
 
 
 # ---------------------------------------------------------------------- the images (the real engine)
