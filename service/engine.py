@@ -12,13 +12,10 @@ they become free and evaluate it with one torch thread. torch's intra-op paralle
 one of the network's operators across its OpenMP team, whose threads meet at a barrier after each:
 whenever the event loop or the client takes one of the cores, the whole team waits for the thread that lost
 it. Slices never wait for each other until the end of the evaluation, and a thread that shares its core
-takes fewer of them. Alone, 2 slice threads and 2 OpenMP threads on 2 cores are within the test VM's
-run-to-run spread of each other (`bench/cpu_parallel.py`); served under HTTP load at concurrency 64, slices
-gave 8% more 1-step images/s for n = 1 and 13-35% more for n = 8 (BENCHMARKS.md).
+takes fewer of them (measured under HTTP load: BENCHMARKS.md).
 
 Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
-while the event loop runs Python (parsing, answering) each operator waits for it. One evaluation in a thread
-beside a busy Python thread took 12-15x longer eager than traced on the 2-core VM (BENCHMARKS.md). A trace
+while the event loop runs Python (parsing, answering) each operator waits for it (BENCHMARKS.md). A trace
 runs the whole graph in C++ without the GIL. It is the same operators in the same order (no graph
 optimisation), and it is checked bit for bit against eager at load; on any difference the engine stays eager.
 """
@@ -92,8 +89,8 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         if self.device.type == "cuda" and dtype == "fp32":
-            # Same seed, same image in any batch: with cuDNN's default TF32 convolutions 1.6 % of uint8 values
-            # differed between batch compositions on an H200 (cifar10 preset); with TF32 off, none did.
+            # Same seed, same image in any batch: with cuDNN's default TF32 convolutions some uint8 values
+            # differed between batch compositions on an H200; with TF32 off, none did.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.channels_last = channels_last

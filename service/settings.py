@@ -124,9 +124,9 @@ class Settings(BaseSettings):
     )
     protocol_fast_path: bool = Field(
         True,
-        description="Answer a well-formed POST /v1/generate in the HTTP protocol itself, below ASGI (same answers; "
-        "about 7% more 1-step images/s at concurrency 64 on 2 CPUs); false, or with CM_OPENTELEMETRY: every "
-        "request goes through uvicorn's ASGI cycle",
+        description="Answer POST /v1/generate in the HTTP protocol itself, below ASGI (the same handler and answers, "
+        "less work per request: BENCHMARKS.md); false, or with CM_OPENTELEMETRY: every request goes through "
+        "uvicorn's ASGI cycle and FastAPI's route",
     )
     rate_limit_per_key: float = Field(
         0.0, ge=0,

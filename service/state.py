@@ -133,8 +133,7 @@ class ServiceState:
                 logger.warning("default model %s is not served; using %s", self.registry.default, fallback)
                 self.registry.default = fallback
             # Everything loaded so far (torch, the app, the models) lives as long as the process: freeze it out
-            # of the collector. Otherwise each full collection walks it all: 150 ms pauses every few seconds
-            # under load (p99 at c=16, n=1: 148 ms, with the freeze 35-40 ms; 2-core VM).
+            # of the collector. Otherwise each full collection walks it all: long pauses under load.
             gc.collect()
             gc.freeze()
             self.ready = not self.draining

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -331,8 +331,3 @@ def lerp_params(target: nn.Module, source: nn.Module, weight: float) -> None:
         torch._foreach_copy_(tgt, src)
     elif weight > 0.0:
         torch._foreach_lerp_(tgt, src, weight)
-
-
-def iterate_steps(trainer: Trainer, until: int) -> Iterator[StepResult]:
-    while trainer.step_index < until:
-        yield trainer.step()

@@ -6,7 +6,6 @@ from ..encode import MIME
 from ..errors import NotAcceptable
 
 JSON = "application/json"
-IMAGE_TYPES = {mime: fmt for fmt, mime in MIME.items()}  # image/png -> png
 
 
 def _parse_accept(accept: str) -> list[tuple[str, float]]:
