@@ -11,7 +11,7 @@ The layers, from the top:
 Each runs in its own process on a free port, one at a time, driven by wrk (bench/wrk/post.lua, one thread,
 --concurrency connections). Printed: requests/s and wall µs per request, per round. On 2 cores the server's
 event loop shares them with wrk, so at the deepest layer wrk itself may be the limit. BENCHMARKS.md
-("Serving") has what it showed.
+("What each HTTP layer costs") has what it showed.
 """
 
 from __future__ import annotations

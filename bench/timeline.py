@@ -13,7 +13,7 @@ and for batches that follow a batch of the same size the anatomy of the gap: whe
 batch before went out, when the first and last new requests reached the scheduler, and when the next
 evaluation started (ms after the batch before ended).
 An evaluation here is Scheduler._run: the engine's own Python (each image's noise, the batch's inputs, the
-results) and the network. Server log: --log. BENCHMARKS.md ("Serving") has what it showed.
+results) and the network. Server log: --log. BENCHMARKS.md ("Where a served cycle goes") has what it showed.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ def serve(out: Path) -> int:
     """The service, timed: evaluations (start, end, images), submissions, requests (arrival, end)."""
     from service import engine, scheduler
     from service.__main__ import main
-    from service.api import middleware, protocol
+    from service.api.generate import GenerateHandler
 
     evaluations: list[tuple[float, float, int]] = []
     networks: list[tuple[float, float]] = []
     submits: list[float] = []
     requests: list[tuple[float, float]] = []
-    run, submit, end = scheduler.Scheduler._run, scheduler.Scheduler.submit, middleware.end_request
+    run, submit, end = scheduler.Scheduler._run, scheduler.Scheduler.submit, GenerateHandler.end
     evaluate = engine.Engine.evaluate
 
     def timed_run(self: Any, lane: Any, runs: Any) -> Any:
@@ -65,14 +65,14 @@ def serve(out: Path) -> int:
         submits.append(time.monotonic())
         submit(self, job)
 
-    def timed_end(state: Any, log: Any, *args: Any, **kwargs: Any) -> None:
+    def timed_end(self: Any, log: Any, status: int) -> None:
         requests.append((log.started, time.monotonic()))  # arrival; the response went out just before
-        end(state, log, *args, **kwargs)
+        end(self, log, status)
 
     scheduler.Scheduler._run = timed_run  # type: ignore[method-assign]
     scheduler.Scheduler.submit = timed_submit  # type: ignore[method-assign]
     engine.Engine.evaluate = timed_evaluate  # type: ignore[method-assign]
-    middleware.end_request = protocol.end_request = timed_end  # the ASGI path's and the protocol's
+    GenerateHandler.end = timed_end  # type: ignore[method-assign]  # both entry points end a request here
     atexit.register(lambda: out.write_text(json.dumps({"evaluations": evaluations, "networks": networks,
                                                        "submits": submits, "requests": requests})))
     return main([])
