@@ -5,7 +5,7 @@
     python -m bench.ablation --variants ict,ct --json runs/ablation/table.json
 
 Every variant trains the same class-conditional digits model (same width, batch, learning rate, seed
-and number of steps) with `training.train`, then `training.evaluate` scores the EMA weights: the
+and number of steps) with `training.run.train`, then `training.evaluate` scores the EMA weights: the
 Fréchet distance of 1-step and 2-step samples (schedules [80] and [80, mid]) to the held-out split,
 next to the floor (held-out vs training split). Finished variants are reused when run again.
 """
@@ -21,19 +21,21 @@ from typing import Any
 
 from bench.harness import write_json
 from models.config import preset
-from training import evaluate, train
+from training import evaluate
+from training.config import RunConfig
 from training.recipe import RECIPES, TECHNIQUE_FLAGS, ablation_variants
+from training.run import train
 from training.state import CheckpointDir
 
 log = logging.getLogger("bench.ablation")
 
 
-def run_config(name: str, args: argparse.Namespace) -> train.RunConfig:
+def run_config(name: str, args: argparse.Namespace) -> RunConfig:
     """The RunConfig of one variant: its recipe as explicit technique choices, everything else shared."""
     base = name.partition("/")[0]
     recipe = ablation_variants()[name]
     techniques = {f: getattr(recipe, f) for f in TECHNIQUE_FLAGS.values()}
-    return train.RunConfig(
+    return RunConfig(
         out=str(args.out / name.replace("/", "__").replace("=", "-")),
         preset="digits", data="digits", steps=args.budget, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay,
         seed=args.seed, save_every=args.budget, sample_every=args.budget, log_every=max(1, args.budget // 20),
@@ -41,7 +43,7 @@ def run_config(name: str, args: argparse.Namespace) -> train.RunConfig:
     )
 
 
-def same_training(a: train.RunConfig, b: train.RunConfig) -> bool:
+def same_training(a: RunConfig, b: RunConfig) -> bool:
     """Two variants that resolve to the same recipe and model on digits (e.g. dropout None vs 0.0)."""
     ra, rb = a.recipe_obj(), b.recipe_obj()
     da = ra.dropout if ra.dropout is not None else preset("digits").dropout
@@ -49,7 +51,7 @@ def same_training(a: train.RunConfig, b: train.RunConfig) -> bool:
     return ra.replace(dropout=da) == rb.replace(dropout=db)
 
 
-def train_variant(cfg: train.RunConfig) -> tuple[Path, float]:
+def train_variant(cfg: RunConfig) -> tuple[Path, float]:
     ckpts = CheckpointDir(Path(cfg.out) / "checkpoints")
     latest = ckpts.latest() if ckpts.folder.is_dir() else None
     if latest is not None and latest.step == cfg.steps:
@@ -58,7 +60,7 @@ def train_variant(cfg: train.RunConfig) -> tuple[Path, float]:
             last = list(csv.DictReader(f))[-1]
         return latest.model, float(last["elapsed_s"])
     start = time.perf_counter()
-    train.train(cfg, resume="auto" if latest is not None else None, explicit=set())
+    train(cfg, resume="auto" if latest is not None else None, explicit=set())
     return CheckpointDir(Path(cfg.out) / "checkpoints").latest().model, time.perf_counter() - start
 
 
