@@ -63,9 +63,9 @@ class Settings(BaseSettings):
         2.0, ge=0, le=1000,
         description="When the device is idle and images arrive faster than this, wait up to this long for a "
         "fuller batch while they keep coming (it ends once none came for 3 of the latest gaps between arrivals, and "
-        "for a tenth of an evaluation while other requests are still being read or answered). After an evaluation, "
-        "when as many requests are being answered as wait, the engine waits for those clients' next requests, up "
-        "to this long or an evaluation's time if longer",
+        "for a tenth of an evaluation while clients answered by the latest evaluation have not all sent again). After "
+        "an evaluation that answered at least as many images as wait, the engine waits for those clients' next "
+        "requests, up to this long or an evaluation's time if longer (service/batching.py)",
     )
     schedule: Literal["shortest", "started"] = Field(
         "shortest",
