@@ -1,23 +1,30 @@
 """cmserve's model library: the network, the consistency parameterization, samplers, the file format."""
 
+from .adm import ADMUNet
 from .checkpoint import CheckpointError, CheckpointMeta, LoadedCheckpoint, load, recommended_sigmas, save
 from .config import PRESETS, ModelConfig, preset
-from .consistency import ConsistencyModel, boundary_scalings, noise_conditioning
+from .consistency import BACKBONES, ConsistencyModel, boundary_scalings, noise_conditioning
+from .convert import ConvertError, convert, load_folder
 from .sampling import default_sigmas, karras_sigmas, multistep_sample, sample, to_uint8
 from .unet import UNet
 
 __all__ = [
+    "BACKBONES",
     "PRESETS",
+    "ADMUNet",
     "CheckpointError",
     "CheckpointMeta",
     "ConsistencyModel",
+    "ConvertError",
     "LoadedCheckpoint",
     "ModelConfig",
     "UNet",
     "boundary_scalings",
+    "convert",
     "default_sigmas",
     "karras_sigmas",
     "load",
+    "load_folder",
     "multistep_sample",
     "noise_conditioning",
     "preset",

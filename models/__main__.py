@@ -1,4 +1,5 @@
-"""Small inspection commands: `python -m models info PRESET|FILE` and `python -m models sample FILE`."""
+"""Small commands: `python -m models info PRESET|FILE`, `sample FILE`, and `convert SRC --out FILE.safetensors`
+(the public consistency models: a diffusers pipeline folder, or an OpenAI `.pt` with --preset or --flags)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import CheckpointError, load, recommended_sigmas
+from .cli import OneLineParser
 from .config import PRESETS, ModelConfig, preset
 from .consistency import ConsistencyModel
+from .convert import LAUNCH_TWO_STEP, OPENAI_PRESETS, convert
 from .sampling import sample, to_uint8
 
 
@@ -74,9 +77,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} images ({args.steps} step(s), sigmas {sigmas}) to {args.out}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out!r} must end in .safetensors")
+    converted = convert(args.src, preset=args.preset, flags=args.flags, model_id=args.model_id,
+                        class_names=args.class_names)
+    converted.save(out)
+    cfg, prov = converted.model.cfg, converted.provenance
+    print(f"wrote {out}: {prov['source']} {converted.model_id or 'model'} ({cfg.image_size}x{cfg.image_size}, "
+          f"{cfg.num_classes or 'no'} classes, {converted.model.num_parameters() / 1e6:.1f} M parameters), "
+          f"schedules {converted.schedules}, source sha256 {prov['sha256'][:16]}…")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="python -m models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     p = sub.add_parser("info", help="parameters and GFLOPs of a preset or a checkpoint")
     p.add_argument("target", help=f"a preset ({', '.join(sorted(PRESETS))}) or a .safetensors checkpoint")
     p.set_defaults(func=cmd_info)
@@ -87,6 +103,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("convert", help="a diffusers consistency-model folder or an OpenAI .pt -> our checkpoint")
+    p.add_argument("src", help="diffusers pipeline folder, or an OpenAI state dict (.pt) with --preset/--flags")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (nothing is written on error)")
+    p.add_argument("--preset", choices=sorted(OPENAI_PRESETS), help="launch-script model flags of a released model")
+    p.add_argument("--flags", help="the launch script's model flags, quoted (instead of --preset)")
+    p.add_argument("--model-id", choices=sorted(LAUNCH_TWO_STEP),
+                   help="which released model (picks its two-step schedule); default: from the file or folder name")
+    p.add_argument("--class-names", help="a text file of class names, one per line, in label order")
+    p.set_defaults(func=cmd_convert)
     args = parser.parse_args(argv)
     try:
         args.func(args)

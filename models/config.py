@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Embedding = Literal["fourier", "positional"]
+Backbone = Literal["unet", "adm"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the UNet backbone plus the consistency-model constants (CM §3, iCT §3)."""
 
+    backbone: Backbone = "unet"  # unet (models/unet.py, ours) or adm (models/adm.py, OpenAI's checkpoints)
     image_channels: int = 1  # C of the data
     image_size: int = 8  # H = W of the data
     model_channels: int = 64  # channels at the first resolution
@@ -25,7 +27,8 @@ class ModelConfig:
     fourier_scale: float = 0.02  # iCT §3.2: 0.02 instead of NCSN++'s 16
     num_classes: int = 0  # 0 = unconditional
     emb_mult: int = 4  # embedding width = emb_mult * model_channels
-    num_groups: int = 32  # GroupNorm groups (capped by the channel count)
+    num_groups: int = 32  # GroupNorm groups (unet: capped by the channel count; adm: exactly this)
+    scale_shift_norm: bool = True  # adm: FiLM scale/shift after the second norm, else the embedding is added
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5
@@ -43,6 +46,19 @@ class ModelConfig:
             problems.append(f"embedding must be 'fourier' or 'positional', not {self.embedding!r}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.backbone not in ("unet", "adm"):
+            problems.append(f"backbone must be 'unet' or 'adm', not {self.backbone!r}")
+        if self.backbone == "adm" and self.embedding != "positional":
+            problems.append("the adm backbone needs embedding='positional' (its checkpoints were trained with it)")
+        if self.backbone == "adm":
+            levels = range(len(self.channel_mult))
+            attn_levels = [lvl for lvl in levels if self.image_size >> lvl in self.attn_resolutions]
+            widths = sorted({self.model_channels * self.channel_mult[lvl] for lvl in [*attn_levels, -1]})
+            if any(w % self.head_channels for w in widths):
+                problems.append(f"adm attention widths {widths} must be multiples of head_channels "
+                                f"{self.head_channels}")
+        if self.backbone == "unet" and not self.scale_shift_norm:
+            problems.append("scale_shift_norm=False needs backbone='adm' (the unet backbone always uses scale/shift)")
         if self.num_classes < 0:
             problems.append("num_classes must be >= 0")
         if not 0 < self.sigma_min < self.sigma_max:

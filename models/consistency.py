@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adm import ADMUNet
 from .config import ModelConfig
 from .unet import UNet
+
+BACKBONES: dict[str, type[nn.Module]] = {"unet": UNet, "adm": ADMUNet}  # ModelConfig.backbone -> F_θ
 
 
 def boundary_scalings(
@@ -40,7 +43,7 @@ class ConsistencyModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> ConsistencyModel:
-        return cls(UNet(cfg), cfg)
+        return cls(BACKBONES[cfg.backbone](cfg), cfg)
 
     def forward(
         self,
