@@ -20,8 +20,9 @@ venv: $(STAMP)
 serve: $(STAMP)  ## serve the embedded default model (or CM_MODELS) on 127.0.0.1:8000
 	$(PY) -m service $(ARGS)
 
-test: $(STAMP)  ## lint, then the test suite (slow and gpu tests are skipped)
+test: $(STAMP)  ## lint and dead-code check, then the test suite (slow and gpu tests are skipped)
 	$(PY) -m ruff check .
+	$(PY) -m vulture
 	$(PY) -m pytest $(ARGS)
 
 clean:
