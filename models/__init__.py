@@ -4,7 +4,7 @@ from .adm import ADMUNet
 from .checkpoint import CheckpointError, CheckpointMeta, LoadedCheckpoint, load, recommended_sigmas, save
 from .config import PRESETS, ModelConfig, preset
 from .consistency import BACKBONES, ConsistencyModel, boundary_scalings, noise_conditioning
-from .convert import ConvertError, convert, load_folder
+from .convert import ConvertError, load_folder
 from .sampling import default_sigmas, karras_sigmas, multistep_sample, sample, to_uint8
 from .unet import UNet
 
@@ -20,7 +20,6 @@ __all__ = [
     "ModelConfig",
     "UNet",
     "boundary_scalings",
-    "convert",
     "default_sigmas",
     "karras_sigmas",
     "load",

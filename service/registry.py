@@ -1,7 +1,8 @@
 """The served models by name: checkpoint metadata, schedules, engine, and how a request becomes a Job.
 
-Models come only from local safetensors files named in the settings (CM_MODELS, or the embedded default);
-nothing here is reachable from an endpoint, so no request can make the server load a file.
+Models come only from local safetensors files, or diffusers pipeline folders whose weights are safetensors
+(converted in memory by models.convert), named in the settings (CM_MODELS, or the embedded default); nothing
+here is reachable from an endpoint, so no request can make the server load a file. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import models
-from models import checkpoint
-from models.checkpoint import CheckpointMeta
+from models import checkpoint, convert
+from models.checkpoint import CheckpointMeta, LoadedCheckpoint
 from models.config import ModelConfig
 from models.sampling import validate_sigmas
 
@@ -25,6 +26,13 @@ from .settings import DEFAULT_MODEL_NAME, Settings
 logger = logging.getLogger("cmserve.registry")
 
 EMBEDDED_DEFAULT = Path(models.__file__).resolve().parent / "pretrained" / "digits.safetensors"
+PIXELS_PER_REQUEST = 1 << 20  # default image budget of a request: 64 at 64×64 (the cap), 16 at 256×256
+
+
+def default_max_images(image_size: int, cap: int) -> int:
+    """Images per request for a model of this size when CM_MAX_IMAGES_PER_REQUEST is not set: about a megapixel
+    (a 256×256 PNG is ~16× a 64×64 one to encode and send), never more than `cap`."""
+    return max(1, min(cap, PIXELS_PER_REQUEST // (image_size * image_size)))
 
 
 class ModelFilesError(ValueError):
@@ -53,7 +61,7 @@ def check_model_files(settings: Settings) -> list[ModelSpec]:
             "does not exist; set CM_MODELS=name=/path/to/file.safetensors (train and export one with "
             "python -m training.train / training.export)"
         )
-    missing = [f"{s.name}={s.path}" for s in specs if not s.path.is_file()]
+    missing = [f"{s.name}={s.path}" for s in specs if not (s.path.is_file() or s.path.is_dir())]
     if missing:
         raise ModelFilesError(f"CM_MODELS names files that do not exist: {', '.join(missing)}")
     return specs
@@ -69,6 +77,7 @@ class ServedModel:
     path: Path
     sha256: str
     max_steps: int
+    max_images_per_request: int = 64  # largest n of a request for this model (see `default_max_images`)
     schedules: dict[int, list[float]] = field(init=False)  # steps -> σ schedule, 1 … max_steps
 
     def __post_init__(self) -> None:
@@ -121,6 +130,10 @@ class ServedModel:
 
     def make_job(self, *, seed: int, n: int, sigmas: list[float], class_label: int | None, deadline: float) -> Job:
         """Image i of the job uses seed + i; the engine thread draws the noise (models.sampling.image_noise)."""
+        if n > self.max_images_per_request:
+            size = self.config.image_size
+            raise InvalidRequest(f"n must be 1…{self.max_images_per_request} for model {self.name!r} ({size}×{size} "
+                                 "images; CM_MAX_IMAGES_PER_REQUEST sets it for every model)", field="n")
         return Job(model=self.name, sigmas=sigmas, seed=seed, n=n, class_label=class_label, deadline=deadline)
 
 
@@ -154,10 +167,24 @@ class Registry:
 EngineFactory = Callable[..., Engine]
 
 
+def read_model(path: Path) -> LoadedCheckpoint:
+    """A safetensors checkpoint, or a diffusers folder with safetensors weights converted in memory (no pickle)."""
+    if path.is_dir():
+        return convert.load_folder(path, device="cpu")
+    return checkpoint.load(path, device="cpu")
+
+
+def max_images_for(settings: Settings, image_size: int) -> int:
+    """CM_MAX_IMAGES_PER_REQUEST where it is set; else the default for the model's image size."""
+    if "max_images_per_request" in settings.model_fields_set:
+        return settings.max_images_per_request
+    return default_max_images(image_size, settings.max_images_per_request)
+
+
 def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactory = Engine) -> ServedModel:
-    """Read a safetensors checkpoint (no pickle), build its engine on the configured device and warm it up."""
+    """Read a checkpoint or folder (no pickle), build its engine on the configured device and warm it up."""
     device = resolve_device(settings.device)
-    loaded = checkpoint.load(spec.path, device="cpu")
+    loaded = read_model(spec.path)
     engine = engine_factory(
         loaded.model,
         device=device,
@@ -182,4 +209,5 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
         path=spec.path,
         sha256=loaded.sha256,
         max_steps=settings.max_steps,
+        max_images_per_request=max_images_for(settings, loaded.meta.config.image_size),
     )
