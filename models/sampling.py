@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -89,17 +89,20 @@ def multistep_sample(
     sigmas: Sequence[float],
     noises: Sequence[torch.Tensor],
     class_labels: torch.Tensor | None = None,
+    projection: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """CM Algorithm 1 with explicit noise: x_T is already σ_1·z_1; noises[j-1] is z_{j+1}."""
+    """CM Algorithm 1 with explicit noise: x_T is already σ_1·z_1; noises[j-1] is z_{j+1}. With a `projection`
+    (models.editing) each estimate is projected before it is re-noised: CM Algorithm 4, zero-shot editing."""
+    project = projection or (lambda x: x)
     sig = validate_sigmas(sigmas, model.sigma_min, model.sigma_max)
     if len(noises) != len(sig) - 1:
         raise ValueError(f"need {len(sig) - 1} step noises for {len(sig)} sigmas, got {len(noises)}")
     batch = x_T.shape[0]
-    x = model(x_T, torch.full((batch,), sig[0]), class_labels).clamp(-1, 1)  # Algorithm 1, line 1
+    x = project(model(x_T, torch.full((batch,), sig[0]), class_labels).clamp(-1, 1))  # Algorithm 1, line 1
     for tau, z in zip(sig[1:], noises, strict=True):
         tau_b = torch.full((batch,), tau, device=x.device)
         x = step_input(x, tau_b, z.to(x), model.sigma_min)  # Algorithm 1, line 5
-        x = model(x, tau_b, class_labels).clamp(-1, 1)  # Algorithm 1, line 6
+        x = project(model(x, tau_b, class_labels).clamp(-1, 1))  # Algorithm 1, line 6 (Algorithm 4, line 8)
     return x
 
 
@@ -112,6 +115,31 @@ def image_noise(seed: int, shape: Sequence[int], steps: int, generator: torch.Ge
     """
     gen = (generator or torch.Generator(device="cpu")).manual_seed(seed)
     return torch.randn((steps, *shape), generator=gen, dtype=torch.float32)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation between two noises (Shoemake 1985; CM §6.3 interpolates x_T this way), in float64:
+    sin((1 − α)θ)/sin θ · a + sin(αθ)/sin θ · b with θ the angle between them; α = 0 gives a, α = 1 gives b
+    exactly (the linear mix when they are parallel)."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    cos = (a64.flatten() @ b64.flatten()) / (a64.norm() * b64.norm())
+    theta = torch.arccos(cos.clamp(-1, 1))
+    if float(theta.sin()) < 1e-12:
+        return ((1 - alpha) * a64 + alpha * b64).to(a.dtype)
+    mixed = (torch.sin((1 - alpha) * theta) * a64 + torch.sin(alpha * theta) * b64) / theta.sin()
+    return mixed.to(a.dtype)
+
+
+def interpolation_noise(seeds: tuple[int, int], alphas: Sequence[float], shape: Sequence[int], steps: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """All noise of K interpolated images, (K, steps, C, H, W): image k's z_1 is slerp(z_1(a), z_1(b), α_k), and
+    its later step noises are seed a's, so that the images differ by x_T alone (and each by its α alone)."""
+    a = image_noise(seeds[0], shape, steps, generator)
+    b = image_noise(seeds[1], shape, 1, generator)[0]
+    noise = a.unsqueeze(0).repeat(len(alphas), *([1] * a.ndim))
+    for k, alpha in enumerate(alphas):
+        noise[k, 0] = slerp(a[0], b, alpha)
+    return noise
 
 
 def image_class_label(seed: int, num_classes: int, generator: torch.Generator | None = None) -> int:
@@ -128,8 +156,13 @@ def sample(
     class_labels: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    projection: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Seeded front end: image i uses seeds[i] alone for x_T and every step noise; output in [-1, 1]."""
+    """Seeded front end: image i uses seeds[i] alone for x_T and every step noise; output in [-1, 1].
+
+    Editing (CM Algorithm 4): x_T = start + σ_1·z_1, start being what is known of the image (1, C, H, W)
+    (models.editing.Projection.start), and each estimate goes through `projection`."""
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = dtype or param.dtype
@@ -141,8 +174,8 @@ def sample(
         if class_labels is None:
             class_labels = [image_class_label(s, cfg.num_classes) for s in seeds]
         labels = torch.as_tensor(list(class_labels), dtype=torch.long, device=device)
-    x_T = float(sigmas[0]) * noise[0]
-    return multistep_sample(model, x_T, sigmas, list(noise[1:]), labels)
+    x_T = renoise(None if start is None else start.to(noise), float(sigmas[0]), noise[0])
+    return multistep_sample(model, x_T, sigmas, list(noise[1:]), labels, projection)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

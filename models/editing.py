@@ -1,0 +1,116 @@
+"""Zero-shot editing with a consistency model (CM paper, Algorithm 4; `cm/karras_diffusion.py` of its repository).
+
+Each step of the sampler (models.sampling, shared with generation) is followed by the projection
+x₀ ← A⁻¹[(A y) ⊙ (1 − Ω) + (A x₀) ⊙ Ω]: an orthogonal transform A (so A⁻¹ = Aᵀ), the reference y and a mask Ω
+that is 1 where the model's values are kept. The sampler starts from x = A⁻¹[(A y) ⊙ (1 − Ω)] + σ₁·z.
+A `Projection` is data (A as a matrix over one axis, A y, Ω); one small function per task builds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 luma weights, as in the paper's colorization
+
+
+@dataclass(frozen=True)
+class Projection:
+    """x₀ ← A⁻¹[(A y) ⊙ (1 − Ω) + (A x₀) ⊙ Ω] (CM Algorithm 4, line 8), for a batch (B, C, H, W) in [-1, 1].
+
+    A is orthogonal and acts on the last axis of `to_space(x)`: the channel axis (colorization), each p×p
+    patch flattened (super-resolution), or nothing (inpainting: A = I). `known` = A y and `omega` = Ω are
+    in that space and broadcast over the batch.
+    """
+
+    matrix: torch.Tensor | None  # (k, k) orthogonal A; None: A = I
+    known: torch.Tensor  # A y, (1, …, k)
+    omega: torch.Tensor  # Ω: 1 where the model's values are kept, 0 where y's are, broadcastable to `known`
+    patch: int = 0  # p > 0: A acts on p×p patches; 0: on channels (or, with no matrix, on pixels)
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        mixed = self.known * (1 - self.omega) + self._forward(x0) * self.omega
+        return self._inverse(mixed)
+
+    @property
+    def start(self) -> torch.Tensor:
+        """A⁻¹[(A y) ⊙ (1 − Ω)]: what is known of the image, (1, C, H, W); sampling starts from it plus σ₁·z."""
+        return self._inverse(self.known * (1 - self.omega))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matrix is None:
+            return x
+        if self.patch:
+            return to_patches(x, self.patch) @ self.matrix  # (B, C, H/p, W/p, p²)
+        return x.movedim(1, -1) @ self.matrix  # (B, H, W, C)
+
+    def _inverse(self, a: torch.Tensor) -> torch.Tensor:
+        if self.matrix is None:
+            return a
+        back = a @ self.matrix.T  # A⁻¹ = Aᵀ
+        if self.patch:
+            return from_patches(back, self.patch)
+        return back.movedim(-1, 1)
+
+
+def orthogonal_with_first(v: torch.Tensor) -> torch.Tensor:
+    """An orthogonal (k, k) matrix whose first column is v / ‖v‖ (QR of [v, e₂, …, e_k]), float64."""
+    k = v.numel()
+    m = torch.eye(k, dtype=torch.float64)
+    m[:, 0] = v.to(torch.float64) / v.to(torch.float64).norm()
+    q, _ = torch.linalg.qr(m)
+    return q if q[:, 0].sum() > 0 else -q  # QR fixes columns up to sign: keep +v
+
+
+def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H/p, W/p, p²): each p×p patch flattened row by row."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h // p, w // p, p * p)
+
+
+def from_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of `to_patches`: (B, C, H/p, W/p, p²) -> (B, C, H, W)."""
+    b, c, hp, wp, _ = x.shape
+    return x.reshape(b, c, hp, wp, p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hp * p, wp * p)
+
+
+def inpainting(y: torch.Tensor, mask: torch.Tensor) -> Projection:
+    """A = I, Ω = the mask (1: regenerate): known pixels are kept exactly (CM Algorithm 4, inpainting).
+
+    y (C, H, W) in [-1, 1]; mask (H, W) of 0/1 (any nonzero counts as 1).
+    """
+    omega = (mask != 0).to(torch.float32).expand(y.shape).unsqueeze(0)  # (1, C, H, W)
+    return Projection(None, (y.float() * (1 - omega)), omega)
+
+
+def super_resolution(low: torch.Tensor, p: int) -> Projection:
+    """A = an orthogonal basis of each p×p patch whose first vector is 1/p (the patch mean, scaled): that
+    coefficient comes from the low-resolution image, the other p² − 1 from the model (CM Algorithm 4, §D).
+
+    low (C, H/p, W/p) in [-1, 1]; the result works on (B, C, H, W).
+    """
+    matrix = orthogonal_with_first(torch.ones(p * p)).float()  # (p², p²)
+    known = torch.zeros(1, *low.shape, p * p)  # (1, C, H/p, W/p, p²)
+    known[..., 0] = low.float() * p  # ⟨patch of the mean, 1/p⟩ = p² · mean / p
+    omega = torch.ones(p * p)
+    omega[0] = 0.0
+    return Projection(matrix, known, omega, patch=p)
+
+
+def colorization(grey: torch.Tensor) -> Projection:
+    """A = an orthogonal 3×3 colour transform whose first axis is luma / ‖luma‖: luma from the grey input, the
+    two chroma axes from the model (CM Algorithm 4, colorization). grey (H, W) or (1, H, W) in [-1, 1]: the
+    output's luma Σ LUMA[c]·x_c equals it."""
+    luma = torch.tensor(LUMA, dtype=torch.float64)
+    matrix = orthogonal_with_first(luma).float()  # (3, 3)
+    g = grey.float().reshape(grey.shape[-2:])  # (H, W)
+    known = torch.zeros(1, *g.shape, 3)  # (1, H, W, 3)
+    known[..., 0] = g / float(luma.norm())  # ⟨x, luma/‖luma‖⟩ = g / ‖luma‖  ⇔  ⟨x, luma⟩ = g
+    omega = torch.tensor([0.0, 1.0, 1.0])
+    return Projection(matrix, known, omega)
+
+
+def upsample(low: torch.Tensor, p: int) -> torch.Tensor:
+    """Piecewise-constant upsampling by p: (…, h, w) -> (…, h·p, w·p)."""
+    return low.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)
