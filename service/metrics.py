@@ -33,12 +33,14 @@ from prometheus_client import (
     multiprocess,
 )
 
-from .scheduler import SchedulerObserver
+from .scheduler import TASKS, SchedulerObserver
 
 VERSION = "0.1.0"
 FAILURE_REASONS = ("rejected", "timeout", "cancelled", "invalid", "oom", "error")
 FORMATS = ("png", "jpeg", "webp")
 UNKNOWN_MODEL = "unknown"  # the model label of requests that never named a served model
+UNKNOWN_TASK = "unknown"  # the task label of edit requests whose body never said which task
+REQUEST_TASKS = (*TASKS, UNKNOWN_TASK)
 # Seconds, about 1 ms to 120 s; 0.1 s and 1 s are the latency objectives, 30 s the default deadline.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 FORWARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -95,6 +97,14 @@ class Metrics(SchedulerObserver):
         )
         self.forward_passes = Counter("cmserve_forward_passes", "Network evaluations", ["model"], registry=r)
         self.images = Counter("cmserve_images_generated", "Images that took their last step", ["model"], registry=r)
+        # The same two counts by task (scheduler.TASKS); cmserve_requests and cmserve_images_generated keep their
+        # label sets, which dashboards, alerts and scripts match exactly.
+        self.task_requests = Counter(
+            "cmserve_task_requests", "Requests (generate and edit) by task, any status", ["model", "task"], registry=r
+        )
+        self.task_images = Counter(
+            "cmserve_task_images", "Images that took their last step, by task", ["model", "task"], registry=r
+        )
         self.encode_duration = Histogram(
             "cmserve_encode_duration_seconds", "Encoding one request's images", ["format"],
             buckets=ENCODE_BUCKETS, registry=r,
@@ -132,6 +142,10 @@ class Metrics(SchedulerObserver):
             for reason in FAILURE_REASONS:
                 self.failures.labels(model, reason)
             self.requests.labels(model, "200")
+            for task in REQUEST_TASKS:
+                self.task_requests.labels(model, task)
+            for task in TASKS:
+                self.task_images.labels(model, task)
             found = self._per_model[model] = ModelMetrics(
                 forward_duration=self.forward_duration.labels(model),
                 batch_size=self.batch_size.labels(model),
@@ -154,14 +168,17 @@ class Metrics(SchedulerObserver):
     def on_queue_wait(self, model: str, seconds: float) -> None:
         self._children(model).queue_wait.observe(seconds)
 
-    def on_images_finished(self, model: str, count: int) -> None:
+    def on_images_finished(self, model: str, count: int, task: str) -> None:
         self._children(model).images.inc(count)
+        self._child(self.task_images, model, task).inc(count)
 
     # ------------------------------------------------------------------ request outcomes (event loop)
 
-    def observe_request(self, model: str, code: int, seconds: float, reason: str | None) -> None:
-        """One generate request ended with `code`; `reason` is its failure label (None for success)."""
+    def observe_request(self, model: str, code: int, seconds: float, reason: str | None,
+                        task: str = "generate") -> None:
+        """One generate or edit request ended with `code`; `reason` is its failure label (None for success)."""
         self._child(self.requests, model, str(code)).inc()
+        self._child(self.task_requests, model, task).inc()
         if reason is not None:
             self._child(self.failures, model, reason).inc()
         if model in self._per_model:

@@ -8,7 +8,8 @@ and its engine. One engine thread loops:
   collect  pick the next model with images waiting (round robin); wait as long as `batching.batch_wait`
            says (the one rule of when a batch runs); take up to max_batch images from the front of its queue
            (any request, any step), dropping those of expired or cancelled requests before they cost compute
-  run      build each image's step input (CM Algorithm 1, models.sampling) and evaluate the batch once
+  run      build each image's step input (CM Algorithm 1, models.sampling) and evaluate the batch once; an edit's
+           images (CM Algorithm 4) then go through their job's projection (models.editing), the one difference
   requeue  images with steps left go back to the FRONT of the queue, in order
   complete a request whose last image finished (or that failed) gets its `on_done` callback
 
@@ -40,7 +41,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models.sampling import image_class_label, image_noise, noise_scales, renoise, to_uint8
+from models.editing import Projection
+from models.sampling import image_class_label, image_noise, interpolation_noise, noise_scales, renoise, to_uint8
 
 from .batching import batch_wait
 from .engine import Evaluation
@@ -71,10 +73,17 @@ class EngineLike(Protocol):
         ...
 
 
+TASKS = ("generate", "interpolate", "inpaint", "superres", "colorize", "denoise")  # what a job does (metric label)
+
+
 @dataclass(eq=False)
 class Job:
     """One request: n images with one σ schedule; image i draws all its noise (and its class label when none
-    is given) from its own seed + i, so it is the same image whatever else shares its batches."""
+    is given) from its own seed + i, so it is the same image whatever else shares its batches.
+
+    An edit (CM Algorithm 4) is the same sampling from `start` (what is known of the image, x_T = start + σ_1·z_1)
+    with `projection` applied to every estimate; an interpolation draws image i's x_T as the slerp of two seeds'.
+    """
 
     model: str
     sigmas: list[float]  # the schedule σ_1 > … > σ_steps
@@ -83,6 +92,11 @@ class Job:
     class_label: int | None  # None: each image draws its own (conditional models)
     deadline: float  # monotonic seconds; past it the request's remaining images are dropped
     on_done: Callable[[Job], None] = lambda job: None  # called once, from the engine thread or a canceller
+    task: str = "generate"  # one of TASKS
+    projection: Projection | None = None  # editing: applied to each evaluation's estimates of the job's images
+    start: torch.Tensor | None = None  # (1, C, H, W) the estimate before the first step; None: zeros
+    noised_start: bool = True  # False: `start` is x_T itself, not re-noised (denoising: one f(y, σ))
+    interpolation: tuple[int, list[float]] | None = None  # (seed b, α_i): image i's x_T is slerp(seed's, b's, α_i)
     # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
     noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
     labels: list[int] | None = field(init=False, default=None, repr=False)  # image i's class label
@@ -123,14 +137,20 @@ class Job:
         """Draw every image's noise and label from its seed; runs on the engine thread (`generator`: a CPU
         generator of that thread's to reseed for each draw, rather than one made per draw)."""
         shape, num_classes, seed = engine.image_shape, engine.num_classes, self.seed
-        if self.n == 1:  # most requests: a view rather than a stack of one
+        if self.interpolation is not None:  # every image is seed's but for x_T, and takes seed's class label
+            self.noise = interpolation_noise((seed, self.interpolation[0]), self.interpolation[1], shape, self.steps,
+                                             generator)
+        elif self.n == 1:  # most requests: a view rather than a stack of one
             self.noise = image_noise(seed, shape, self.steps, generator).unsqueeze(0)
         else:
             self.noise = torch.stack([image_noise(seed + i, shape, self.steps, generator) for i in range(self.n)])
         if num_classes:
+            seeds = [seed] * self.n if self.interpolation is not None else range(seed, seed + self.n)
             self.labels = [self.class_label] * self.n if self.class_label is not None else [
-                image_class_label(seed + i, num_classes, generator) for i in range(self.n)]
+                image_class_label(s, num_classes, generator) for s in seeds]
         self.sigma32, self.scales = schedule
+        if not self.noised_start:
+            self.scales = [0.0, *self.scales[1:]]
         self.images = np.empty((self.n, shape[1], shape[2], shape[0]), dtype=np.uint8)
         self.prepared = True
 
@@ -166,8 +186,8 @@ class SchedulerObserver:
     def on_queue_wait(self, model: str, seconds: float) -> None:
         """A job's first image reached the device `seconds` after the job was submitted."""
 
-    def on_images_finished(self, model: str, count: int) -> None:
-        """`count` images took their last step."""
+    def on_images_finished(self, model: str, count: int, task: str) -> None:
+        """`count` images of jobs doing `task` took their last step."""
 
 
 @dataclass
@@ -504,7 +524,7 @@ class Scheduler:
         self.observer.on_evaluation(lane.name, size, seconds)
         self._evaluation_s = seconds if not self.evaluations else 0.9 * self._evaluation_s + 0.1 * seconds
 
-        out, row = evaluation.out, 0
+        out, row = _projected(runs, evaluation.out), 0
         finishing = any(run.step + 1 == run.job.steps for run in runs)
         pixels = to_uint8(out) if finishing else None  # (B, H, W, C): one conversion for the whole batch
         for run in runs:
@@ -512,8 +532,9 @@ class Scheduler:
             if run.size == job.n:  # the whole job: its estimates are these rows of `out` (a new tensor each time)
                 job.x = out[row : row + run.size]
             else:
-                if job.x is None:
-                    job.x = torch.zeros(job.n, *out.shape[1:])
+                if job.x is None:  # the other images' estimates: the start, or zeros
+                    start = job.start
+                    job.x = torch.zeros(job.n, *out.shape[1:]) if start is None else start.repeat(job.n, 1, 1, 1)
                 job.x[run.start : run.stop] = out[row : row + run.size]
             if pixels is not None and run.step + 1 == job.steps:
                 job.images[run.start : run.stop] = pixels[row : row + run.size]
@@ -523,7 +544,7 @@ class Scheduler:
     def _after_evaluation(self, lane: Lane, runs: list[Run], failed_rows: list[int]) -> list[Job]:
         failed_jobs = _jobs_of_rows(runs, failed_rows)
         ended: list[Job] = []
-        finished_images = 0
+        finished_images: dict[str, int] = {}  # by task
         again: list[Run] = []
         with self._cond:
             self.evaluations += 1
@@ -539,15 +560,15 @@ class Scheduler:
                 if run.step + 1 < job.steps:
                     again.append(Run(job, run.start, run.stop, run.step + 1))
                     continue
-                finished_images += run.size
+                finished_images[job.task] = finished_images.get(job.task, 0) + run.size
                 job.remaining -= run.size
                 if job.remaining == 0 and self._finish_locked(job, None):
                     ended.append(job)
             for run in reversed(again):  # back to the front (of their class), in their order
                 lane.push_front(run)
             self._arrivals.evaluated(lane, sum(job.n for job in ended))
-        if finished_images:
-            self.observer.on_images_finished(lane.name, finished_images)
+        for task, count in finished_images.items():
+            self.observer.on_images_finished(lane.name, count, task)
         return ended
 
     def _fail_runs(self, lane: Lane, runs: list[Run], error: ServiceError) -> list[Job]:
@@ -580,16 +601,20 @@ def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if len(runs) == 1:
         run = runs[0]
         job, a, b, j = run.job, run.start, run.stop, run.step
-        x = renoise(None if job.x is None else job.x[a:b], job.scales[j], job.noise[a:b, j])  # (B, C, H, W)
+        x = renoise(_estimates(run), job.scales[j], job.noise[a:b, j])  # (B, C, H, W)
         sigma = torch.full((b - a,), job.sigma32[j])
         labels = None if job.labels is None else torch.tensor(job.labels[a:b], dtype=torch.long)
         return x, sigma, labels
     scale = torch.tensor([run.job.scales[run.step] for run in runs for _ in range(run.size)])
     sigma = torch.tensor([run.job.sigma32[run.step] for run in runs for _ in range(run.size)])
     noise = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
-    # the estimates; zeros for images at their first step, and none at all when every image is there
-    estimates = torch.cat([_estimates(run) for run in runs]) if any(run.step for run in runs) else None
-    x = renoise(estimates, scale, noise)
+    # the estimates: at their first step an edit's start, else zeros, and none at all when no image has either
+    estimates = [_estimates(run) for run in runs]
+    if any(e is not None for e in estimates):
+        x = renoise(torch.cat([torch.zeros(run.size, *noise.shape[1:]) if e is None else e
+                               for run, e in zip(runs, estimates, strict=True)]), scale, noise)
+    else:
+        x = renoise(None, scale, noise)
     labels = None
     if runs[0].job.labels is not None:  # one tensor for the batch (a model's jobs are all (un)conditional)
         labels = torch.tensor([label for run in runs for label in run.job.labels[run.start : run.stop]],
@@ -597,11 +622,25 @@ def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return x, sigma, labels
 
 
-def _estimates(run: Run) -> torch.Tensor:
+def _estimates(run: Run) -> torch.Tensor | None:
+    """The run's images' current estimates: before the first step the job's start (editing), or None (zeros)."""
     job = run.job
-    if job.x is None:
-        return torch.zeros(run.size, *job.noise.shape[2:])
-    return job.x[run.start : run.stop]
+    if job.x is not None:
+        return job.x[run.start : run.stop]
+    return None if job.start is None else job.start.expand(run.size, *job.start.shape[1:])  # (B, C, H, W)
+
+
+def _projected(runs: list[Run], out: torch.Tensor) -> torch.Tensor:
+    """`out` with each edit's rows replaced by their projection x₀ ← A⁻¹[(A y)⊙(1 − Ω) + (A x₀)⊙Ω] (CM Algorithm 4),
+    one call per run (the engine's output may be an inference tensor: a new tensor, not an update in place)."""
+    if all(run.job.projection is None for run in runs):
+        return out
+    parts, row = [], 0
+    for run in runs:
+        rows = out[row : row + run.size]  # (size, C, H, W)
+        parts.append(rows if run.job.projection is None else run.job.projection(rows))
+        row += run.size
+    return torch.cat(parts)
 
 
 def _jobs_of_rows(runs: list[Run], rows: list[int]) -> list[Job]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.consistency import ConsistencyModel
+from models.editing import Projection, inpainting
 from models.sampling import image_class_label, sample, to_uint8
 from service.engine import Engine, Evaluation
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull
@@ -432,7 +433,7 @@ def test_observer_sees_evaluations_waits_and_finished_images() -> None:
         def on_queue_wait(self, model: str, seconds: float) -> None:
             self.waits += 1
 
-        def on_images_finished(self, model: str, count: int) -> None:
+        def on_images_finished(self, model: str, count: int, task: str) -> None:
             self.images += count
 
     recorder = Recorder()
@@ -669,3 +670,74 @@ def test_arrivals_do_not_wake_the_engine_until_the_fuller_batch_is_full() -> Non
     assert ends(runner)
     assert engine.sizes == [6]
     assert notified == [6]  # one wake-up, by the arrival that filled the batch
+
+
+# ---------------------------------------------------------------------- editing and interpolation (CM Algorithm 4)
+
+
+def edit_job(projection: Projection, seed: int, n: int, sigmas: list[float]) -> Job:
+    return Job("m", list(sigmas), seed, n, None, 1e12, Finished(), task="inpaint", projection=projection,
+               start=projection.start)
+
+
+def lower_half(shape: tuple[int, ...], seed: int = 0) -> Projection:
+    c, h, w = shape
+    y = torch.rand(c, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    mask = torch.zeros(h, w)
+    mask[h // 2 :] = 1
+    return inpainting(y, mask)
+
+
+def test_an_edit_alone_is_exactly_models_sampling_with_the_projection(tiny_model: ConsistencyModel) -> None:
+    projection = lower_half(tiny_model.cfg.image_shape)
+    scheduler = scheduler_for(Engine(tiny_model))
+    job = edit_job(projection, 11, 3, FOUR)
+    scheduler.submit(job)
+    assert drain(scheduler) == 4
+    expected = sample(tiny_model, [11, 12, 13], FOUR, projection=projection, start=projection.start)
+    assert torch.equal(job.result, expected)  # bit for bit
+    h = tiny_model.cfg.image_size // 2
+    assert torch.equal(job.result[:, :, :h], projection.start.expand(3, -1, -1, -1)[:, :, :h])  # known pixels
+
+
+def test_edits_and_generations_share_evaluations_and_each_is_the_same_as_alone(tiny_model: ConsistencyModel) -> None:
+    engine = RecordingEngine(tiny_model)
+    scheduler = scheduler_for(engine, max_batch=5)  # runs split across evaluations
+    projection = lower_half(tiny_model.cfg.image_shape, seed=3)
+    edits = [edit_job(projection, 5, 3, FOUR), edit_job(projection, 50, 2, TWO)]
+    generations = [make_job(7, 3, FOUR), make_job(70, 1, ONE)]
+    for job in (edits[0], generations[0], edits[1], generations[1]):
+        scheduler.submit(job)
+    drain(scheduler)
+    # the first evaluation holds the 1-step generation, the 2-step edit and two 4-step edit images: one queue
+    assert engine.sizes[0] == 5 and sum(engine.sizes) == 3 * 4 + 2 * 2 + 3 * 4 + 1
+    for job in edits:
+        seeds = [job.seed + i for i in range(job.n)]
+        expected = sample(tiny_model, seeds, job.sigmas, projection=projection, start=projection.start)
+        np.testing.assert_array_equal(to_uint8(job.result), to_uint8(expected))
+    for job in generations:
+        expected = reference(tiny_model, job.seed, job.n, job.sigmas)
+        np.testing.assert_array_equal(to_uint8(job.result), to_uint8(expected))
+
+
+def test_denoising_is_one_evaluation_of_the_input_itself() -> None:
+    y = torch.full((1, *FakeEngine.image_shape), 0.5)
+    scheduler = scheduler_for(FakeEngine())
+    job = Job("m", [2.0], 1, 2, None, 1e12, task="denoise", start=y, noised_start=False)
+    scheduler.submit(job)
+    assert drain(scheduler) == 1
+    assert torch.equal(job.result, (y / 3).expand(2, -1, -1, -1))  # f(y, σ) = y / (1 + σ)
+
+
+def test_interpolation_ends_are_the_seeds_own_images_alone_or_in_a_batch() -> None:
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch=3)
+    strip = Job("m", list(TWO), 8, 4, None, 1e12, task="interpolate", interpolation=(9, [0.0, 0.3, 0.7, 1.0]))
+    middle = Job("m", list(TWO), 8, 1, None, 1e12, task="interpolate", interpolation=(9, [0.3]))
+    scheduler.submit(strip)
+    scheduler.submit(make_job(1, 2, FOUR))
+    scheduler.submit(middle)
+    drain(scheduler)
+    assert torch.equal(strip.result[0], alone(8, 1, TWO)[0])  # α = 0: seed a's image
+    assert torch.equal(strip.result[1], middle.result[0])  # an image is the same alone or in a batch
+    assert strip.labels == [strip.labels[0]] * 4  # every point takes seed a's class label
