@@ -91,10 +91,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)  # split in three first
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, c/heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, c/heads)
-        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+        # The 1×1 convolutions as matmuls over pixel rows, so that q, k, v come out with contiguous head channels:
+        # SDPA then takes its fused kernels (a strided layout falls back to the slow math path, ~3× on CPU).
+        tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads)  # split in three first, then heads
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, c/heads)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)  # (B, HW, C)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class TimestepSequential(nn.Sequential):

@@ -63,9 +63,6 @@ OPENAI_PRESETS: dict[str, str] = {
 OPENAI_CHANNEL_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}  # cm/script_util.py
 OPENAI_NUM_CLASSES = 1000
 
-# UNet2DModel config keys that do not change what the network computes here (or are checked elsewhere).
-DIFFUSERS_INERT_KEYS = {"downsample_padding", "num_train_timesteps"}
-
 
 class ConvertError(CheckpointError):
     """A source that cannot be converted; the one-line message names the file, the field or tensor, and why."""
