@@ -334,7 +334,21 @@
     return fig;
   }
 
+  /** The side in pixels of a model's images (8 for digits, 64 or 256 for the public models). */
+  function imageSide(model) {
+    return model && Array.isArray(model.shape) ? Number(model.shape[model.shape.length - 1]) || 8 : 8;
+  }
+
+  /** Size a container's tiles for its images: small ones (digits, 64×64) enlarged with square pixels, large
+   * ones (256×256) drawn smoothly in wider tiles, so that a request's images still fit the page. */
+  function sizeTiles(container, model) {
+    const side = imageSide(model);
+    container.style.setProperty("--tile-min", `${side >= 128 ? 200 : side >= 32 ? 128 : 112}px`);
+    container.dataset.smooth = String(side >= 128);
+  }
+
   function renderGrid(doc) {
+    sizeTiles($("grid"), models.get(doc.model) ?? currentModel());
     $("grid").replaceChildren(...doc.images.map((im) => tile(doc, im, "big")));
     $("empty").hidden = true;
     renderTimings(doc);
@@ -375,6 +389,7 @@
         td.append(tile(doc, doc.images[row], "small"));
       }
     }
+    sizeTiles($("compare-grid"), models.get(docs[0].model) ?? currentModel());
     $("compare-grid").replaceChildren(table);
     $("compare-view").hidden = false;
   }
@@ -393,6 +408,7 @@
     link.href = src;
     link.download = `${doc.model}-seed${im.seed}${im.class_label == null ? "" : `-class${im.class_label}`}.${ext}`;
     const dialog = $("lightbox");
+    dialog.dataset.smooth = String(imageSide(model) >= 128);
     if (typeof dialog.showModal === "function") dialog.showModal();
     else dialog.setAttribute("open", "");
   }
