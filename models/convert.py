@@ -524,6 +524,8 @@ def convert(
 ) -> Converted:
     """Convert a diffusers folder, or an OpenAI `.pt` with `preset` or `flags`."""
     src = Path(src)
+    if "edm_" in src.name.lower():
+        raise ConvertError(f"{src}: an EDM teacher (edm_*), not a consistency model: it needs an ODE solver")
     if model_id is not None and model_id not in LAUNCH_TWO_STEP:
         raise ConvertError(f"--model-id {model_id!r} is not one of {sorted(LAUNCH_TWO_STEP)}")
     if src.is_dir():

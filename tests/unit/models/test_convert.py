@@ -254,6 +254,14 @@ def test_folder_weights_with_a_missing_tensor(cases: dict[str, Case], tmp_path: 
     assert not out.exists()
 
 
+def test_edm_teachers_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pt = tmp_path / "edm_imagenet64_ema.pt"
+    torch.save({}, pt)
+    out = tmp_path / "out.safetensors"
+    assert "EDM teacher" in run_convert([str(pt), "--out", str(out), "--preset", "openai-imagenet64"], capsys)
+    assert not out.exists()
+
+
 def test_cli_is_one_line_and_exit_2(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     proc = subprocess.run([sys.executable, "-m", "models", "convert", str(tmp_path), "--out", str(out)],
