@@ -11,11 +11,15 @@ import argparse
 import logging
 import sys
 
-from .engine import resolve_device
-from .logs import configure_logging
-from .registry import ModelFilesError, check_model_files
-from .server import EXIT_CONFIG, Supervisor, serve
-from .settings import Settings, SettingsError, load_settings, settings_table
+from .signals import hold_signals  # first: it holds SIGTERM/SIGINT while the rest imports (service/signals.py)
+
+received = hold_signals() if __name__ == "__main__" else []
+
+from .engine import resolve_device  # noqa: E402
+from .logs import configure_logging  # noqa: E402
+from .registry import ModelFilesError, check_model_files  # noqa: E402
+from .server import EXIT_CONFIG, Supervisor, serve  # noqa: E402
+from .settings import Settings, SettingsError, load_settings, settings_table  # noqa: E402
 
 logger = logging.getLogger("cmserve.main")
 
@@ -46,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("cannot start: %s", e)
         return EXIT_CONFIG
     if settings.workers > 1:
-        return Supervisor(settings).run()
-    return serve(settings)
+        return Supervisor(settings, received).run()
+    return serve(settings, received=received)
 
 
 if __name__ == "__main__":

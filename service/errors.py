@@ -69,6 +69,12 @@ class DeadlineExceeded(ServiceError):
     reason = "timeout"
 
 
+class RequestTimeout(ServiceError):
+    """The request's headers or body did not arrive within CM_READ_TIMEOUT_S."""
+
+    reason = "timeout"
+
+
 class Cancelled(ServiceError):
     """The client went away; its remaining images left the queue."""
 

@@ -43,7 +43,9 @@ class GenerateRequest(BaseModel):
         description="Explicit schedule: strictly decreasing, first ≤ σ_max, all > σ_min; at most CM_MAX_STEPS values",
     )
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, strict=True, description="Image i uses seed + i; random when absent (and echoed back)"
+        None, ge=0, le=MAX_SEED, strict=True,
+        description="Image i uses seed + i; seed + n − 1 must be at most 2^63 − 1, so that every image's seed is "
+        "one the API accepts. Random when absent (and echoed back)",
     )
     class_label: StrictInt | Annotated[StrictStr, Field(max_length=64)] | None = Field(
         None,
@@ -51,6 +53,15 @@ class GenerateRequest(BaseModel):
         "its seed",
     )
     format: Format = Field("png", description="Image encoding: png, jpeg or webp (lossless)")
+
+    @field_validator("seed")
+    @classmethod
+    def _every_image_seed_valid(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n")
+        if seed is not None and isinstance(n, int) and seed + n - 1 > MAX_SEED:
+            raise ValueError(f"seed + n − 1 must be at most {MAX_SEED} (image i uses seed + i); with n = {n} the "
+                             f"largest seed is {MAX_SEED - n + 1}")
+        return seed
 
     @field_validator("sigmas")
     @classmethod

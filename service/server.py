@@ -15,6 +15,7 @@ stops everything when a worker cannot start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import functools
@@ -26,6 +27,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -35,11 +37,12 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from .api.protocol import UVICORN_VERSION, GenerateProtocol
+from .api.protocol import UVICORN_VERSION, GenerateProtocol, Limits, ServiceProtocol, expire_reads
 from .app import create_app
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
 from .settings import Settings, worker_cpus
+from .signals import HANDLED_SIGNALS, hold_signals
 from .state import ServiceState
 
 logger = logging.getLogger("cmserve.main")
@@ -49,15 +52,23 @@ EXIT_STARTUP = 1  # no model could be loaded
 RESTART_WINDOW_S = 60.0  # a worker dying more than MAX_RESTARTS times in this window stops the server
 MAX_RESTARTS = 5
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+READ_CHECK_TICKS = 5  # the read timeout is checked every this many ticks of uvicorn's main loop (0.1 s each)
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM/SIGINT drains before shutting down, and which exits 0."""
+    """uvicorn.Server whose first SIGTERM/SIGINT drains before shutting down, and which exits 0.
 
-    def __init__(self, config: uvicorn.Config, state: ServiceState, drain_s: float) -> None:
+    `received`: the list `hold_signals` fills, with the signals that came before uvicorn installed this server's
+    handler (`handle_exit`, from `serve` on; it puts the holding one back when the server ends): it drains at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState, drain_s: float, read_timeout_s: float,
+                 received: Sequence[int] = ()) -> None:
         super().__init__(config)
         self.state = state
         self.drain_s = drain_s
+        self.read_timeout_s = read_timeout_s
+        self._received = received
         self._drain_requested = False
         self._drain_started: float | None = None
 
@@ -71,6 +82,8 @@ class DrainingServer(uvicorn.Server):
         self._drain_requested = True
 
     async def on_tick(self, counter: int) -> bool:
+        if self._received and not self._drain_requested:  # a signal came before uvicorn's handlers were in place
+            self._drain_requested = True
         if self._drain_requested and self._drain_started is None:
             self._drain_started = time.monotonic()
             self.state.begin_drain()
@@ -82,6 +95,8 @@ class DrainingServer(uvicorn.Server):
                                  self.drain_s, self.state.in_flight)
                 self.config.timeout_graceful_shutdown = max(1.0, self.drain_s - elapsed)
                 return True
+        if counter % READ_CHECK_TICKS == 0:
+            expire_reads(self.server_state.connections, asyncio.get_running_loop().time(), self.read_timeout_s)
         return await super().on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -92,7 +107,7 @@ class DrainingServer(uvicorn.Server):
                 logger.info("listening", extra={"fields": {"host": host, "port": port}})
 
 
-def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
+def build_server(settings: Settings, received: Sequence[int] = ()) -> tuple[DrainingServer, ServiceState]:
     app = create_app(settings)
     state: ServiceState = app.state.service
     config = uvicorn.Config(
@@ -106,7 +121,7 @@ def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
         timeout_graceful_shutdown=max(1, int(settings.drain_s)),
         lifespan="on",
     )
-    server = DrainingServer(config, state, settings.drain_s)
+    server = DrainingServer(config, state, settings.drain_s, settings.read_timeout_s, received)
 
     def fatal(message: str) -> None:
         server.should_exit = True
@@ -116,22 +131,26 @@ def build_server(settings: Settings) -> tuple[DrainingServer, ServiceState]:
 
 
 def http_protocol(settings: Settings, app: FastAPI) -> Any:
-    """uvicorn's `http`: the protocol that answers generate requests itself (service/api/protocol.py), unless
-    turned off, OpenTelemetry is on (its spans wrap FastAPI's app, which that protocol's requests skip), or
-    uvicorn is another version than the one it was written for."""
-    if not settings.protocol_fast_path or settings.opentelemetry:
-        return "auto"
+    """uvicorn's `http`: service/api/protocol.py's, with the head cap and read timeout; the one that also
+    answers generate requests itself unless that is turned off or OpenTelemetry is on (its spans wrap FastAPI's
+    app, which that protocol's requests skip). uvicorn's own where uvicorn is another version than the one
+    they were written for."""
     if uvicorn.__version__ != UVICORN_VERSION:
-        logger.warning("uvicorn %s is not the version %s that the generate protocol was written for; every request "
-                       "goes through uvicorn's own protocol", uvicorn.__version__, UVICORN_VERSION)
+        logger.warning("uvicorn %s is not the version %s that service/api/protocol.py was written for; requests go "
+                       "through uvicorn's own protocol, without CM_MAX_HEADER_BYTES, CM_MAX_HEADERS or "
+                       "CM_READ_TIMEOUT_S", uvicorn.__version__, UVICORN_VERSION)
         return "auto"
-    return functools.partial(GenerateProtocol, handler=app.state.generate)
+    limits = Limits.of(settings)
+    if not settings.protocol_fast_path or settings.opentelemetry:
+        return functools.partial(ServiceProtocol, limits=limits)
+    return functools.partial(GenerateProtocol, limits=limits, handler=app.state.generate)
 
 
-def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
-    """Run one server process until it is stopped; its exit status."""
+def serve(settings: Settings, sockets: list[socket.socket] | None = None, received: Sequence[int] = ()) -> int:
+    """Run one server process until it is stopped; its exit status. `received`: signals held before (it drains
+    at once)."""
     torch.set_num_threads(settings.cpu_threads)
-    server, state = build_server(settings)
+    server, state = build_server(settings, received)
     server.run(sockets)
     if state.failure:
         logger.error("exiting: %s", state.failure)
@@ -144,6 +163,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int
 
 def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: int) -> None:
     """A worker process: its own process group (the parent relays Ctrl+C once), gone with its parent."""
+    received = hold_signals()
     os.setpgrp()
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the parent dies, even by SIGKILL
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -155,7 +175,7 @@ def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: in
         settings = settings.model_copy(update={"torch_threads": settings.cpu_threads})  # counted before pinning
         os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
         logger.info("worker %d runs on CPUs %s", index, cpus, extra={"fields": {"cpus": cpus}})
-    raise SystemExit(serve(settings, [sock]))
+    raise SystemExit(serve(settings, [sock], received))
 
 
 @dataclass
@@ -168,8 +188,9 @@ class _Worker:
 class Supervisor:
     """Starts CM_WORKERS workers on the port and keeps them running until a signal stops them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, received: Sequence[int] = ()) -> None:
         self.settings = settings
+        self._received = received  # signals held before it ran (hold_signals)
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and torch state
         self._signals: list[int] = []
         self._stopping = False
@@ -180,7 +201,8 @@ class Supervisor:
         sockets = bind_sockets(self.settings.host, self.settings.port, self.settings.workers)
         host, port = sockets[0].getsockname()[:2]
         metrics_dir, own_dir = _multiprocess_dir()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        self._signals.extend(self._received)
         try:
             logger.info("listening", extra={"fields": {"host": host, "port": port, "workers": self.settings.workers,
                                                        "torch_threads": self.settings.cpu_threads}})

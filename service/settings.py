@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "CM_"
 DEFAULT_MODEL_NAME = "digits"  # the name the embedded default checkpoint is served under
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+SETTING_NAME_PATTERN = re.compile(r"^CM_[A-Z0-9_]{1,64}$")  # names a config file error may quote
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -91,6 +92,17 @@ class Settings(BaseSettings):
         "empty = no authentication",
     )
     max_body_bytes: int = Field(65536, ge=256, description="Largest request body; beyond it 413")
+    max_header_bytes: int = Field(
+        16384, ge=1024, le=1 << 20,
+        description="Largest request head: the URL and all headers' names and values (4 bytes more each); beyond "
+        "it 431 and the connection closes",
+    )
+    max_headers: int = Field(100, ge=8, le=1000, description="Most headers in a request; beyond it 431")
+    read_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="Time a request's headers and body may take to arrive, from its first byte (and a new "
+        "connection's first byte from its opening); beyond it 408 and the connection closes",
+    )
     encode_threads: int = Field(2, ge=1, le=64, description="Threads encoding PNG / JPEG / WebP")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="JSON log lines on stderr at this level (one per request at info)"
@@ -283,15 +295,25 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
 
 
 def _check_config_keys(path: Path) -> None:
-    """Every key of a config file must be a known CM_ setting (typos would silently fall back to defaults)."""
+    """Every key of a config file must be a known CM_ setting (typos would silently fall back to defaults).
+
+    A line is named in the error only by its number, and its name only when it looks like a setting (CM_...):
+    a value that runs onto a second line (an API key, say) must never reach the logs.
+    """
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        key = line.removeprefix("export ").partition("=")[0].strip().upper()
-        if key not in known:
+        name, sep, _ = line.removeprefix("export ").partition("=")
+        key = name.strip().upper()
+        if key in known and sep:
+            continue
+        if sep and SETTING_NAME_PATTERN.match(key):
             raise SettingsError(f"--config {path}:{lineno}: unknown setting {key!r}; known settings: {sorted(known)}")
+        raise SettingsError(f"--config {path}:{lineno}: not a CM_NAME=value line (its text is not shown: it may be "
+                            "the rest of a value, such as an API key, that runs onto a second line; each setting "
+                            "must be on one line)")
 
 
 def _describe(error: ValidationError) -> str:

@@ -28,6 +28,7 @@ from ..errors import (
     OutOfMemory,
     QueueFull,
     RateLimited,
+    RequestTimeout,
     RetryLater,
     ServiceError,
     Unauthorized,
@@ -51,6 +52,7 @@ ERROR_STATUS: list[tuple[type[ServiceError], int, str]] = [
     (UnsupportedMediaType, 415, "unsupported_media_type"),
     (InvalidRequest, 422, "invalid_request"),
     (Unauthorized, 401, "unauthorized"),
+    (RequestTimeout, 408, "request_timeout"),
     (RateLimited, 429, "rate_limited"),
     (QueueFull, 503, "queue_full"),
     (Draining, 503, "draining"),
@@ -66,10 +68,12 @@ HTTP_TYPES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "rate_limited",
+    431: "headers_too_large",
     503: "unavailable",
 }
 FIELDS = tuple(GenerateRequest.model_fields)

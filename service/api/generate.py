@@ -40,7 +40,7 @@ from ..errors import (
 )
 from ..metrics import UNKNOWN_MODEL
 from ..scheduler import Job
-from ..schemas import GenerateRequest
+from ..schemas import MAX_SEED, GenerateRequest
 from ..state import ServiceState
 from .errors import describe_validation_error, service_error_reply, unexpected_error_reply
 from .negotiate import choose_representation
@@ -128,7 +128,7 @@ class GenerateHandler:
         raw_format = choose_representation(accept, body.format, "format" in body.model_fields_set, body.n)
         sigmas = served.resolve_sigmas(body.steps, body.sigmas)
         label = served.resolve_class_label(body.class_label)
-        seed = _seeds.getrandbits(63) if body.seed is None else body.seed
+        seed = random_seed(body.n) if body.seed is None else body.seed
         log.fields.update(n=body.n, steps=len(sigmas), seed=seed)
 
         job = served.make_job(seed=seed, n=body.n, sigmas=sigmas, class_label=label,
@@ -163,6 +163,11 @@ class GenerateHandler:
             scheduler.cancel(job, error)  # False if it finished meanwhile: then its result stands
         if job.error is not None:
             raise job.error
+
+
+def random_seed(n: int) -> int:
+    """A random seed whose n images' seeds (seed … seed + n − 1) are all at most MAX_SEED."""
+    return min(_seeds.getrandbits(63), MAX_SEED - n + 1)
 
 
 def parse_request(body: bytes, content_type: str | None) -> GenerateRequest:

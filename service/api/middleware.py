@@ -2,7 +2,8 @@
 
 `RequestContext` gives every request that reaches the ASGI app its request id (X-Request-ID echoed when sane,
 else generated; the response carries it) and its access-log line. POST /v1/generate does both itself, as its
-handler does on every path (generate.py); here it only gets its arrival time.
+handler does on every path (generate.py). The arrival time is the one the HTTP protocol noted when the headers
+arrived (protocol.py), or now when the app runs under another server.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .generate import PATH as GENERATE_PATH
-from .requests import log_request, new_request_log
-
-ARRIVED_KEY = "cmserve.arrived"  # scope key: time.monotonic() when the request reached the app
+from .requests import ARRIVED_KEY, log_request, new_request_log
 
 
 class RequestContext:
@@ -25,11 +24,12 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        arrived = scope[ARRIVED_KEY] = time.monotonic()
+        if ARRIVED_KEY not in scope:
+            scope[ARRIVED_KEY] = time.monotonic()
         if scope["path"] == GENERATE_PATH and scope["method"] == "POST":
             await self.app(scope, receive, send)
             return
-        log = new_request_log(scope["headers"], arrived)
+        log = new_request_log(scope["headers"], scope[ARRIVED_KEY])
         status = 500  # if the app raises before answering, the outer error middleware answers 500
         header = (b"x-request-id", log.request_id.encode())
 
@@ -43,4 +43,4 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log_request(scope["method"], scope["path"], log, status, time.monotonic() - arrived)
+            log_request(scope["method"], scope["path"], log, status, time.monotonic() - log.started)

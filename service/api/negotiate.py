@@ -6,12 +6,15 @@ from ..encode import MIME
 from ..errors import NotAcceptable
 
 JSON = "application/json"
+MAX_RANGES = 32  # media ranges of an Accept header that are read; any after them are ignored
+MAX_SHOWN = 200  # characters of the Accept header an error message quotes
 
 
 def _parse_accept(accept: str) -> list[tuple[str, float]]:
-    """'image/png;q=0.9, */*;q=0.1' -> [('image/png', 0.9), ('*/*', 0.1)]."""
+    """'image/png;q=0.9, */*;q=0.1' -> [('image/png', 0.9), ('*/*', 0.1)]; the first MAX_RANGES ranges only,
+    so the work is bounded whatever the header's length (the server caps that too: CM_MAX_HEADER_BYTES)."""
     ranges = []
-    for item in accept.split(","):
+    for item in accept.split(",", MAX_RANGES)[:MAX_RANGES]:
         media, *params = (p.strip() for p in item.split(";"))
         if not media:
             continue
@@ -58,7 +61,7 @@ def choose_representation(accept: str | None, fmt: str, fmt_given: bool, n: int)
             best, chosen = q, (choice,)
     if chosen is not None:
         return chosen[0]
-    wanted = ", ".join(media for media, q in ranges if q > 0) or accept
+    wanted = _shown(", ".join(media for media, q in ranges if q > 0) or accept)
     if n > 1 and any(media.startswith("image/") for media, q in ranges if q > 0):
         raise NotAcceptable(
             f"Accept: {wanted} asks for a raw image, which is only available for n = 1; "
@@ -67,3 +70,8 @@ def choose_representation(accept: str | None, fmt: str, fmt_given: bool, n: int)
         )
     offered = ", ".join(mime for mime, _ in offers)
     raise NotAcceptable(f"Accept: {wanted} matches nothing this request can return ({offered})", field=None)
+
+
+def _shown(text: str) -> str:
+    """Text quoted in an error message, at most MAX_SHOWN characters."""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "…"

@@ -14,6 +14,9 @@ QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/stats"})  # pro
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ids = random.Random()  # request ids: unique, not secret (seeded from os.urandom)
 Headers = list[tuple[bytes, bytes]]  # as ASGI and uvicorn's parser give them: lower-case names, raw values
+# ASGI scope keys the HTTP protocol (protocol.py) sets for the app
+ARRIVED_KEY = "cmserve.arrived"  # time.monotonic() when the request's headers arrived; deadlines count from it
+READ_TIMED_OUT_KEY = "cmserve.read_timed_out"  # the RequestTimeout, once its body took longer than CM_READ_TIMEOUT_S
 
 
 @dataclass(slots=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from ..encode import MIME
 from ..errors import BodyTooLarge, Cancelled
@@ -29,7 +28,7 @@ from ..schemas import (
 from ..state import ServiceState
 from .errors import error_response, to_response
 from .generate import DisconnectWatch, GenerateHandler, ReadBody
-from .middleware import ARRIVED_KEY
+from .requests import ARRIVED_KEY, READ_TIMED_OUT_KEY
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 NO_CACHE = {"Cache-Control": "no-store"}
@@ -53,7 +52,7 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
         "image with its seed and schedule in the X-Seed, X-Sigmas and X-Class-Label headers",
         "content": {mime: {"schema": {"type": "string", "format": "binary"}} for mime in MIME.values()},
     },
-    **_errors(401, 404, 406, 413, 415, 422, 429, 500, 503, 504),
+    **_errors(401, 404, 406, 408, 413, 415, 422, 429, 431, 500, 503, 504),
 }
 # The handler reads and validates the body itself (generate.py), so the document states it here.
 GENERATE_BODY = {
@@ -70,10 +69,11 @@ async def generate(request: Request) -> Response:
     """Sample n images with one network evaluation per step, batched with other requests' images."""
     handler: GenerateHandler = request.app.state.generate
     headers = request.scope["headers"]
-    log = handler.begin(headers, request.scope.get(ARRIVED_KEY) or time.monotonic())
+    log = handler.begin(headers, request.scope[ARRIVED_KEY])
     status = 500
     try:
-        reply = await handler.answer(log, headers, asgi_body(request.receive), asgi_disconnect_watch(request.receive))
+        reply = await handler.answer(log, headers, asgi_body(request.receive, request.scope),
+                                     asgi_disconnect_watch(request.receive))
         status = reply.status
         reply.headers.append((b"x-request-id", log.request_id.encode()))
         return to_response(reply)
@@ -81,8 +81,9 @@ async def generate(request: Request) -> Response:
         handler.end(log, status)
 
 
-def asgi_body(receive: Receive) -> ReadBody:
-    """Reads an ASGI request's body, counting it against the cap as it streams in."""
+def asgi_body(receive: Receive, scope: Scope) -> ReadBody:
+    """Reads an ASGI request's body, counting it against the cap as it streams in; the HTTP protocol marks the
+    scope when the body takes longer than CM_READ_TIMEOUT_S (protocol.py)."""
 
     async def read(limit: int) -> bytes:
         chunks, size = [], 0
@@ -90,6 +91,9 @@ def asgi_body(receive: Receive) -> ReadBody:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise Cancelled("the client disconnected before sending the whole body")
+            timed_out = scope.get(READ_TIMED_OUT_KEY)
+            if timed_out is not None:
+                raise timed_out
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:

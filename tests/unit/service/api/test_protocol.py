@@ -16,11 +16,13 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from service.api import protocol as protocol_module
+from service.api.errors import service_error_reply
 from service.api.generate import DisconnectWatch, GenerateHandler, ReadBody
-from service.api.protocol import GenerateProtocol, _Cycle, may_take
+from service.api.protocol import GenerateProtocol, Limits, ServiceProtocol, _Cycle, may_take
 from service.api.requests import Headers, Reply, RequestLog
+from service.api.routes import asgi_body
 from service.api.security import ApiKeys, RateLimiter
-from service.errors import Cancelled
+from service.errors import Cancelled, RequestTimeout
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -69,13 +71,19 @@ class Recorder:
         self.release = asyncio.Event()  # the protocol's answers wait for this
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        try:
+            body = await asgi_body(receive, scope)(1 << 20)  # the route's reader
+        except (Cancelled, RequestTimeout) as e:
+            self.asgi.append((scope["method"], scope["path"], type(e).__name__.encode()))
+            reply = service_error_reply(e)
+            await send({"type": "http.response.start", "status": reply.status,
+                        "headers": [*reply.headers, (b"content-length", str(len(reply.body)).encode())]})
+            await send({"type": "http.response.body", "body": reply.body})
+            return
         self.asgi.append((scope["method"], scope["path"], body))
+        if not self.release.is_set():  # held, as a long request is: the next message can only be a disconnect
+            self.asgi.append(("", "", (await receive())["type"].encode()))
+            return
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
         await send({"type": "http.response.body", "body": b"asgi"})
 
@@ -93,25 +101,31 @@ class RecordingHandler(GenerateHandler):
         except Cancelled:
             self.recorder.answered.append("cancelled")
             return Reply(499, [], b"")
+        except RequestTimeout as e:
+            self.recorder.answered.append("timed out")
+            return service_error_reply(e)
         self.recorder.answered.append(json.loads(body))
         await self.recorder.release.wait()
         return Reply(200, [(b"content-type", b"text/plain")], b"fast")
 
 
-async def feed(*chunks: bytes, max_body: int = 4096, release: bool = True) -> tuple[Recorder, GenerateProtocol]:
-    """A protocol that has been fed `chunks`; its own answers come from a RecordingHandler."""
+async def feed(*chunks: bytes, max_body: int = 4096, release: bool = True, fast: bool = True,
+               **limits: Any) -> tuple[Recorder, Any]:
+    """A protocol that has been fed `chunks`; its own answers come from a RecordingHandler (`fast`; else
+    ServiceProtocol, whose requests all go to the ASGI app). `limits`: settings of the head cap and read timeout."""
     recorder = Recorder()
     config = uvicorn.Config(recorder.app, lifespan="off", log_config=None, interface="asgi3")
     config.load()
-    state = ServiceState(Settings(max_body_bytes=max_body), engine_factory=None)  # type: ignore[arg-type]
+    state = ServiceState(Settings(max_body_bytes=max_body, **limits), engine_factory=None)  # type: ignore[arg-type]
     handler = RecordingHandler(state, recorder)
-    protocol = GenerateProtocol(config=config, server_state=ServerState(), app_state={}, handler=handler)
+    common = {"config": config, "server_state": ServerState(), "app_state": {}, "limits": Limits.of(state.settings)}
+    protocol = GenerateProtocol(**common, handler=handler) if fast else ServiceProtocol(**common)
     protocol.connection_made(Transport())
+    if release:
+        recorder.release.set()
     for chunk in chunks:
         protocol.data_received(chunk)
         await asyncio.sleep(0)
-    if release:
-        recorder.release.set()
     await settle()
     return recorder, protocol
 
@@ -267,15 +281,17 @@ def test_a_graceful_shutdown_closes_the_connection_after_the_answer() -> None:
     assert written.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in written and written.endswith(b"fast")
 
 
-@pytest.mark.parametrize(("settings", "ours"), [({}, True), ({"protocol_fast_path": False}, False),
+@pytest.mark.parametrize(("settings", "fast"), [({}, True), ({"protocol_fast_path": False}, False),
                                                 ({"opentelemetry": True}, False)])
-def test_the_server_uses_this_protocol_unless_turned_off_or_tracing(settings: dict[str, Any], ours: bool) -> None:
+def test_the_server_answers_generate_in_the_protocol_unless_turned_off_or_tracing(settings: dict[str, Any],
+                                                                                 fast: bool) -> None:
+    """Either way the protocol is ours, with the head cap and read timeout (ServiceProtocol)."""
     from service.app import create_app
     from service.server import http_protocol
 
     chosen = http_protocol(Settings(**settings), create_app(Settings(**settings)))
-    assert (getattr(chosen, "func", None) is GenerateProtocol) is ours
-    assert ours or chosen == "auto"  # uvicorn's own choice (httptools)
+    assert chosen.func is (GenerateProtocol if fast else ServiceProtocol)
+    assert chosen.keywords["limits"] == Limits(16384, 100, 10.0)
 
 
 def test_the_protocol_is_used_only_with_the_uvicorn_it_was_written_for(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -288,3 +304,147 @@ def test_the_protocol_is_used_only_with_the_uvicorn_it_was_written_for(monkeypat
     assert f"uvicorn=={protocol_module.UVICORN_VERSION}" in pins  # move the two together
     monkeypatch.setattr(uvicorn, "__version__", "0.99.0")
     assert http_protocol(Settings(), create_app(Settings())) == "auto"
+
+
+# ---------------------------------------------------------------------- limits of ServiceProtocol (both paths)
+
+BOTH = pytest.mark.parametrize("fast", [True, False], ids=["protocol", "asgi"])
+
+
+def status_of(written: bytes) -> int:
+    return int(written.split(b" ", 2)[1]) if written else 0
+
+
+@BOTH
+@pytest.mark.parametrize(("extra", "status"), [
+    ({b"X-Pad": b"x" * 15000}, 200),  # under 16 KiB in all
+    ({b"X-Pad": b"x" * 17000}, 431),
+    ({b"X-Pad-%d" % i: b"x" for i in range(97)}, 200),  # 100 headers with the 3 of post()
+    ({b"X-Pad-%d" % i: b"x" for i in range(98)}, 431),
+])
+def test_a_request_head_over_the_caps_gets_431_and_the_connection_closes(fast: bool, extra: dict[bytes, bytes],
+                                                                          status: int) -> None:
+    recorder, protocol = asyncio.run(feed(post(headers=extra), fast=fast))
+    written = protocol.transport.written
+    assert status_of(written) == (200 if status == 200 else status)
+    if status == 431:
+        assert recorder.answered == [] and recorder.asgi == []  # nothing of it reached the app
+        assert protocol.transport.is_closing() and b"connection: close" in written
+        assert json.loads(written.partition(b"\r\n\r\n")[2])["error"]["type"] == "headers_too_large"
+
+
+@BOTH
+def test_one_endless_header_line_is_refused_once_past_the_cap_without_keeping_it(fast: bool) -> None:
+    async def run() -> tuple[int, Any]:
+        _, protocol = await feed(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nX-Pad: ", fast=fast)
+        sent = 0
+        while not protocol.transport.is_closing() and sent < 1 << 20:
+            protocol.data_received(b"y" * 1024)  # never a complete line
+            sent += 1024
+        return sent, protocol
+
+    sent, protocol = asyncio.run(run())
+    assert sent <= 17 * 1024 and status_of(protocol.transport.written) == 431
+
+
+def test_pipelined_small_requests_in_one_read_are_not_mistaken_for_a_large_head() -> None:
+    get = b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\nX-Pad: " + b"x" * 200 + b"\r\n\r\n"
+
+    async def run() -> tuple[Recorder, Any]:
+        recorder, protocol = await feed(get * 100 + post()[:40], fast=False)  # 25 KiB in one read
+        for _ in range(100):
+            await settle()
+        return recorder, protocol
+
+    recorder, protocol = asyncio.run(run())
+    assert len(recorder.asgi) == 100 and not protocol.transport.is_closing()
+
+
+@BOTH
+def test_a_head_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(fast: bool) -> None:
+    async def run() -> Any:
+        _, protocol = await feed(post()[:30], fast=fast)
+        protocol.expire_read(protocol.loop.time())
+        return protocol
+
+    protocol = asyncio.run(run())
+    assert status_of(protocol.transport.written) == 408 and protocol.transport.is_closing()
+    assert json.loads(protocol.transport.written.partition(b"\r\n\r\n")[2])["error"]["type"] == "request_timeout"
+
+
+@BOTH
+def test_a_body_that_does_not_arrive_in_time_is_answered_408_by_its_handler_and_the_connection_closes(
+        fast: bool) -> None:
+    async def run() -> tuple[Recorder, Any]:
+        recorder, protocol = await feed(post()[:-5], fast=fast)
+        protocol.expire_read(protocol.loop.time())
+        await settle()
+        return recorder, protocol
+
+    recorder, protocol = asyncio.run(run())
+    assert (recorder.answered if fast else [body for _, _, body in recorder.asgi]) == (
+        ["timed out"] if fast else [b"RequestTimeout"])
+    written = protocol.transport.written
+    assert status_of(written) == 408 and b"connection: close" in written and protocol.transport.is_closing()
+    assert "CM_READ_TIMEOUT_S" in json.loads(written.partition(b"\r\n\r\n")[2])["error"]["message"]
+
+
+@BOTH
+def test_a_new_connection_that_sends_nothing_is_closed_silently(fast: bool) -> None:
+    async def run() -> Any:
+        _, protocol = await feed(fast=fast)
+        assert protocol.reading_since is not None
+        protocol.expire_read(protocol.loop.time())
+        return protocol
+
+    protocol = asyncio.run(run())
+    assert protocol.transport.written == b"" and protocol.transport.is_closing()
+
+
+@BOTH
+def test_between_requests_nothing_is_being_read(fast: bool) -> None:
+    _, protocol = asyncio.run(feed(post(), fast=fast))
+    assert protocol.reading_since is None and not protocol.transport.is_closing()  # keep-alive's turn
+
+
+def test_expire_reads_times_out_only_the_connections_past_the_timeout() -> None:
+    from service.api.protocol import expire_reads
+
+    class Connection:
+        def __init__(self, since: float | None) -> None:
+            self.reading_since = since
+            self.expired = False
+
+        def expire_read(self, now: float) -> None:
+            self.expired = True
+
+    connections = [Connection(None), Connection(100.0), Connection(95.0)]
+    expire_reads(connections, now=106.0, timeout_s=10.0)
+    assert [c.expired for c in connections] == [False, False, True]
+
+
+@BOTH
+def test_a_disconnect_reaches_the_request_being_answered_behind_which_others_are_pipelined(fast: bool) -> None:
+    """uvicorn tells only the newest request of a connection; the one being answered must learn it too, so that
+    its job leaves the queue."""
+    get = b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\n\r\n"
+
+    async def run() -> tuple[Recorder, list[str], Any]:
+        recorder, protocol = await feed(post(), fast=fast, release=False)  # held: a long request
+        first = protocol.cycle
+        seen: list[str] = []
+        if fast:
+            first.watch(lambda: seen.append("gone"))  # as GenerateHandler._run_job does
+        protocol.data_received(get + get)  # pipelined behind it
+        await settle()
+        assert protocol.cycle is not first and len(protocol.pipeline) == 2
+        protocol.connection_lost(None)
+        await settle()
+        return recorder, seen, first
+
+    recorder, seen, first = asyncio.run(run())
+    assert first.disconnected
+    if fast:
+        assert seen == ["gone"]
+    else:
+        assert recorder.asgi[-1] == ("", "", b"http.disconnect")
