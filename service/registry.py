@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import models
 from models import checkpoint, convert
@@ -128,13 +129,15 @@ class ServedModel:
             raise InvalidRequest(f"class_label must be 0…{num - 1} or a class name, got {label}", field="class_label")
         return label
 
-    def make_job(self, *, seed: int, n: int, sigmas: list[float], class_label: int | None, deadline: float) -> Job:
-        """Image i of the job uses seed + i; the engine thread draws the noise (models.sampling.image_noise)."""
+    def make_job(self, *, seed: int, n: int, sigmas: list[float], class_label: int | None, deadline: float,
+                 **how: Any) -> Job:
+        """Image i of the job uses seed + i; the engine thread draws the noise (models.sampling.image_noise).
+        `how`: the Job fields of an edit or an interpolation (task, projection, start, noised_start, interpolation)."""
         if n > self.max_images_per_request:
             size = self.config.image_size
             raise InvalidRequest(f"n must be 1…{self.max_images_per_request} for model {self.name!r} ({size}×{size} "
                                  "images; CM_MAX_IMAGES_PER_REQUEST sets it for every model)", field="n")
-        return Job(model=self.name, sigmas=sigmas, seed=seed, n=n, class_label=class_label, deadline=deadline)
+        return Job(model=self.name, sigmas=sigmas, seed=seed, n=n, class_label=class_label, deadline=deadline, **how)
 
 
 class Registry:

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_SEED = 2**63 - 1
 EXAMPLE_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEUlEQVR4nGNgQAL//5PDAAMArqcL9UW5Aq8AAAAASUVORK5CYII="
 Format = Literal["png", "jpeg", "webp"]
+EditTask = Literal["inpaint", "superres", "colorize", "denoise"]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]
+Alpha = Annotated[FiniteFloat, Field(ge=0.0, le=1.0)]
 
 
-class GenerateRequest(BaseModel):
-    """What to generate. Either `steps` or `sigmas` (not both); everything has a default."""
+class SamplingRequest(BaseModel):
+    """The fields of every sampling request (POST /v1/generate and /v1/edit). Either `steps` or `sigmas`."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"n": 4, "steps": 2, "seed": 42, "class_label": 7},
-                {"model": "digits", "sigmas": [80.0, 0.821], "format": "webp"},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
         None, min_length=1, max_length=64,
@@ -71,12 +76,84 @@ class GenerateRequest(BaseModel):
         return sigmas
 
 
+class Interpolation(BaseModel):
+    """K images between two seeds: image k's x_T is the spherical interpolation of the seeds' x_T at α_k."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seeds: list[Seed] = Field(min_length=2, max_length=2, description="[a, b]: α = 0 is seed a's image, 1 is b's x_T")
+    points: int | None = Field(None, ge=2, le=1024, strict=True, description="K evenly spaced α, 0 … 1")
+    alphas: list[Alpha] | None = Field(None, min_length=1, max_length=1024, description="Explicit α values in [0, 1]")
+
+    @model_validator(mode="after")
+    def _points_or_alphas(self) -> Interpolation:
+        if (self.points is None) == (self.alphas is None):
+            raise ValueError("give either points or alphas")
+        return self
+
+    def alpha_values(self) -> list[float]:
+        """α per image."""
+        if self.alphas is not None:
+            return list(self.alphas)
+        assert self.points is not None
+        return [k / (self.points - 1) for k in range(self.points)]
+
+
+class GenerateRequest(SamplingRequest):
+    """What to generate. Either `steps` or `sigmas` (not both); everything has a default."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"n": 4, "steps": 2, "seed": 42, "class_label": 7},
+                {"model": "digits", "sigmas": [80.0, 0.821], "format": "webp"},
+                {"interpolate": {"seeds": [1, 2], "points": 5}, "steps": 2},
+            ]
+        },
+    )
+
+    interpolate: Interpolation | None = Field(
+        None, description="Images between two seeds (instead of n and seed): n is the number of points; every image "
+        "takes seed a's step noise and class label"
+    )
+
+
+class EditRequest(SamplingRequest):
+    """A zero-shot edit (CM Algorithm 4) of one reference image; n samples of it, image i from seed + i."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"task": "inpaint", "image": EXAMPLE_PNG_B64, "box": [0, 4, 8, 8], "class_label": 7, "steps": 2},
+                {"task": "superres", "image": EXAMPLE_PNG_B64, "factor": 2, "n": 4},
+            ]
+        },
+    )
+
+    image: str = Field(
+        min_length=1, description="The reference, base64 PNG, JPEG or WebP of the model's size (grayscale for "
+        "colorize; the model's size / factor for superres)"
+    )
+    task: EditTask = Field(description="inpaint, superres, colorize (RGB models) or denoise")
+    mask: str | None = Field(
+        None, min_length=1, description="inpaint: base64 PNG of the model's size, white = regenerate (or give box)"
+    )
+    box: list[StrictInt] | None = Field(
+        None, min_length=4, max_length=4, description="inpaint: [x0, y0, x1, y1] to regenerate, pixels, end exclusive"
+    )
+    factor: int | None = Field(None, ge=2, strict=True, description="superres: the upscaling factor, dividing the size")
+    sigma: FiniteFloat | None = Field(None, gt=0, description="denoise: the input's noise level, in σ_min … σ_max")
+
+
 class GeneratedImage(BaseModel):
     index: int = Field(description="Position in the request, 0 … n-1")
     seed: int = Field(description="This image's seed (the request's seed + index)")
     class_label: int | None = Field(description="Class index used (None for unconditional models)")
     mime: str = Field(examples=["image/png"])
     b64: str = Field(description="The encoded image, base64")
+    alpha: float | None = Field(None, description="interpolate: this image's α (absent otherwise)")
 
 
 class Timings(BaseModel):

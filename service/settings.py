@@ -91,7 +91,11 @@ class Settings(BaseSettings):
         description="Comma-separated keys (16+ characters) for `Authorization: Bearer` on POST /v1/generate; "
         "empty = no authentication",
     )
-    max_body_bytes: int = Field(65536, ge=256, description="Largest request body; beyond it 413")
+    max_body_bytes: int = Field(
+        1 << 20, ge=256,
+        description="Largest request body; beyond it 413. 1 MiB: an edit of a 256×256 RGB PNG (base64, ≤ 263 KB, and "
+        "its mask) fits with room to spare",
+    )
     max_header_bytes: int = Field(
         16384, ge=1024, le=1 << 20,
         description="Largest request head: the URL and all headers' names and values (4 bytes more each); beyond "

@@ -1,16 +1,18 @@
-"""POST /v1/generate: every duty of a generate request, defined once.
+"""POST /v1/generate (and /v1/edit): every duty of a sampling request, defined once.
 
-Two entry points call `GenerateHandler`, in the same order: `begin` (request id, arrival time, in-flight
-count), `answer` (everything below; it never raises) and `end` (metrics, the access-log line). The FastAPI
-route (routes.py) is one; the other is the HTTP protocol (protocol.py), which answers the requests it may
-take below ASGI, without uvicorn's request cycle. Each hands over how it reads the body and how it learns
-that the client left; everything else is here:
+A handler serves one `Endpoint`: its path, its request schema and how a valid request becomes a Job (a `Plan`);
+GENERATE is here, EDIT in edit.py. Two entry points call `GenerateHandler`, in the same order: `begin` (request
+id, arrival time, in-flight count), `answer` (everything below; it never raises) and `end` (metrics, the
+access-log line). The FastAPI routes (routes.py) are one; the other is the HTTP protocol (protocol.py), which
+answers the generate requests it may take below ASGI, without uvicorn's request cycle. Each hands over how it
+reads the body and how it learns that the client left; everything else is here:
 
   1. API key and per-key rate limit (401, 429)
   2. the body: its declared length against CM_MAX_BODY_BYTES (413), then read (counted against the cap,
      a client that leaves → 499) before the request's deadline (504)
   3. content type (415) and validation in one pass (422 naming the field)
-  4. readiness (503), the model, n, the schedule and the class label (404, 422)
+  4. readiness (503), the model, the endpoint's plan (edit: the image and task fields), n, the schedule and the
+     class label (404, 422)
   5. the job: queued, waited for, raced against the client's disconnect and the deadline (counted from arrival)
   6. encoding and the response: JSON with base64 images, or the raw image for `Accept: image/*` and n = 1
 Every failure is a `ServiceError` whose class gives the status (api/errors.py) and whose `reason` is the
@@ -25,6 +27,8 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -39,8 +43,9 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from ..metrics import UNKNOWN_MODEL
+from ..registry import ServedModel
 from ..scheduler import Job
-from ..schemas import MAX_SEED, GenerateRequest
+from ..schemas import MAX_SEED, GenerateRequest, SamplingRequest
 from ..state import ServiceState
 from .errors import describe_validation_error, service_error_reply, unexpected_error_reply
 from .negotiate import choose_representation
@@ -59,13 +64,55 @@ ReadBody = Callable[[int], Awaitable[bytes]]
 DisconnectWatch = Callable[[Callable[[], None]], Callable[[], None]]
 
 
-class GenerateHandler:
-    """The generate request's duties (module docstring), with the server's state and checks (one per app)."""
+@dataclass
+class Plan:
+    """What a valid request asks of the sampler beyond the common fields (an endpoint's `plan` makes it)."""
 
-    def __init__(self, state: ServiceState, api_keys: ApiKeys, rate_limiter: RateLimiter) -> None:
+    task: str  # scheduler.TASKS
+    n: int
+    seed: int | None  # None: random
+    sigmas: list[float] | None = None  # a schedule the task fixes (denoise: [σ]); None: steps or sigmas
+    how: dict[str, Any] = field(default_factory=dict)  # further Job fields (projection, start, interpolation, …)
+    alphas: list[float] | None = None  # interpolate: every image has seed a and its own α
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A sampling endpoint: its path, its request schema, how a valid request becomes a Plan (raising
+    InvalidRequest naming the field), and the task label of requests whose body never said."""
+
+    path: str
+    schema: type[SamplingRequest]
+    plan: Callable[[Any, ServedModel], Plan]
+    task: str
+
+
+def plan_generate(body: GenerateRequest, served: ServedModel) -> Plan:
+    """n images from seed + i, or, with `interpolate`, one image per α from seeds a and b."""
+    spec = body.interpolate
+    if spec is None:
+        return Plan("generate", body.n, body.seed)
+    if body.seed is not None:
+        raise InvalidRequest("give the seeds in interpolate.seeds, not seed", field="seed")
+    alphas = spec.alpha_values()
+    if "n" in body.model_fields_set and body.n != len(alphas):
+        raise InvalidRequest(f"n is the number of interpolation points ({len(alphas)}) here; got {body.n}", field="n")
+    return Plan("interpolate", len(alphas), spec.seeds[0], how={"interpolation": (spec.seeds[1], alphas)},
+                alphas=alphas)
+
+
+GENERATE = Endpoint(PATH, GenerateRequest, plan_generate, "generate")
+
+
+class GenerateHandler:
+    """A sampling request's duties (module docstring), with the server's state and checks (one per endpoint)."""
+
+    def __init__(self, state: ServiceState, api_keys: ApiKeys, rate_limiter: RateLimiter,
+                 endpoint: Endpoint = GENERATE) -> None:
         self.state = state
         self.api_keys = api_keys
         self.rate_limiter = rate_limiter
+        self.endpoint = endpoint
 
     def begin(self, headers: Headers, arrived: float) -> RequestLog:
         """A request's headers arrived (monotonic time `arrived`): its log record, and it counts as in flight."""
@@ -76,8 +123,9 @@ class GenerateHandler:
         """The request was answered with `status` (or its client left): metrics and the access-log line."""
         self.state.request_ended()
         seconds = time.monotonic() - log.started
-        self.state.metrics.observe_request(log.model or UNKNOWN_MODEL, status, seconds, log.reason)
-        log_request("POST", PATH, log, status, seconds)
+        task = log.fields.get("task", self.endpoint.task)
+        self.state.metrics.observe_request(log.model or UNKNOWN_MODEL, status, seconds, log.reason, task)
+        log_request("POST", self.endpoint.path, log, status, seconds)
 
     async def answer(self, log: RequestLog, headers: Headers, read_body: ReadBody, watch: DisconnectWatch) -> Reply:
         """The reply to a request; errors become their HTTP reply here (and the failure reason is noted)."""
@@ -90,13 +138,13 @@ class GenerateHandler:
             return service_error_reply(e)
         except Exception:  # a bug
             log.reason = "error"
-            return unexpected_error_reply("POST", PATH)
+            return unexpected_error_reply("POST", self.endpoint.path)
 
     async def _answer(self, log: RequestLog, headers: Headers, read_body: ReadBody, watch: DisconnectWatch) -> Reply:
         key = self.api_keys.check(_header(headers, b"authorization"))
         self.rate_limiter.check(key)
         body = await self._read(log, headers, read_body)
-        request = parse_request(body, _header(headers, b"content-type"))
+        request = parse_request(body, _header(headers, b"content-type"), self.endpoint.schema)
         return await self._generate(request, _header(headers, b"accept"), log, watch)
 
     async def _read(self, log: RequestLog, headers: Headers, read_body: ReadBody) -> bytes:
@@ -115,8 +163,7 @@ class GenerateHandler:
         return DeadlineExceeded(f"the request took longer than {self.state.settings.request_timeout_s:g} s "
                                 "(CM_REQUEST_TIMEOUT_S); its remaining images were dropped")
 
-    async def _generate(self, body: GenerateRequest, accept: str | None, log: RequestLog,
-                        watch: DisconnectWatch) -> Reply:
+    async def _generate(self, body: Any, accept: str | None, log: RequestLog, watch: DisconnectWatch) -> Reply:
         state, settings = self.state, self.state.settings
         state.check_ready()
         served = state.registry.get(body.model)
@@ -125,14 +172,16 @@ class GenerateHandler:
             raise InvalidRequest(
                 f"n must be 1…{settings.max_images_per_request} (CM_MAX_IMAGES_PER_REQUEST), got {body.n}", field="n"
             )
-        raw_format = choose_representation(accept, body.format, "format" in body.model_fields_set, body.n)
-        sigmas = served.resolve_sigmas(body.steps, body.sigmas)
+        plan = self.endpoint.plan(body, served)
+        log.fields["task"] = plan.task
+        raw_format = choose_representation(accept, body.format, "format" in body.model_fields_set, plan.n)
+        sigmas = plan.sigmas or served.resolve_sigmas(body.steps, body.sigmas)
         label = served.resolve_class_label(body.class_label)
-        seed = random_seed(body.n) if body.seed is None else body.seed
-        log.fields.update(n=body.n, steps=len(sigmas), seed=seed)
+        seed = random_seed(plan.n) if plan.seed is None else plan.seed
+        log.fields.update(n=plan.n, steps=len(sigmas), seed=seed)
 
-        job = served.make_job(seed=seed, n=body.n, sigmas=sigmas, class_label=label,
-                              deadline=log.started + settings.request_timeout_s)
+        job = served.make_job(seed=seed, n=plan.n, sigmas=sigmas, class_label=label,
+                              deadline=log.started + settings.request_timeout_s, task=plan.task, **plan.how)
         await self._run_job(job, watch)
         fmt = raw_format or body.format
         encoded, encode_s = await state.encoder.encode(job.images, fmt)  # type: ignore[union-attr]
@@ -142,7 +191,7 @@ class GenerateHandler:
         labels = job.class_labels
         if raw_format is not None:
             return _raw_image(encoded[0], raw_format, served.name, seed, sigmas, labels[0])
-        return _json_images(encoded, fmt, served.name, seed, sigmas, labels, timings)
+        return _json_images(encoded, fmt, served.name, seed, sigmas, labels, timings, plan.alphas)
 
     async def _run_job(self, job: Job, watch: DisconnectWatch) -> None:
         """Queue the job and wait for it, racing the client's disconnect and the deadline."""
@@ -170,13 +219,13 @@ def random_seed(n: int) -> int:
     return min(_seeds.getrandbits(63), MAX_SEED - n + 1)
 
 
-def parse_request(body: bytes, content_type: str | None) -> GenerateRequest:
+def parse_request(body: bytes, content_type: str | None, schema: type[SamplingRequest] = GenerateRequest) -> Any:
     """The validated request: JSON parsed and validated in one pass; errors name the field."""
     if body and not is_json(content_type):
         shown = f", not {content_type}" if content_type else " (the request had no Content-Type)"
         raise UnsupportedMediaType(f"send the body as JSON with Content-Type: application/json{shown}")
     try:
-        return GenerateRequest.model_validate_json(body.removeprefix(UTF8_BOM))
+        return schema.model_validate_json(body.removeprefix(UTF8_BOM))
     except ValidationError as e:
         message, field = describe_validation_error(e.errors(include_url=False))
         raise InvalidRequest(message, field=field) from None
@@ -218,11 +267,14 @@ JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 
 
 def _json_images(encoded: list[bytes], fmt: str, model: str, seed: int, sigmas: list[float],
-                 labels: list[int | None], timings: dict[str, float]) -> Reply:
-    """The GenerateResponse document (schemas.py), compact."""
+                 labels: list[int | None], timings: dict[str, float], alphas: list[float] | None = None) -> Reply:
+    """The GenerateResponse document (schemas.py), compact; interpolated images have seed a and their α."""
     mime = MIME[fmt]
     images = [{"index": i, "seed": seed + i, "class_label": None if labels[i] is None else int(labels[i]), "mime": mime,
                "b64": base64.b64encode(data).decode()} for i, data in enumerate(encoded)]
+    if alphas is not None:
+        for image, alpha in zip(images, alphas, strict=True):
+            image.update(seed=seed, alpha=alpha)
     document = {"model": model, "created": int(time.time()), "seed": seed, "sigmas": [float(s) for s in sigmas],
                 "images": images,
                 "timings_ms": timings}

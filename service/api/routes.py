@@ -16,6 +16,7 @@ from ..encode import MIME
 from ..errors import BodyTooLarge, Cancelled
 from ..registry import ServedModel
 from ..schemas import (
+    EditRequest,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -26,6 +27,7 @@ from ..schemas import (
     StatsResponse,
 )
 from ..state import ServiceState
+from .edit import EDIT
 from .errors import error_response, to_response
 from .generate import DisconnectWatch, GenerateHandler, ReadBody
 from .requests import ARRIVED_KEY, READ_TIMED_OUT_KEY
@@ -61,13 +63,29 @@ GENERATE_BODY = {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
     }
 }
+EDIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EditRequest"}}},
+    }
+}
 AUTHORIZATION = {"name": "Authorization", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "Bearer API key (when the server has CM_API_KEYS)"}
 
 
 async def generate(request: Request) -> Response:
     """Sample n images with one network evaluation per step, batched with other requests' images."""
-    handler: GenerateHandler = request.app.state.generate
+    return await answer(request.app.state.generate, request)
+
+
+async def edit(request: Request) -> Response:
+    """Edit one image zero-shot (CM Algorithm 4): inpaint, superres, colorize or denoise; n samples, batched with
+    generation's images in the same evaluations. Same conventions, limits, errors and response as /v1/generate."""
+    return await answer(request.app.state.edit, request)
+
+
+async def answer(handler: GenerateHandler, request: Request) -> Response:
+    """A sampling request through its endpoint's handler: begin, answer, end (as protocol.py calls them)."""
     headers = request.scope["headers"]
     log = handler.begin(headers, request.scope[ARRIVED_KEY])
     status = 500
@@ -197,13 +215,17 @@ async def index() -> Response:
 
 
 def _with_request_schema(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-    """FastAPI's document, with GenerateRequest among its schemas (no route declares it as a parameter)."""
+    """FastAPI's document, with GenerateRequest and EditRequest among its schemas (no route declares them as
+    parameters)."""
 
     def document() -> dict[str, Any]:
         doc = openapi()
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        schemas.setdefault("GenerateRequest", GenerateRequest.model_json_schema(
-            ref_template="#/components/schemas/{model}", mode="validation"))
+        for model in (GenerateRequest, EditRequest):
+            found = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
+            for name, nested in found.pop("$defs", {}).items():
+                schemas.setdefault(name, nested)
+            schemas.setdefault(model.__name__, found)
         return doc
 
     return document
@@ -219,6 +241,14 @@ def install_routes(app: FastAPI, guarded: bool) -> None:
     app.add_api_route(
         "/v1/generate", generate, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,
         summary="Generate images", openapi_extra=extra,
+    )
+    generate_handler: GenerateHandler = app.state.generate
+    app.state.edit = GenerateHandler(generate_handler.state, generate_handler.api_keys, generate_handler.rate_limiter,
+                                     EDIT)
+    edit_extra = {**EDIT_BODY, "parameters": [AUTHORIZATION]} if guarded else EDIT_BODY
+    app.add_api_route(
+        "/v1/edit", edit, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,
+        summary="Edit an image (inpaint, super-resolve, colorize, denoise)", openapi_extra=edit_extra,
     )
     app.add_api_route(
         "/v1/models", list_models, methods=["GET"], response_model=ModelsResponse, summary="Served models"

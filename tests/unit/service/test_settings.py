@@ -24,7 +24,7 @@ def test_defaults_match_the_contract() -> None:
     assert (s.channels_last, s.compile) == (False, False)
     assert s.batch_buckets == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert (s.max_batch, s.max_wait_ms, s.max_queue, s.max_images_per_request, s.max_steps) == (256, 2.0, 4096, 64, 8)
-    assert (s.request_timeout_s, s.drain_s, s.api_keys, s.max_body_bytes) == (30.0, 20.0, [], 65536)
+    assert (s.request_timeout_s, s.drain_s, s.api_keys, s.max_body_bytes) == (30.0, 20.0, [], 1 << 20)
     assert (s.encode_threads, s.log_level, s.rate_limit_per_key) == (2, "info", 0.0)
     assert s.model_names == ["digits"] and s.default_model_name == "digits"
 
@@ -154,3 +154,23 @@ def test_worker_cpus_split_every_usable_cpu_in_order(monkeypatch: pytest.MonkeyP
 def test_the_readme_lists_every_setting_as_the_table_prints_it() -> None:
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     assert settings_table() in readme, "README.md's settings table is stale: paste `python -m service --settings-table`"
+
+
+def test_the_request_head_and_read_limits_default_as_documented() -> None:
+    s = Settings()
+    assert (s.max_header_bytes, s.max_headers, s.read_timeout_s) == (16384, 100, 10.0)
+
+
+@pytest.mark.parametrize("text", [
+    "CM_MAX_BATCH=8\nCM_API_KEYS=first-key-0123456789\nsecond-key-0123456789\n",  # the value ran onto line 3
+    'CM_API_KEYS="first-key-0123456789,\nsecond-key-0123456789"\n',  # a quoted value over two lines
+    "CM_API_KEYS=first-key-0123456789,\nSECONDKEY0123456789=\n",  # a continuation that looks like a name
+])
+def test_a_key_that_runs_onto_another_line_of_a_config_file_is_never_quoted(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "cmserve.env"
+    config.write_text(text)
+    with pytest.raises(SettingsError) as e:
+        load_settings(config)
+    message = str(e.value)
+    assert "first-key" not in message and "second-key" not in message.lower() and "SECONDKEY" not in message
+    assert f"{config}:" in message  # the line is named by its number
