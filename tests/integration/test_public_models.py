@@ -14,9 +14,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from models import checkpoint, convert
+from models.consistency import ConsistencyModel
 from models.sampling import sample, to_uint8
+from service.engine import Engine
 from service.registry import EMBEDDED_DEFAULT, default_max_images, max_images_for
 from service.settings import Settings
 from tests.integration.conftest import app_settings, decode_b64, running_app
@@ -127,3 +130,20 @@ async def test_a_folder_with_pickled_weights_is_not_served(tmp_path: Path, caplo
         await app.state.service.wait_settled()
         assert not app.state.service.ready
     assert "pickled weights are not served" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_size_256_batches_on_the_gpu_fit_or_halve(capsys: pytest.CaptureFixture[str]) -> None:
+    """The memory a full-size bedroom-256 batch needs in bf16, and a batch of 256 completing (halved if need be)."""
+    cfg = convert.config_from_openai_flags(convert.OPENAI_PRESETS["openai-lsun256"])
+    engine = Engine(ConsistencyModel.from_config(cfg), device="cuda", dtype="bf16", buckets=[1, 16, 64, 256])
+    sigma = torch.full((256,), 80.0)
+    peaks = {}
+    for batch in (1, 16, 64, 256):
+        torch.cuda.reset_peak_memory_stats()
+        result = engine.evaluate(torch.zeros(batch, *cfg.image_shape), sigma[:batch], None)
+        assert not result.failed and result.out.shape == (batch, 3, 256, 256)
+        peaks[batch] = torch.cuda.max_memory_allocated() / 2**30
+    with capsys.disabled():
+        print(f"\nbedroom-256 bf16 peak GiB by batch: {peaks}; batches halved after OOM: {engine.oom_splits}")
