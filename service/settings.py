@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port, logged at start)")
     models: Annotated[dict[str, Path], NoDecode] = Field(
         default_factory=dict,
-        description="Models to serve, `name=path,name=path` (local .safetensors files); empty = the embedded "
-        "default checkpoint models/pretrained/digits.safetensors, served as `digits`",
+        description="Models to serve, `name=path,name=path` (local .safetensors files, or diffusers pipeline folders "
+        "whose weights are safetensors, converted at load); empty = the embedded default checkpoint "
+        "models/pretrained/digits.safetensors, served as `digits`",
     )
     default_model: str = Field("", description="Model for requests that name none; empty = the first of CM_MODELS")
     device: str = Field("auto", description="`auto` (first CUDA device, else CPU), `cpu`, `cuda` or `cuda:N`")
