@@ -113,7 +113,8 @@ def guess_model_id(name: str, image_size: int | None = None, train_steps: int | 
         if model_id in lowered:
             return model_id
     # Unnamed folders: ImageNet-64 is unambiguous by its scheduler's N (both CD losses share ts 0,22,39).
-    return {(64, 40): "cd_imagenet64_l2", (64, 201): "ct_imagenet64"}.get((image_size, train_steps))  # type: ignore[arg-type]
+    by_shape = {(64, 40): "cd_imagenet64_l2", (64, 201): "ct_imagenet64"}
+    return by_shape.get((image_size or 0, train_steps or 0))
 
 
 def train_steps_of(model_id: str | None) -> int | None:

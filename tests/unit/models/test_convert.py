@@ -21,7 +21,7 @@ import torch
 from models import checkpoint
 from models.__main__ import main
 from models.consistency import ConsistencyModel
-from models.convert import ConvertError, convert, karras_index_sigma, load_folder
+from models.convert import ConvertError, convert, guess_model_id, karras_index_sigma, load_folder
 from models.sampling import multistep_sample
 from tests.unit.models import public_models as pm
 
@@ -116,6 +116,14 @@ def test_schedules_come_from_the_launch_script(cases: dict[str, Case]) -> None:
         assert schedules[2][0] == 80.0 and schedules[2][1] == pytest.approx(sigma, abs=1e-4)
     assert karras_index_sigma(0, 40, 0.002, 80.0, 7.0) == pytest.approx(80.0)
     assert karras_index_sigma(39, 40, 0.002, 80.0, 7.0) == pytest.approx(0.002)
+
+
+def test_the_released_model_is_read_from_its_name() -> None:
+    assert guess_model_id("diffusers-cd_imagenet64_lpips") == "cd_imagenet64_lpips"
+    assert guess_model_id("CT_BEDROOM256.pt") == "ct_bedroom256"
+    assert guess_model_id("unnamed", 64, 201) == "ct_imagenet64"  # ImageNet-64: the scheduler's N tells
+    assert guess_model_id("unnamed", 256, 40) is None  # bedroom l2 (ts 18) or LPIPS (17): --model-id says
+    assert guess_model_id("cd_cat256_l2.pt") is None  # the launch script has no two-step CD cat schedule
 
 
 def test_saved_checkpoint_round_trip(cases: dict[str, Case], tmp_path: Path) -> None:
