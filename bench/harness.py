@@ -231,11 +231,12 @@ def serve_bare(port: int, workers: int) -> None:
 
 @dataclass
 class WrkRun:
-    """One wrk process: `connections` closed-loop clients POSTing `body` to /v1/generate."""
+    """One wrk process: `connections` closed-loop clients POSTing `body` to `path`."""
 
     body: dict[str, Any]
     connections: int
     stats: dict[str, float] = field(default_factory=dict)  # bench/wrk/post.lua's WRK_JSON line
+    path: str = "/v1/generate"  # or /v1/edit
 
     @property
     def requests_per_s(self) -> float:
@@ -250,7 +251,8 @@ class WrkRun:
         """'1-step 2.1 / 5.9' (ms at the given percentiles, of 50, 95 and 99), with errors if any."""
         cells = " / ".join(f"{self.stats[f'p{p}_us'] / 1e3:.1f}" for p in percentiles)
         errors = f" ({self.errors} errors)" if self.errors else ""
-        return f"{self.body.get('steps', 1)}-step {cells}{errors}"
+        task = f"{self.body['task']} " if "task" in self.body else ""
+        return f"{task}{self.body.get('steps', 1)}-step {cells}{errors}"
 
 
 def require_wrk() -> None:
@@ -262,7 +264,7 @@ def start_wrk(url: str, run: WrkRun, duration: float) -> subprocess.Popen[str]:
     env = {**os.environ, "WRK_BODY": json.dumps(run.body)}
     seconds = max(1, round(duration))
     argv = ["wrk", "-t1", f"-c{run.connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(WRK_SCRIPT),
-            url + "/v1/generate"]
+            url + run.path]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -313,6 +315,21 @@ def images_per_evaluation(before: dict[str, float], after: dict[str, float]) -> 
 # ---------------------------------------------------------------------- scenarios
 
 MIX = "mix"  # half the connections 1-step, half 4-step
+TASKS = ("generate", "inpaint", "both")  # both: half the connections generate, half inpaint, same steps
+
+
+def inpaint_body(n: int, steps: int, shape: tuple[int, ...] = (1, 8, 8)) -> dict[str, Any]:
+    """A /v1/edit request: regenerate the lower half of a fixed image of the model's shape (C, H, W)."""
+    import base64
+
+    import numpy as np
+
+    from service.encode import encode_png
+
+    c, h, w = shape
+    image = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
+    return {"task": "inpaint", "image": base64.b64encode(encode_png(image)).decode(), "box": [0, h // 2, w, h],
+            "n": n, "steps": steps}
 
 
 @dataclass
@@ -324,12 +341,23 @@ class Scenario:
     steps: int | str  # 1, 2, … or MIX
     runs: list[WrkRun] = field(default_factory=list)
     images_per_forward: float = 0.0
+    task: str = "generate"  # one of TASKS (edits with a step count, not MIX)
+    image_shape: tuple[int, ...] = (1, 8, 8)  # of the served model, for edit requests
 
     @property
     def name(self) -> str:
-        return f"c={self.concurrency:<3d} n={self.n:<2d} steps={self.steps}"
+        task = "" if self.task == "generate" else f" {self.task}"
+        return f"c={self.concurrency:<3d} n={self.n:<2d} steps={self.steps}{task}"
 
     def plan(self) -> list[WrkRun]:
+        if self.task != "generate":
+            assert isinstance(self.steps, int), "an edit scenario has a step count"
+            edit = WrkRun(inpaint_body(self.n, self.steps, self.image_shape), self.concurrency, path="/v1/edit")
+            if self.task == "inpaint":
+                return [edit]
+            half = self.concurrency // 2
+            edit.connections = half
+            return [WrkRun({"n": self.n, "steps": self.steps}, half), edit]
         if self.steps == MIX:
             half = self.concurrency // 2
             return [WrkRun({"n": self.n, "steps": 1}, half), WrkRun({"n": self.n, "steps": 4}, half)]

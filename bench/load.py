@@ -3,6 +3,7 @@
     python -m bench.load                          # digits: concurrency 1,4,16,64 × n 1,8 × 1-step, 2-step, mix
     python -m bench.load --duration 3 --concurrency 1,64 --n 1
     python -m bench.load --workers 2              # CM_WORKERS=2: two server processes on one socket
+    python -m bench.load --tasks generate,inpaint --concurrency 64 --n 1 --steps 2   # editing vs generation
 
 The load comes from wrk (Debian's `apt-get install -y wrk`) with bench/wrk/post.lua: one C process drives
 thousands of requests per second, so the client is not the bottleneck (the HTTP ceiling below shows how far
@@ -23,7 +24,9 @@ engine thread and event loop; torch threads per worker: --torch-threads, or the 
 max(1, CPUs // N)). Both ceilings above take the same N, so more workers never flatter the ratios.
 Targets (CPU, digits): concurrency 64 images/s ≥ 0.8 × combined (n = 1 and 8); concurrency 1 p50 ≤ one
 forward pass (the one-process best time, whatever --workers: one request is served by one worker) + 3 ms;
-1-step p99 under the 1/4 mix ≤ 1.5 × 1-step p99 alone.
+1-step p99 under the 1/4 mix ≤ 1.5 × 1-step p99 alone. --tasks adds edit scenarios (POST /v1/edit inpainting the
+lower half of a fixed image; "both": half the clients generate, half inpaint): inpainting's images/s at
+concurrency 64 ≥ 0.9 × generation's with the same n and steps.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 
 from bench.harness import (
     MIX,
+    TASKS,
     Scenario,
     WrkRun,
     default_checkpoint,
@@ -243,6 +247,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], help="e.g. 1,4,16,64")
     parser.add_argument("--n", type=int_list, default=[1, 8], help="images per request, e.g. 1,8")
     parser.add_argument("--steps", default="1,2,mix", help="1, 2 and/or mix (half 1-step, half 4-step clients)")
+    parser.add_argument("--tasks", default="generate",
+                        help=f"scenario kinds, comma-separated, of {', '.join(TASKS)} (edits: step counts, not {MIX})")
     parser.add_argument("--max-batch", type=int, default=256, help="CM_MAX_BATCH of the server")
     parser.add_argument("--workers", type=int, default=1,
                         help="CM_WORKERS of the server; the bare HTTP endpoint and the model ceiling use as many")
@@ -259,6 +265,10 @@ def parse_args() -> argparse.Namespace:
     if bad:
         parser.error(f"--steps {args.steps}: {bad} not allowed; give step counts and/or {MIX}")
     args.steps = [k if k == MIX else int(k) for k in kinds]
+    args.tasks = args.tasks.split(",")
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"--tasks {unknown}: allowed are {', '.join(TASKS)}")
     return args
 
 
@@ -271,9 +281,10 @@ def serve_scenarios(args: argparse.Namespace, ckpt: Path, log: Path, model: dict
     threads = worker_threads(args.workers, args.torch_threads)
     print(f"\nservice: python -m service, CM_WORKERS={args.workers}, CM_MAX_BATCH={args.max_batch}, "
           f"torch threads {threads} per worker, log level {args.log_level} (log: {log})")
-    # A mix needs two connections (one per step count), so it starts at concurrency 2.
-    scenarios = [Scenario(c, n, s) for n in args.n for s in args.steps for c in args.concurrency
-                 if s != MIX or c >= 2]
+    # A mix needs two connections (one per step count), so it starts at concurrency 2; edits take step counts.
+    shape = checkpoint.load(ckpt).meta.config.image_shape
+    scenarios = [Scenario(c, n, s, task=t, image_shape=shape) for t in args.tasks for n in args.n for s in args.steps
+                 for c in args.concurrency if (s != MIX or c >= 2) and (t == "generate" or s != MIX)]
     with service(settings, log) as server:
         warm_up(server.url)
         print(f"{'scenario':<24} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'img/eval':>8}  "
@@ -328,7 +339,8 @@ def main() -> None:
             "model": {str(b): m for b, m in model.items()},
             "model_after": {str(b): m for b, m in model_after.items()},
             "http_requests_per_s": http,
-            "scenarios": [{"concurrency": s.concurrency, "n": s.n, "steps": s.steps, "images_per_s": s.images_per_s,
+            "scenarios": [{"concurrency": s.concurrency, "n": s.n, "steps": s.steps, "task": s.task,
+                           "images_per_s": s.images_per_s,
                            "images_per_forward": s.images_per_forward,
                            "runs": [{"body": r.body, "connections": r.connections, **r.stats} for r in s.runs]}
                           for s in scenarios],
@@ -351,8 +363,14 @@ def format_row(s: Scenario, model: dict[int, dict[str, float]], http: dict[int, 
 def targets(scenarios: list[Scenario], model: dict[int, dict[str, float]], http: dict[int, float],
             max_batch: int, model_after: dict[int, dict[str, float]] | None = None) -> list[str]:
     lines = []
-    by_key = {(s.concurrency, s.n, s.steps): s for s in scenarios}
-    for (c, n, steps), s in by_key.items():
+    by_key = {(s.concurrency, s.n, s.steps, s.task): s for s in scenarios}
+    for (c, n, steps, task), s in by_key.items():
+        if task != "generate":
+            if task == "inpaint" and c == 64 and (c, n, steps, "generate") in by_key:
+                ratio = s.images_per_s / by_key[(c, n, steps, "generate")].images_per_s
+                lines.append(f"c=64 n={n} {steps}-step: inpainting {s.images_per_s:.0f} images/s = {ratio:.2f} × "
+                             f"generation (target ≥ 0.90): {'PASS' if ratio >= 0.9 else 'MISS'}")
+            continue
         if c == 64 and steps == 1:
             ratio = s.images_per_s / ceiling_of(s, model, http, max_batch)
             after = ""
@@ -367,8 +385,8 @@ def targets(scenarios: list[Scenario], model: dict[int, dict[str, float]], http:
             ok = p50 <= forward_ms + 3
             lines.append(f"c=1 n={n} 1-step: p50 {p50:.2f} ms vs one forward pass {forward_ms:.2f} ms + 3 ms: "
                          f"{'PASS' if ok else 'MISS'}")
-        if steps == MIX and (c, n, 1) in by_key:
-            alone = by_key[(c, n, 1)].runs[0].stats["p99_us"] / 1e3
+        if steps == MIX and (c, n, 1, "generate") in by_key:
+            alone = by_key[(c, n, 1, "generate")].runs[0].stats["p99_us"] / 1e3
             mixed = s.runs[0].stats["p99_us"] / 1e3
             ok = mixed <= 1.5 * alone
             lines.append(f"c={c} n={n}: 1-step p99 in the 1/4 mix {mixed:.1f} ms vs alone {alone:.1f} ms "

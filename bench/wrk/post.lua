@@ -1,4 +1,5 @@
--- wrk script for bench/harness.py: POST one JSON body (env WRK_BODY) to /v1/generate, then print the run's
+-- wrk script for bench/harness.py: POST one JSON body (env WRK_BODY) to the URL's path (/v1/generate, or
+-- /v1/edit with an edit request's body), then print the run's
 -- figures as one JSON line (WRK_JSON ...) that harness.finish_wrk parses: requests, errors, latency percentiles.
 wrk.method = "POST"
 wrk.body = os.getenv("WRK_BODY") or '{"n": 1, "steps": 1}'
