@@ -120,7 +120,7 @@ class ServedModel:
             names = self.class_names or []
             if label in names:
                 return names.index(label)
-            if label.isdigit() and not names:
+            if label.isascii() and label.isdigit() and not names:  # "7"; not "²" or "①", which int() refuses
                 label = int(label)
             else:
                 allowed = names or list(range(num))

@@ -49,6 +49,7 @@ from .requests import ARRIVED_KEY, READ_TIMED_OUT_KEY, Headers, Reply, log_reque
 UVICORN_VERSION = "0.54.0"
 _PATH = PATH.encode()
 HEADER_OVERHEAD = 4  # ": " and CRLF of each header line, counted against CM_MAX_HEADER_BYTES
+LINGER_S = 2.0  # after a refusal, how long what the client still sends is read and dropped before closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ class ServiceProtocol(HttpToolsProtocol):
         self._active: Any = None  # the cycle being answered (uvicorn's, or GenerateProtocol's _Cycle)
         self._refusal: Reply | None = None
         self._timed_out = False  # a read timeout has been passed to the request being read
+        self._lingering = False  # refused: what arrives is dropped until the connection closes
 
     # Connection ------------------------------------------------------------
 
@@ -112,7 +114,7 @@ class ServiceProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with the head's bytes counted while one header line is unfinished, and refusals."""
-        if self.transport.is_closing():
+        if self._lingering or self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
         head, headers = self._head, self.headers
@@ -211,13 +213,20 @@ class ServiceProtocol(HttpToolsProtocol):
 
     def _refuse(self, reply: Reply) -> None:
         """Answer a request whose head the protocol refuses, and close the connection (nothing of it reaches the
-        app). With an earlier request still being answered the connection just closes."""
+        app). With an earlier request still being answered the connection just closes. Otherwise the close
+        lingers: the server stops writing, drops what still arrives for up to LINGER_S, then closes, so that
+        the client reads the answer (closing with unread bytes would send a reset that can destroy it)."""
         self._refusal = None
         log = new_request_log(self.headers or [], time.monotonic())
-        if not self._busy():
-            self.write_reply(reply, log.request_id, keep_alive=False)
-        self.transport.close()
         log_request("-", "-", log, reply.status, 0.0)
+        if self._busy() or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.write_reply(reply, log.request_id, keep_alive=False)
+        self.transport.write_eof()
+        self.reading_since = None
+        self._lingering = True
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def _busy(self) -> bool:
         active = self._active

@@ -196,3 +196,32 @@ def test_a_body_is_accepted_as_json_then_validation_would_and_refused_with_a_422
     elif body in (b'{}', b'{"n": 1}', b'{"n": 8, "steps": 2, "seed": 42}', b'{"class_label": "seven"}',
                   b'\xef\xbb\xbf{"n": 1}'):
         raise AssertionError("a common body was refused")
+
+
+def test_every_image_seed_stays_in_range() -> None:
+    """Image i uses seed + i: a seed whose last image would pass 2^63 − 1 is refused, naming `seed`."""
+    message, field = first_error({"seed": MAX_SEED, "n": 2})
+    assert field == "seed" and "seed + n − 1" in message and str(MAX_SEED - 1) in message
+    assert GenerateRequest.model_validate({"seed": MAX_SEED - 1, "n": 2}).seed == MAX_SEED - 1
+    assert GenerateRequest.model_validate({"seed": MAX_SEED}).seed == MAX_SEED
+
+
+def test_a_random_seed_leaves_room_for_every_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.api import generate
+
+    monkeypatch.setattr(generate._seeds, "getrandbits", lambda bits: 2**bits - 1)  # the largest draw
+    for n in (1, 2, 64):
+        seed = generate.random_seed(n)
+        assert seed + n - 1 == MAX_SEED
+        GenerateRequest.model_validate({"seed": seed, "n": n})  # every echoed seed is one the API accepts
+
+
+def test_a_huge_accept_header_is_parsed_in_bounded_time_with_a_bounded_message() -> None:
+    import time
+
+    accept = ", ".join(f"text/x-{i};q=0.5" for i in range(300_000))  # about 4 MiB
+    started = time.perf_counter()
+    with pytest.raises(NotAcceptable) as e:
+        choose_representation(accept, "png", False, 1)
+    assert time.perf_counter() - started < 0.1
+    assert len(e.value.message) < 500
