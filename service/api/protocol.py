@@ -143,7 +143,9 @@ class ServiceProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         cycle = self.cycle
-        if self.flow.read_paused:  # the server holds reading back (a pipelined request waits its turn)
+        if self.flow.read_paused or (self._head is not None and self._busy()):
+            # the server holds reading back (a pipelined request waits its turn), or the client may wait for the
+            # answer to its earlier request before it sends the rest of this one: not late
             self.reading_since = now
         elif self._head is not None:  # its head has not arrived
             self._refuse(error_reply(408, "request_timeout", read_timeout_error(self.limits).message))

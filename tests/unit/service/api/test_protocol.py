@@ -455,3 +455,17 @@ def test_a_disconnect_reaches_the_request_being_answered_behind_which_others_are
         assert seen == ["gone"]
     else:
         assert recorder.asgi[-1] == ("", "", b"http.disconnect")
+
+
+def test_a_head_pipelined_behind_a_request_still_being_answered_is_not_late() -> None:
+    async def run() -> Any:
+        recorder, protocol = await feed(post(), release=False)  # a long answer
+        protocol.data_received(b"GET /healthz HTTP/1.1\r\nHo")  # the next head, unfinished
+        protocol.expire_read(protocol.loop.time())
+        assert protocol.transport.written == b"" and not protocol.transport.closed
+        recorder.release.set()
+        await settle()
+        return protocol
+
+    protocol = asyncio.run(run())
+    assert status_of(protocol.transport.written) == 200 and not protocol.transport.closed
