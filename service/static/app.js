@@ -30,11 +30,19 @@
     }
   }
 
+  /** A value as JSON, its BigNumbers (at any depth) as their digits. */
+  function jsonValue(v) {
+    if (v instanceof BigNumber) return v.digits;
+    if (Array.isArray(v)) return `[${v.map(jsonValue).join(",")}]`;
+    if (v && typeof v === "object") return toJson(v);
+    return JSON.stringify(v);
+  }
+
   function toJson(obj) {
     const parts = [];
     for (const [k, v] of Object.entries(obj)) {
       if (v === undefined) continue;
-      parts.push(`${JSON.stringify(k)}:${v instanceof BigNumber ? v.digits : JSON.stringify(v)}`);
+      parts.push(`${JSON.stringify(k)}:${jsonValue(v)}`);
     }
     return `{${parts.join(",")}}`;
   }
@@ -232,9 +240,9 @@
     return { ...body, ...overrides };
   }
 
-  async function generate(body) {
+  async function generate(body, path = "/v1/generate") {
     const t0 = performance.now();
-    const doc = await api("POST", "/v1/generate", toJson(body));
+    const doc = await api("POST", path, toJson(body));
     doc.roundTripMs = performance.now() - t0;
     return doc;
   }
@@ -408,6 +416,7 @@
     link.href = src;
     link.download = `${doc.model}-seed${im.seed}${im.class_label == null ? "" : `-class${im.class_label}`}.${ext}`;
     const dialog = $("lightbox");
+    dialog.dataset.src = src;
     dialog.dataset.smooth = String(imageSide(model) >= 128);
     if (typeof dialog.showModal === "function") dialog.showModal();
     else dialog.setAttribute("open", "");
@@ -421,11 +430,12 @@
 
   // ---------------------------------------------------------------- actions
 
+  const ACTION_BUTTONS = ["generate", "compare", "edit-run", "interp-run"];
+
   async function run(label, action) {
     if (busy) return;
     busy = true;
-    $("generate").disabled = true;
-    $("compare").disabled = true;
+    for (const id of ACTION_BUTTONS) $(id).disabled = true;
     $("status").textContent = label;
     document.querySelector(".results").setAttribute("aria-busy", "true");
     try {
@@ -437,18 +447,19 @@
       $("status").textContent = "";
     } finally {
       busy = false;
-      $("generate").disabled = false;
-      $("compare").disabled = false;
+      for (const id of ACTION_BUTTONS) $(id).disabled = false;
       document.querySelector(".results").removeAttribute("aria-busy");
     }
   }
 
   function onGenerate(event) {
     event.preventDefault();
+    showTab("images");
     run("Generating…", async () => renderGrid(await generate(requestBody())));
   }
 
   function onCompare() {
+    showTab("images");
     run("Comparing 1, 2 and 4 steps…", async () => {
       // the first answer fixes the seed (the server picks one if the field is empty); the rest reuse it
       const base = requestBody({ steps: undefined, sigmas: undefined });
@@ -472,6 +483,195 @@
       const sig = recommendedSigmas(currentModel(), $("steps").value);
       if (sig) $("sigmas").value = sig.map(fmtSigma).join(", ");
     }
+  }
+
+  // ---------------------------------------------------------------- tabs
+
+  function showTab(name) {
+    for (const [tab, view] of [["tab-images", "images-view"], ["tab-edit", "edit-view"]]) {
+      const on = view === `${name}-view`;
+      $(tab).setAttribute("aria-selected", String(on));
+      $(view).hidden = !on;
+    }
+  }
+
+  // ---------------------------------------------------------------- edit (POST /v1/edit) and interpolation
+
+  // The image being edited, at the model's size, and its mask (1: regenerate), one byte per pixel.
+  const edit = { pixels: null, mask: null, w: 0, h: 0, painting: false };
+
+  function modelSize() {
+    const m = currentModel();
+    const shape = m && Array.isArray(m.shape) ? m.shape : [1, 8, 8];
+    return { h: Number(shape[shape.length - 2]), w: Number(shape[shape.length - 1]) };
+  }
+
+  /** An image element (upload or generated tile) drawn at the model's size becomes the image to edit. */
+  function setSource(img) {
+    const { h, w } = modelSize();
+    const canvas = document.createElement("canvas");
+    canvas.width = w;
+    canvas.height = h;
+    canvas.getContext("2d").drawImage(img, 0, 0, w, h);
+    edit.pixels = canvas.getContext("2d").getImageData(0, 0, w, h);
+    edit.w = w;
+    edit.h = h;
+    edit.mask = new Uint8Array(w * h);
+    $("edit-source-info").textContent = `${img.naturalWidth}×${img.naturalHeight} image, drawn at ${w}×${h}`;
+    drawEdit();
+  }
+
+  function loadSource(src) {
+    return new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => resolve(setSource(img));
+      img.onerror = () => reject(new ApiError(0, "client_error", "the browser cannot read this image"));
+      img.src = src;
+    });
+  }
+
+  /** The image with the mask shown in red over it. */
+  function drawEdit() {
+    const canvas = $("edit-canvas");
+    if (!edit.pixels) return;
+    canvas.width = edit.w;
+    canvas.height = edit.h;
+    const shown = new ImageData(new Uint8ClampedArray(edit.pixels.data), edit.w, edit.h);
+    for (let i = 0; i < edit.mask.length; i++) {
+      if (!edit.mask[i]) continue;
+      shown.data[4 * i] = (shown.data[4 * i] + 255) / 2;
+      shown.data[4 * i + 1] /= 2;
+      shown.data[4 * i + 2] /= 2;
+    }
+    canvas.getContext("2d").putImageData(shown, 0, 0);
+  }
+
+  function paint(event) {
+    if (!edit.painting || !edit.pixels) return;
+    const canvas = $("edit-canvas");
+    const rect = canvas.getBoundingClientRect();
+    const x = Math.floor(((event.clientX - rect.left) / rect.width) * edit.w);
+    const y = Math.floor(((event.clientY - rect.top) / rect.height) * edit.h);
+    const r = Math.max(0, Math.round(edit.w / 32)); // brush half-width in pixels
+    for (let j = y - r; j <= y + r; j++) {
+      for (let i = x - r; i <= x + r; i++) {
+        if (i >= 0 && j >= 0 && i < edit.w && j < edit.h) edit.mask[j * edit.w + i] = 1;
+      }
+    }
+    drawEdit();
+  }
+
+  function maskLowerHalf() {
+    if (!edit.pixels) return;
+    edit.mask.fill(0);
+    edit.mask.fill(1, Math.floor(edit.h / 2) * edit.w);
+    drawEdit();
+  }
+
+  function clearMask() {
+    if (!edit.pixels) return;
+    edit.mask.fill(0);
+    drawEdit();
+  }
+
+  function pngBase64(imageData) {
+    const canvas = document.createElement("canvas");
+    canvas.width = imageData.width;
+    canvas.height = imageData.height;
+    canvas.getContext("2d").putImageData(imageData, 0, 0);
+    return canvas.toDataURL("image/png").split(",")[1];
+  }
+
+  function maskImage() {
+    const out = new ImageData(edit.w, edit.h);
+    for (let i = 0; i < edit.mask.length; i++) {
+      const v = edit.mask[i] ? 255 : 0;
+      out.data.set([v, v, v, 255], 4 * i);
+    }
+    return out;
+  }
+
+  /** The image averaged down by `f` (super-resolution's low-resolution input). */
+  function downsampled(f) {
+    const w = Math.floor(edit.w / f);
+    const h = Math.floor(edit.h / f);
+    const out = new ImageData(Math.max(1, w), Math.max(1, h));
+    for (let y = 0; y < h; y++) {
+      for (let x = 0; x < w; x++) {
+        for (let c = 0; c < 3; c++) {
+          let sum = 0;
+          for (let j = 0; j < f; j++) for (let i = 0; i < f; i++) sum += edit.pixels.data[4 * ((y * f + j) * edit.w + x * f + i) + c];
+          out.data[4 * (y * w + x) + c] = Math.round(sum / (f * f));
+        }
+        out.data[4 * (y * w + x) + 3] = 255;
+      }
+    }
+    return out;
+  }
+
+  function editBody() {
+    const task = $("edit-task").value;
+    const body = requestBody({ task });
+    if (task === "superres") {
+      const factor = numberField($("edit-factor"));
+      body.factor = factor;
+      body.image = pngBase64(downsampled(Number.isInteger(factor) && factor >= 1 ? factor : 1));
+    } else {
+      body.image = pngBase64(edit.pixels);
+    }
+    if (task === "inpaint") body.mask = pngBase64(maskImage());
+    if (task === "denoise") {
+      const sigma = $("edit-sigma").value.trim();
+      body.sigma = Number.isFinite(Number(sigma)) && sigma !== "" ? Number(sigma) : sigma;
+      body.steps = undefined;
+      body.sigmas = undefined;
+    }
+    return body;
+  }
+
+  function onEdit() {
+    run("Editing…", async () => {
+      if (!edit.pixels) throw new ApiError(0, "client_error", "choose an image to edit first");
+      const doc = await generate(editBody(), "/v1/edit");
+      sizeTiles($("edit-grid"), models.get(doc.model) ?? currentModel());
+      $("edit-grid").replaceChildren(...doc.images.map((im) => tile(doc, im, "big")));
+    });
+  }
+
+  function seedValue(id) {
+    const raw = $(id).value.trim();
+    return /^\d+$/.test(raw) ? new BigNumber(BigInt(raw).toString()) : raw;
+  }
+
+  function onInterpolate() {
+    run("Interpolating…", async () => {
+      const interpolate = { seeds: [seedValue("interp-a"), seedValue("interp-b")], points: numberField($("interp-points")) };
+      const doc = await generate(requestBody({ n: undefined, seed: undefined, interpolate }));
+      sizeTiles($("interp-grid"), models.get(doc.model) ?? currentModel());
+      $("interp-grid").replaceChildren(
+        ...doc.images.map((im) => {
+          const fig = tile(doc, im, "small");
+          fig.dataset.alpha = String(im.alpha);
+          fig.querySelector(".cls").textContent = `α ${Number(im.alpha).toFixed(2)}`;
+          return fig;
+        }),
+      );
+    });
+  }
+
+  function onUpload() {
+    const file = $("edit-upload").files[0];
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => loadSource(reader.result).catch((e) => showError(asError(e), "upload"));
+    reader.readAsDataURL(file);
+  }
+
+  function editFromLightbox() {
+    const src = $("lightbox").dataset.src;
+    closeLightbox();
+    showTab("edit");
+    if (src) loadSource(src).catch((e) => showError(asError(e), "edit"));
   }
 
   // ---------------------------------------------------------------- live server stats
@@ -546,6 +746,23 @@
     $("mode-steps").addEventListener("change", onModeChange);
     $("mode-sigmas").addEventListener("change", onModeChange);
     $("lightbox-close").addEventListener("click", closeLightbox);
+    $("lightbox-edit").addEventListener("click", editFromLightbox);
+    $("tab-images").addEventListener("click", () => showTab("images"));
+    $("tab-edit").addEventListener("click", () => showTab("edit"));
+    $("edit-upload").addEventListener("change", onUpload);
+    $("edit-run").addEventListener("click", onEdit);
+    $("interp-run").addEventListener("click", onInterpolate);
+    $("edit-lower-half").addEventListener("click", maskLowerHalf);
+    $("edit-clear-mask").addEventListener("click", clearMask);
+    $("edit-canvas").addEventListener("pointerdown", (e) => {
+      edit.painting = true;
+      $("edit-canvas").setPointerCapture(e.pointerId);
+      paint(e);
+    });
+    $("edit-canvas").addEventListener("pointermove", paint);
+    $("edit-canvas").addEventListener("pointerup", () => {
+      edit.painting = false;
+    });
     $("lightbox").addEventListener("click", (e) => {
       if (e.target === $("lightbox")) closeLightbox(); // a click on the backdrop
     });

@@ -418,3 +418,43 @@ def test_api_key_from_the_page(servers: dict[str, Server], browser: WebDriver) -
     expected = _api_generate(server, {"model": "digits", "n": 1, "seed": 5, "steps": 1}, key=API_KEY)
     assert tile["src"] == _data_url(expected.json()["images"][0])
     assert _js_errors(browser) == []
+
+
+def test_edit_tab_inpaints_a_generated_image_and_interpolates(servers: dict[str, Server], browser: WebDriver) -> None:
+    server = servers["open"]
+    _open(browser, server)
+    _wait_models_loaded(browser)
+    _fill(browser, n=1, seed="21", steps=2)
+    Select(browser.find_element(By.ID, "class-label")).select_by_visible_text("7 · seven")
+    _click_and_wait_done(browser, "generate")
+    (source,) = _decoded_tiles(browser, "#grid", 1)
+
+    # the generated image goes to the Edit tab; its lower half is regenerated, as POST /v1/edit does with a box
+    browser.find_element(By.CSS_SELECTOR, "#grid figure.tile button.thumb").click()
+    _wait(browser, "the dialog", lambda d: d.execute_script("return document.getElementById('lightbox').open"))
+    browser.find_element(By.ID, "lightbox-edit").click()
+    _wait(browser, "the Edit tab", lambda d: d.find_element(By.ID, "edit-view").is_displayed())
+    _wait(browser, "the image to edit", lambda d: "drawn at 8×8" in d.find_element(By.ID, "edit-source-info").text)
+    browser.find_element(By.ID, "edit-lower-half").click()
+    Select(browser.find_element(By.ID, "edit-task")).select_by_value("inpaint")
+    _click_and_wait_done(browser, "edit-run")
+    (edited,) = _decoded_tiles(browser, "#edit-grid", 1)
+    body = {"model": "digits", "task": "inpaint", "image": source["src"].split(",", 1)[1], "box": [0, 4, 8, 8],
+            "n": 1, "seed": 21, "steps": 2, "class_label": 7}
+    expected = httpx.post(f"{server.url}/v1/edit", json=body, timeout=30)
+    assert expected.status_code == 200, expected.text
+    assert edited["src"] == _data_url(expected.json()["images"][0])
+
+    # the interpolation strip: the images the API returns for the same seeds
+    _set(browser, "interp-a", "3")
+    _set(browser, "interp-b", "4")
+    _set(browser, "interp-points", "5")
+    _click_and_wait_done(browser, "interp-run")
+    strip = _decoded_tiles(browser, "#interp-grid", 5)
+    body = {"model": "digits", "interpolate": {"seeds": [3, 4], "points": 5}, "steps": 2, "class_label": 7}
+    expected = _api_generate(server, body)
+    assert expected.status_code == 200, expected.text
+    assert [t["src"] for t in strip] == [_data_url(im) for im in expected.json()["images"]]
+    assert [t["classText"] for t in strip] == ["α 0.00", "α 0.25", "α 0.50", "α 0.75", "α 1.00"]
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert _js_errors(browser) == []
