@@ -44,6 +44,7 @@ pytestmark = pytest.mark.anyio
 KEY = "k" * 24
 ALLOWED_ROUTES = {
     ("POST", "/v1/generate"),
+    ("POST", "/v1/edit"),
     ("GET", "/v1/models"),
     ("GET", "/v1/stats"),
     ("GET", "/healthz"),
@@ -586,7 +587,7 @@ def test_route_list_is_the_allow_list(tiny_checkpoint: Path) -> None:
             routes.update((m, route.path) for m in route.methods - {"HEAD"})  # type: ignore[attr-defined]
     assert routes == ALLOWED_ROUTES
     posts = [r.path for r in flat_routes(app.routes) if isinstance(r, APIRoute) and "POST" in r.methods]
-    assert posts == ["/v1/generate"]
+    assert posts == ["/v1/generate", "/v1/edit"]
     assert Settings().host == "127.0.0.1"
 
 
