@@ -31,8 +31,8 @@ FACTOR = 2  # 4×4 -> 8×8
 
 
 def batched(projections: list[Projection]) -> Projection:
-    """One projection for a batch whose images each have their own reference (`known` stacked)."""
-    return dataclasses.replace(projections[0], known=torch.cat([p.known for p in projections]))
+    """One projection for a batch whose images each have their own reference (`kept` stacked)."""
+    return dataclasses.replace(projections[0], kept=torch.cat([p.kept for p in projections]))
 
 
 def inpaint_lower_half(x: torch.Tensor) -> Projection:

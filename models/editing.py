@@ -19,24 +19,23 @@ LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 luma weights, as in the paper's 
 class Projection:
     """x₀ ← A⁻¹[(A y) ⊙ (1 − Ω) + (A x₀) ⊙ Ω] (CM Algorithm 4, line 8), for a batch (B, C, H, W) in [-1, 1].
 
-    A is orthogonal and acts on the last axis of `to_space(x)`: the channel axis (colorization), each p×p
-    patch flattened (super-resolution), or nothing (inpainting: A = I). `known` = A y and `omega` = Ω are
-    in that space and broadcast over the batch.
+    A is orthogonal and acts on the last axis: the channel axis (colorization), each p×p patch flattened
+    (super-resolution), or nothing (inpainting: A = I). `kept` = (A y) ⊙ (1 − Ω) and `omega` = Ω are in that
+    space and broadcast over the batch (one reference for all the images of a request).
     """
 
     matrix: torch.Tensor | None  # (k, k) orthogonal A; None: A = I
-    known: torch.Tensor  # A y, (1, …, k)
-    omega: torch.Tensor  # Ω: 1 where the model's values are kept, 0 where y's are, broadcastable to `known`
+    kept: torch.Tensor  # (A y) ⊙ (1 − Ω), (1, …): y's part, zero where the model's values go
+    omega: torch.Tensor  # Ω: 1 where the model's values are kept, 0 where y's are, broadcastable to `kept`
     patch: int = 0  # p > 0: A acts on p×p patches; 0: on channels (or, with no matrix, on pixels)
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        mixed = self.known * (1 - self.omega) + self._forward(x0) * self.omega
-        return self._inverse(mixed)
+        return self._inverse(self.kept + self._forward(x0) * self.omega)
 
     @property
     def start(self) -> torch.Tensor:
         """A⁻¹[(A y) ⊙ (1 − Ω)]: what is known of the image, (1, C, H, W); sampling starts from it plus σ₁·z."""
-        return self._inverse(self.known * (1 - self.omega))
+        return self._inverse(self.kept)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.matrix is None:
@@ -81,7 +80,7 @@ def inpainting(y: torch.Tensor, mask: torch.Tensor) -> Projection:
     y (C, H, W) in [-1, 1]; mask (H, W) of 0/1 (any nonzero counts as 1).
     """
     omega = (mask != 0).to(torch.float32).expand(y.shape).unsqueeze(0)  # (1, C, H, W)
-    return Projection(None, (y.float() * (1 - omega)), omega)
+    return Projection(None, y.float() * (1 - omega), omega)
 
 
 def super_resolution(low: torch.Tensor, p: int) -> Projection:
@@ -91,11 +90,11 @@ def super_resolution(low: torch.Tensor, p: int) -> Projection:
     low (C, H/p, W/p) in [-1, 1]; the result works on (B, C, H, W).
     """
     matrix = orthogonal_with_first(torch.ones(p * p)).float()  # (p², p²)
-    known = torch.zeros(1, *low.shape, p * p)  # (1, C, H/p, W/p, p²)
-    known[..., 0] = low.float() * p  # ⟨patch of the mean, 1/p⟩ = p² · mean / p
+    kept = torch.zeros(1, *low.shape, p * p)  # (1, C, H/p, W/p, p²)
+    kept[..., 0] = low.float() * p  # ⟨patch of the mean, 1/p⟩ = p² · mean / p
     omega = torch.ones(p * p)
     omega[0] = 0.0
-    return Projection(matrix, known, omega, patch=p)
+    return Projection(matrix, kept, omega, patch=p)
 
 
 def colorization(grey: torch.Tensor) -> Projection:
@@ -105,10 +104,10 @@ def colorization(grey: torch.Tensor) -> Projection:
     luma = torch.tensor(LUMA, dtype=torch.float64)
     matrix = orthogonal_with_first(luma).float()  # (3, 3)
     g = grey.float().reshape(grey.shape[-2:])  # (H, W)
-    known = torch.zeros(1, *g.shape, 3)  # (1, H, W, 3)
-    known[..., 0] = g / float(luma.norm())  # ⟨x, luma/‖luma‖⟩ = g / ‖luma‖  ⇔  ⟨x, luma⟩ = g
+    kept = torch.zeros(1, *g.shape, 3)  # (1, H, W, 3)
+    kept[..., 0] = g / float(luma.norm())  # ⟨x, luma/‖luma‖⟩ = g / ‖luma‖  ⇔  ⟨x, luma⟩ = g
     omega = torch.tensor([0.0, 1.0, 1.0])
-    return Projection(matrix, known, omega)
+    return Projection(matrix, kept, omega)
 
 
 def upsample(low: torch.Tensor, p: int) -> torch.Tensor:
