@@ -37,7 +37,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from .api.protocol import UVICORN_VERSION, GenerateProtocol, Limits, ServiceProtocol, expire_reads
+from .api.protocol import UVICORN_VERSION, GenerateProtocol, Limits, ServiceProtocol, check_connections
 from .app import create_app
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
@@ -52,7 +52,7 @@ EXIT_STARTUP = 1  # no model could be loaded
 RESTART_WINDOW_S = 60.0  # a worker dying more than MAX_RESTARTS times in this window stops the server
 MAX_RESTARTS = 5
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-READ_CHECK_TICKS = 5  # the read timeout is checked every this many ticks of uvicorn's main loop (0.1 s each)
+READ_CHECK_TICKS = 5  # connections are checked every this many ticks of uvicorn's main loop (0.1 s each)
 
 
 class DrainingServer(uvicorn.Server):
@@ -96,7 +96,7 @@ class DrainingServer(uvicorn.Server):
                 self.config.timeout_graceful_shutdown = max(1.0, self.drain_s - elapsed)
                 return True
         if counter % READ_CHECK_TICKS == 0:
-            expire_reads(self.server_state.connections, asyncio.get_running_loop().time(), self.read_timeout_s)
+            check_connections(self.server_state.connections, asyncio.get_running_loop().time(), self.read_timeout_s)
         return await super().on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:

@@ -8,13 +8,15 @@
     cap is kept (at most one read of the socket beyond it).
   - a read timeout (CM_READ_TIMEOUT_S) from a request's first byte until its body is complete, and from a
     connection's opening until its first byte: the server checks the connections a few times a second
-    (`expire_reads`, no timer per request). A head that has not arrived gets 408 and the connection closes; a
+    (`check_connections`, no timer per request). A head that has not arrived gets 408 and the connection closes; a
     body that has not arrived ends its request with 408 through the generate handler (both paths) and closes
     the connection; a new connection that never sent anything is closed. Time that the server itself
     holds reading back (a pipelined request waiting its turn) does not count. Idle keep-alive connections are
     closed by uvicorn's keep-alive timeout.
   - a disconnect reaches every request of the connection: the one being answered and those pipelined
-    behind it (uvicorn tells only the newest), so a job of any of them leaves the queue.
+    behind it (uvicorn tells only the newest), so a job of any of them leaves the queue. While pipelined
+    requests wait, uvicorn stops reading the connection, so the event loop would not see the client leave:
+    the same checks ask the socket whether its peer hung up.
   - each request's arrival time (its headers read) in the ASGI scope, so that a pipelined request's deadline
     counts from its arrival, not from when its turn came.
 
@@ -29,6 +31,7 @@ Every other request goes to the ASGI app as without it. CM_PROTOCOL_FAST_PATH=fa
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +52,8 @@ from .requests import ARRIVED_KEY, READ_TIMED_OUT_KEY, Headers, Reply, log_reque
 UVICORN_VERSION = "0.54.0"
 _PATH = PATH.encode()
 HEADER_OVERHEAD = 4  # ": " and CRLF of each header line, counted against CM_MAX_HEADER_BYTES
+# poll() events of a socket whose peer hung up (POLLRDHUP: Linux, even with unread data before the hang-up)
+HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 LINGER_S = 2.0  # after a refusal, how long what the client still sends is read and dropped before closing
 
 
@@ -73,13 +78,14 @@ class _Refused(Exception):
     """Raised in a parser callback to stop parsing a request the protocol refuses (its reply is set first)."""
 
 
-def expire_reads(connections: Iterable[Any], now: float, timeout_s: float) -> None:
-    """Time out the connections whose request (or first byte) has taken longer than `timeout_s` to arrive;
-    `now` is the event loop's time. The server calls it a few times a second."""
+def check_connections(connections: Iterable[Any], now: float, timeout_s: float) -> None:
+    """What the server checks a few times a second (no timer per request): the requests (or the first byte
+    of a new connection) that have taken longer than `timeout_s` to arrive, and the clients that left while
+    the server held their reading back. `now` is the event loop's time."""
     for connection in list(connections):
-        since = getattr(connection, "reading_since", None)
-        if since is not None and now - since > timeout_s:
-            connection.expire_read(now)
+        check = getattr(connection, "check", None)
+        if check is not None:
+            check(now, timeout_s)
 
 
 class ServiceProtocol(HttpToolsProtocol):
@@ -137,6 +143,25 @@ class ServiceProtocol(HttpToolsProtocol):
             self._stalled += len(data)
             if head + self._stalled > self.limits.max_header_bytes:
                 self._refuse(self._head_too_large())
+
+    def check(self, now: float, timeout_s: float) -> None:
+        """Called a few times a second (check_connections)."""
+        if self.flow is not None and self.flow.read_paused:
+            self._check_hangup()
+        since = self.reading_since
+        if since is not None and now - since > timeout_s:
+            self.expire_read(now)
+
+    def _check_hangup(self) -> None:
+        """While reading is paused (requests pipelined behind a long one) the event loop does not see the client
+        leave; ask the socket: a peer that hung up ends the connection, and every request of it learns."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or self.transport.is_closing():
+            return
+        poller = select.poll()
+        poller.register(sock.fileno(), HANGUP_EVENTS)
+        if poller.poll(0):
+            self.transport.close()
 
     def expire_read(self, now: float) -> None:
         """The request being read (or the first one of a new connection) took longer than CM_READ_TIMEOUT_S."""

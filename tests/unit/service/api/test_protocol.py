@@ -414,20 +414,17 @@ def test_between_requests_nothing_is_being_read(fast: bool) -> None:
     assert protocol.reading_since is None and not protocol.transport.is_closing()  # keep-alive's turn
 
 
-def test_expire_reads_times_out_only_the_connections_past_the_timeout() -> None:
-    from service.api.protocol import expire_reads
+def test_check_connections_times_out_only_the_connections_past_the_timeout() -> None:
+    from service.api.protocol import check_connections
 
-    class Connection:
-        def __init__(self, since: float | None) -> None:
-            self.reading_since = since
-            self.expired = False
+    async def run() -> list[bool]:
+        protocols = [(await feed(post()))[1], (await feed(post()[:20]))[1], (await feed(post()[:20]))[1]]
+        now = protocols[0].loop.time()
+        protocols[2].reading_since = now - 11
+        check_connections(protocols, now, timeout_s=10.0)
+        return [p.transport.eof or p.transport.closed for p in protocols]
 
-        def expire_read(self, now: float) -> None:
-            self.expired = True
-
-    connections = [Connection(None), Connection(100.0), Connection(95.0)]
-    expire_reads(connections, now=106.0, timeout_s=10.0)
-    assert [c.expired for c in connections] == [False, False, True]
+    assert asyncio.run(run()) == [False, False, True]
 
 
 @BOTH
