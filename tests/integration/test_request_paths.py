@@ -28,18 +28,18 @@ COUNTERS = ("cmserve_requests_total", "cmserve_request_failures_total", "cmserve
             "cmserve_request_duration_seconds_count", "cmserve_encode_duration_seconds_count")
 VARYING_LOG_FIELDS = ("ts", "duration_ms", "timings_ms")
 SETTINGS = {"CM_MAX_BATCH": "8", "CM_BATCH_BUCKETS": "1,2,4,8", "CM_API_KEYS": KEY, "CM_MAX_BODY_BYTES": "4096",
-            "CM_DRAIN_S": "20"}
+            "CM_DRAIN_S": "20", "CM_READ_TIMEOUT_S": "1"}
 
 
 def request(body: bytes, *, rid: str, accept: str | None = None, key: str = KEY,
-            content_type: str | None = "application/json", length: int | None = None) -> bytes:
+            content_type: str | None = "application/json", length: int | None = None, extra: bytes = b"") -> bytes:
     head = [b"POST /v1/generate HTTP/1.1", b"Host: cmserve", b"X-Request-ID: " + rid.encode(),
             b"Authorization: Bearer " + key.encode(), b"Content-Length: %d" % (len(body) if length is None else length)]
     if content_type:
         head.append(b"Content-Type: " + content_type.encode())
     if accept:
         head.append(b"Accept: " + accept.encode())
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+    return b"\r\n".join(head) + b"\r\n" + extra + b"\r\n" + body
 
 
 @dataclass
@@ -76,6 +76,14 @@ CASES = [
     Case("body over the cap", [Step(request(b"{}", rid="cap", length=5000))], 1, ["cap"]),
     Case("slow body", [Step(request(HALF, rid="slow", length=len(HALF + REST)), 0.3), Step(REST)], 1, ["slow"]),
     Case("client gone mid-body", [Step(request(HALF, rid="gone", length=len(HALF + REST)), 0.3)], 0, ["gone"]),
+    Case("head over the cap", [Step(request(b'{"n": 1}', rid="bighead", extra=b"X-Pad: " + b"x" * 17000 + b"\r\n"))],
+         1, ["bighead"]),
+    Case("too many headers", [Step(request(b'{"n": 1}', rid="headers",
+                                           extra=b"".join(b"X-%d: x\r\n" % i for i in range(100))))], 1, ["headers"]),
+    Case("body not in time", [Step(request(HALF, rid="late", length=len(HALF + REST)))], 1, ["late"]),
+    Case("seed out of range", [Step(request(b'{"n": 2, "seed": 9223372036854775807}', rid="seed"))], 1, ["seed"]),
+    Case("4 KiB Accept", [Step(_valid("accept", accept=", ".join(f"text/x-{i}" for i in range(400))))], 1,
+         ["accept"]),
     Case("pipelined", [Step(_valid("p1") + b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\nX-Request-ID: p-health\r\n\r\n"
                             + request(b'{"n": 0}', rid="p2") + _valid("p3", b'{"n": 3, "seed": 4}'))],
          4, ["p1", "p2", "p3"]),
@@ -161,6 +169,8 @@ EXPECTED_STATUS = {
     "not json": [b"422"], "text/plain": [b"415"], "too many images": [b"422"], "wrong key": [b"401"],
     "body over the cap": [b"413"], "slow body": [b"200"], "client gone mid-body": [],
     "pipelined": [b"200", b"200", b"422", b"200"],
+    "head over the cap": [b"431"], "too many headers": [b"431"], "body not in time": [b"408"],
+    "seed out of range": [b"422"], "4 KiB Accept": [b"406"],
 }
 
 
