@@ -18,7 +18,7 @@ received = hold_signals() if __name__ == "__main__" else []
 from .engine import resolve_device  # noqa: E402
 from .logs import configure_logging  # noqa: E402
 from .registry import ModelFilesError, check_model_files  # noqa: E402
-from .server import EXIT_CONFIG, Supervisor, serve  # noqa: E402
+from .server import EXIT_CONFIG, Supervisor, exit_now, serve  # noqa: E402
 from .settings import Settings, SettingsError, load_settings, settings_table  # noqa: E402
 
 logger = logging.getLogger("cmserve.main")
@@ -55,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -158,6 +159,17 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None, receiv
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the process once the server has ended: logs and standard streams flushed, then os._exit, without
+    the interpreter's teardown (collecting torch's hundreds of thousands of objects takes seconds on a busy
+    machine, which would push a drained exit past CM_DRAIN_S; nothing of the service needs it)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 # ---------------------------------------------------------------------- several workers
 
 
@@ -175,7 +187,7 @@ def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: in
         settings = settings.model_copy(update={"torch_threads": settings.cpu_threads})  # counted before pinning
         os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
         logger.info("worker %d runs on CPUs %s", index, cpus, extra={"fields": {"cpus": cpus}})
-    raise SystemExit(serve(settings, [sock], received))
+    exit_now(serve(settings, [sock], received))
 
 
 @dataclass

@@ -9,13 +9,18 @@ request paths answer alike is tests/integration/test_request_paths.py.
 from __future__ import annotations
 
 import json
+import os
+import random
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +313,115 @@ def test_bad_settings_fail_at_start_naming_the_variable() -> None:
     with server_process(wait_ready=False, CM_MAX_BATCH="0") as srv:
         assert srv.proc.wait(60) == 2
         assert "CM_MAX_BATCH" in srv.wait_log(lambda r: r.get("level") == "error")["msg"]
+
+
+# ---------------------------------------------------------------------- SIGTERM under load, many times
+
+SIGTERM_CYCLES = int(os.environ.get("CM_SIGTERM_CYCLES", "100"))  # the slow run's cycles (issue 20: at least 100)
+SIGTERM_CLIENTS = 16
+SIGTERM_DRAIN_S = 5.0
+DURING_START = 0.15  # the share of cycles whose signal comes while the server starts (imports, loads, warms up)
+
+
+@dataclass
+class SigtermCycle:
+    """What one cycle saw: how the process ended and what the clients got after the signal."""
+
+    path: str
+    moment: str  # "start" or "load"
+    exit_code: int | None  # None: still running DRAIN_S + 10 s after the signal (then killed)
+    seconds: float  # from the signal to the exit
+    drain_logged: bool
+    after_signal: Counter[str] = field(default_factory=Counter)  # status codes (or errors) of answers after it
+
+    @property
+    def outcome(self) -> str:
+        if self.exit_code is None:
+            return "hung"
+        if self.exit_code != 0:
+            return f"exit {self.exit_code}"
+        if not self.drain_logged:
+            return "exit 0 without drain"
+        return "drained" if self.seconds <= SIGTERM_DRAIN_S + 1 else "drained late"
+
+
+def _load_client(url: str, stop: threading.Event, signalled: threading.Event, seen: Counter[str],
+                 lock: threading.Lock, seed: int) -> None:
+    """Closed-loop 1- and 4-step requests on one keep-alive connection (a new one after an error)."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        try:
+            with httpx.Client(base_url=url, timeout=10) as client:
+                while not stop.is_set():
+                    status = str(client.post("/v1/generate", json={"steps": rng.choice([1, 4])}).status_code)
+                    if signalled.is_set():
+                        with lock:
+                            seen[status] += 1
+        except httpx.HTTPError as e:
+            if signalled.is_set():
+                with lock:
+                    seen[type(e).__name__] += 1
+            time.sleep(0.1)  # (a tight loop of refused connections would starve the reader of the server's logs)
+
+
+def sigterm_cycle(checkpoint: Path, fast: bool, rng: random.Random) -> SigtermCycle:
+    """Start a server, load it from SIGTERM_CLIENTS connections, send SIGTERM at a random moment (or while it
+    starts), and record how it ends."""
+    moment = "start" if rng.random() < DURING_START else "load"
+    env = {"CM_MODELS": f"tiny={checkpoint}", "CM_MAX_BATCH": "8", "CM_BATCH_BUCKETS": "1,2,4,8", "CM_TRACE": "false",
+           "CM_DRAIN_S": str(SIGTERM_DRAIN_S), "CM_PROTOCOL_FAST_PATH": str(fast).lower(), "CM_LOG_LEVEL": "info"}
+    stop, signalled, lock, seen = threading.Event(), threading.Event(), threading.Lock(), Counter[str]()
+    with server_process(wait_ready=moment == "load", **env) as srv:
+        clients: list[threading.Thread] = []
+        if moment == "start":
+            # importing torch, loading, warming up, or just ready (from 0.3 s: before that the interpreter itself
+            # starts, and no Python handler can be in place yet)
+            time.sleep(rng.uniform(0.3, 3.0))
+        else:
+            clients = [threading.Thread(target=_load_client, args=(srv.url, stop, signalled, seen, lock, i))
+                       for i in range(SIGTERM_CLIENTS)]
+            for t in clients:
+                t.start()
+            time.sleep(rng.uniform(0.05, 1.5))
+        signalled.set()
+        sent = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = srv.proc.wait(SIGTERM_DRAIN_S + 10)
+        except subprocess.TimeoutExpired:
+            code = None
+        seconds = time.monotonic() - sent
+        stop.set()
+        for t in clients:
+            t.join(30)
+        srv._reader.join(10)  # type: ignore[union-attr]  # every log line read
+        drained = any(str(r.get("msg", "")).startswith("draining") for r in srv.logs)
+    return SigtermCycle("protocol" if fast else "asgi", moment, code, seconds, drained, seen)
+
+
+def sigterm_stress(checkpoint: Path, cycles: int, seed: int) -> list[SigtermCycle]:
+    rng = random.Random(seed)
+    results = [sigterm_cycle(checkpoint, i % 2 == 0, rng) for i in range(cycles)]
+    tally = Counter((r.path, r.moment, r.outcome) for r in results)
+    print(f"SIGTERM under load, {cycles} cycles: " + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())))
+    return results
+
+
+def _check_sigterm_cycles(results: list[SigtermCycle]) -> None:
+    bad = [r for r in results if r.outcome != "drained"]
+    assert not bad, "\n".join(f"{r.path} {r.moment}: {r.outcome} after {r.seconds:.1f} s, answers after the "
+                              f"signal {dict(r.after_signal)}" for r in bad)
+    for r in results:  # after the signal: 503s while draining, the in-flight ones' 200s, then closed connections
+        assert set(r.after_signal) <= {"200", "503", "ConnectError", "ReadError", "RemoteProtocolError",
+                                       "WriteError", "ConnectTimeout"}, r
+
+
+def test_sigterm_at_random_moments_under_load_always_drains(tiny_checkpoint: Path) -> None:
+    _check_sigterm_cycles(sigterm_stress(tiny_checkpoint, 4, seed=1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SIGTERM_CYCLES * 60)
+def test_sigterm_stress_every_cycle_drains(tiny_checkpoint: Path) -> None:
+    """Issue 20: at least 100 SIGTERM-under-load cycles (random moment, both request paths), each outcome counted."""
+    _check_sigterm_cycles(sigterm_stress(tiny_checkpoint, SIGTERM_CYCLES, seed=20))
