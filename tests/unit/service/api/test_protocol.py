@@ -19,7 +19,7 @@ from service.api import protocol as protocol_module
 from service.api.errors import service_error_reply
 from service.api.generate import DisconnectWatch, GenerateHandler, ReadBody
 from service.api.protocol import GenerateProtocol, Limits, ServiceProtocol, _Cycle, may_take
-from service.api.requests import Headers, Reply, RequestLog
+from service.api.requests import ARRIVED_KEY, Headers, Reply, RequestLog
 from service.api.routes import asgi_body
 from service.api.security import ApiKeys, RateLimiter
 from service.errors import Cancelled, RequestTimeout
@@ -76,8 +76,10 @@ class Recorder:
         self.asgi: list[tuple[str, str, bytes]] = []
         self.answered: list[Any] = []
         self.release = asyncio.Event()  # the protocol's answers wait for this
+        self.arrived: list[float] = []  # the arrival time of each request the ASGI app got
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.arrived.append(scope[ARRIVED_KEY])
         try:
             body = await asgi_body(receive, scope)(1 << 20)  # the route's reader
         except (Cancelled, RequestTimeout) as e:
@@ -466,3 +468,21 @@ def test_a_head_pipelined_behind_a_request_still_being_answered_is_not_late() ->
 
     protocol = asyncio.run(run())
     assert status_of(protocol.transport.written) == 200 and not protocol.transport.closed
+
+
+def test_a_pipelined_request_counts_from_its_arrival_not_from_its_turn() -> None:
+    """Its deadline (CM_REQUEST_TIMEOUT_S) counts from when its headers arrived, on both paths."""
+    import time
+
+    async def run() -> tuple[float, float, list[float]]:
+        recorder, protocol = await feed(post(), release=False)  # a long answer
+        sent = time.monotonic()
+        protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\n\r\n")  # its turn comes later
+        await asyncio.sleep(0.2)
+        released = time.monotonic()
+        recorder.release.set()
+        await settle()
+        return sent, released, recorder.arrived
+
+    sent, released, arrived = asyncio.run(run())
+    assert len(arrived) == 1 and sent <= arrived[0] < released
