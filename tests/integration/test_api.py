@@ -676,7 +676,8 @@ async def test_openapi_documents_the_contract_with_examples(tiny_checkpoint: Pat
     request_schema = doc["components"]["schemas"]["GenerateRequest"]
     assert request_schema["examples"] and set(request_schema["properties"]) == {
         "model", "n", "steps", "sigmas", "seed", "class_label", "format", "interpolate"}
-    assert set(generate["responses"]) == {"200", "401", "404", "406", "413", "415", "422", "429", "500", "503", "504"}
+    assert set(generate["responses"]) == {"200", "401", "404", "406", "408", "413", "415", "422", "429", "431", "500",
+                                          "503", "504"}
     assert generate["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert {"application/json", "image/png", "image/jpeg", "image/webp"} <= set(generate["responses"]["200"]["content"])
     assert "HTTPValidationError" not in doc["components"]["schemas"]
