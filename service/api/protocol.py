@@ -95,6 +95,7 @@ class ServiceProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self._max_head_bytes, self._max_headers = limits.max_header_bytes, limits.max_headers
         # loop.time() since the request being read began (or the connection opened); None while none is
         self.reading_since: float | None = None
         self._head: int | None = None  # bytes of the request head counted so far; None outside a head
@@ -198,17 +199,21 @@ class ServiceProtocol(HttpToolsProtocol):
         self.reading_since = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        self._head += len(url)  # type: ignore[operator]
-        if self._head > self.limits.max_header_bytes:  # type: ignore[operator]
+        self.url += url  # uvicorn's, inlined (as in on_header: this runs for every request)
+        head = self._head = self._head + len(url)  # type: ignore[operator]
+        if head > self._max_head_bytes:
             self._refusal = self._head_too_large()
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
-        self._head += len(name) + len(value) + HEADER_OVERHEAD  # type: ignore[operator]
+        name = name.lower()  # uvicorn's, inlined
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        headers = self.headers
+        headers.append((name, value))
+        head = self._head = self._head + len(name) + len(value) + HEADER_OVERHEAD  # type: ignore[operator]
         self._stalled = 0  # those bytes were this header's
-        if self._head > self.limits.max_header_bytes or len(self.headers) > self.limits.max_headers:  # type: ignore
+        if head > self._max_head_bytes or len(headers) > self._max_headers:
             self._refusal = self._head_too_large()
             raise _Refused
 

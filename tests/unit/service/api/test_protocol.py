@@ -486,3 +486,14 @@ def test_a_pipelined_request_counts_from_its_arrival_not_from_its_turn() -> None
 
     sent, released, arrived = asyncio.run(run())
     assert len(arrived) == 1 and sent <= arrived[0] < released
+
+
+def test_the_head_counts_the_url_and_each_header_with_its_separators() -> None:
+    async def run() -> int | None:
+        _, protocol = await feed(fast=False)
+        protocol.on_message_begin()
+        protocol.on_url(b"/v1/generate")
+        protocol.on_header(b"Host", b"cmserve")
+        return protocol._head
+
+    assert asyncio.run(run()) == len("/v1/generate") + len("host") + len("cmserve") + 4
