@@ -37,6 +37,7 @@ from tests.integration.conftest import (
 )
 
 READ_TIMEOUT_S = 1.0
+KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive
 SETTINGS = {"CM_MAX_BATCH": "1", "CM_BATCH_BUCKETS": "1", "CM_MAX_QUEUE": "256",
             "CM_READ_TIMEOUT_S": str(READ_TIMEOUT_S)}
 PATHS = ("protocol", "asgi")
@@ -153,6 +154,15 @@ def test_a_new_connection_that_sends_nothing_is_closed(server: ServerProcess) ->
         started = time.monotonic()
         assert read_until_closed(sock) == b""
         assert time.monotonic() - started < READ_TIMEOUT_S + 2
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(server: ServerProcess) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: cmserve\r\n\r\n")
+        started = time.monotonic()
+        response = read_until_closed(sock)
+        assert parse(response)[0] == 200
+        assert time.monotonic() - started < KEEP_ALIVE_S + 2
 
 
 # ---------------------------------------------------------------------- Accept
