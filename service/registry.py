@@ -129,14 +129,17 @@ class ServedModel:
             raise InvalidRequest(f"class_label must be 0…{num - 1} or a class name, got {label}", field="class_label")
         return label
 
+    def check_images(self, n: int) -> None:
+        """A request may ask this model for at most max_images_per_request images."""
+        if n > self.max_images_per_request:
+            size = self.config.image_size
+            raise InvalidRequest(f"n must be 1…{self.max_images_per_request} for model {self.name!r} ({size}×{size} "
+                                 f"images; CM_MAX_IMAGES_PER_REQUEST sets it for every model), got {n}", field="n")
+
     def make_job(self, *, seed: int, n: int, sigmas: list[float], class_label: int | None, deadline: float,
                  **how: Any) -> Job:
         """Image i of the job uses seed + i; the engine thread draws the noise (models.sampling.image_noise).
         `how`: the Job fields of an edit or an interpolation (task, projection, start, noised_start, interpolation)."""
-        if n > self.max_images_per_request:
-            size = self.config.image_size
-            raise InvalidRequest(f"n must be 1…{self.max_images_per_request} for model {self.name!r} ({size}×{size} "
-                                 "images; CM_MAX_IMAGES_PER_REQUEST sets it for every model)", field="n")
         return Job(model=self.name, sigmas=sigmas, seed=seed, n=n, class_label=class_label, deadline=deadline, **how)
 
 

@@ -168,11 +168,9 @@ class GenerateHandler:
         state.check_ready()
         served = state.registry.get(body.model)
         log.model = served.name
-        if body.n > settings.max_images_per_request:
-            raise InvalidRequest(
-                f"n must be 1…{settings.max_images_per_request} (CM_MAX_IMAGES_PER_REQUEST), got {body.n}", field="n"
-            )
+        log.fields["task"] = getattr(body, "task", self.endpoint.task)  # an edit's, even when its fields fail
         plan = self.endpoint.plan(body, served)
+        served.check_images(plan.n)
         log.fields["task"] = plan.task
         raw_format = choose_representation(accept, body.format, "format" in body.model_fields_set, plan.n)
         sigmas = plan.sigmas or served.resolve_sigmas(body.steps, body.sigmas)

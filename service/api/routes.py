@@ -179,7 +179,7 @@ def _model_info(served: ServedModel, state: ServiceState) -> ModelInfo:
         sigma_max=cfg.sigma_max,
         recommended_schedules={str(k): v for k, v in served.schedules.items()},
         max_steps=served.max_steps,
-        max_images_per_request=state.settings.max_images_per_request,
+        max_images_per_request=served.max_images_per_request,
         checkpoint_sha256=served.sha256,
         training_step=served.meta.training_step,
     )

@@ -247,7 +247,8 @@ async def test_raw_image_with_accept_header(tiny_checkpoint: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "type_", "field", "text"),
     [
-        ({"n": 65}, 422, "invalid_request", "n", "n must be 1…64 (CM_MAX_IMAGES_PER_REQUEST), got 65"),
+        ({"n": 65}, 422, "invalid_request", "n",
+         "n must be 1…64 for model 'tiny' (8×8 images; CM_MAX_IMAGES_PER_REQUEST sets it for every model), got 65"),
         ({"n": 0}, 422, "invalid_request", "n", "greater than or equal to 1"),
         ({"steps": 9}, 422, "invalid_request", "steps", "steps must be 1…8 (CM_MAX_STEPS), got 9"),
         ({"sigmas": [1.0, 2.0]}, 422, "invalid_request", "sigmas", "strictly decreasing"),

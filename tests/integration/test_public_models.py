@@ -74,6 +74,8 @@ async def test_public_models_next_to_digits(public_models: dict[str, Path]) -> N
     assert too_many.status_code in (400, 422) and "CM_MAX_IMAGES_PER_REQUEST" in too_many.text
     limits = [registry.get(name).max_images_per_request for name in ("digits", "imagenet64", "bedroom256")]
     assert limits == [64, 64, 16]
+    assert [models[name]["max_images_per_request"] for name in ("digits", "imagenet64", "bedroom256")] == limits
+    assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "n"
 
 
 async def check_class_labels(client: httpx.AsyncClient, public_models: dict[str, Path]) -> None:
