@@ -254,3 +254,14 @@ async def test_bad_interpolations_are_422_naming_the_field(tiny_checkpoint: Path
     async with running_app(app_settings({"tiny": tiny_checkpoint})) as (_, client):
         response = await client.post("/v1/generate", json={"interpolate": interpolate, **extra})
     error_of(response, 422, "invalid_request", field)
+
+
+async def test_an_edit_refused_for_its_task_fields_counts_under_its_task(tiny_checkpoint: Path) -> None:
+    async with running_app(app_settings({"tiny": tiny_checkpoint})) as (_, client):
+        refused = await client.post("/v1/edit", json={"task": "colorize", "image": png_b64(digit(9))})
+        unparsed = await client.post("/v1/edit", json={"task": "colorize"})  # no image: the task is never read
+        samples = await metrics_of(client)
+    error_of(refused, 422, "invalid_request", "task")
+    error_of(unparsed, 422, "invalid_request", "image")
+    assert metric(samples, "cmserve_task_requests_total", model="tiny", task="colorize") == 1
+    assert metric(samples, "cmserve_task_requests_total", model="unknown", task="unknown") == 1
