@@ -9,9 +9,9 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log() { echo "=== $* ($(date +%T))"; }
-SECTIONS=${SECTIONS:-tests sample train serve}  # a subset reruns part of the check; "compile" is extra (~2 min)
+SECTIONS=${SECTIONS:-tests sample train serve public}  # a subset reruns part of the check; "compile" is extra (~2 min)
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
-# The web stack is not in the GPU image: wheels for it travel in .whl/ (see the device tool's README).
+# The web stack and diffusers are not in the GPU image: wheels for them travel in .whl/ (see the device tool's README).
 if [ -d .whl ] && ! $PY -c 'import fastapi' 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
@@ -52,5 +52,16 @@ if want compile; then
   log "serving with CM_COMPILE=true, buckets 64/128/256 (the GPU setting README recommends under load)"
   CM_BATCH_BUCKETS=64,128,256 $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --compile --concurrency 16,64 \
     --n 8 --steps 1,2 --duration 6 --json "$OUT/serve_cifar10_bf16_compile.json"
+fi
+if want public; then
+  log "public consistency models (issue 16): equality with diffusers on CUDA, memory of 256x256 batches"
+  $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/unit/models/test_convert.py tests/integration/test_public_models.py \
+    2>&1 | tail -8
+  log "full-size ImageNet-64, bf16: our sampler against diffusers' pipeline at its best batch, same card"
+  $PY -m bench.diffusers_compare --model imagenet64 --device cuda --dtype bf16 --steps 1,2 --batches 1,16,64,128,256 \
+    --check --save-checkpoint "$OUT/imagenet64_random.safetensors" --json "$OUT/diffusers_compare_imagenet64_bf16.json"
+  log "full-size ImageNet-64 served in bf16 at concurrency 64"
+  $PY -m bench.gpu_serve --checkpoint "$OUT/imagenet64_random.safetensors" --dtype bf16 --concurrency 64 --n 1 \
+    --steps 1,2 --duration 8 --json "$OUT/serve_imagenet64_bf16.json"
 fi
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -77,7 +77,8 @@ def drive(url: str, concurrency: int, n: int, steps: int, duration: float) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cifar10")
+    parser.add_argument("--preset", default="cifar10", help="a preset served with random weights")
+    parser.add_argument("--checkpoint", type=Path, help="serve this checkpoint instead (e.g. a converted public model)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--compile", action="store_true")
@@ -90,15 +91,16 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-gpu-serve-"))
-    path = random_checkpoint(args.preset, tmp)
-    settings = {"CM_MODELS": f"{args.preset}={path}", "CM_DEVICE": args.device, "CM_DTYPE": args.dtype,
+    path = args.checkpoint or random_checkpoint(args.preset, tmp)
+    name = path.stem if args.checkpoint else args.preset
+    settings = {"CM_MODELS": f"{name}={path}", "CM_DEVICE": args.device, "CM_DTYPE": args.dtype,
                 "CM_COMPILE": str(args.compile).lower(), "CM_TRACE": str(args.trace).lower(),
                 "CM_CHANNELS_LAST": "true", "CM_LOG_LEVEL": "warning", "CM_MAX_QUEUE": "100000",
                 "CM_REQUEST_TIMEOUT_S": "120"}
     t = time.perf_counter()
     # Compiling every batch bucket during warm-up takes minutes: a long wait for /readyz.
     with service(settings, tmp / "service.log", inherit_settings=True, timeout=1800) as server:
-        print(f"# {args.preset} served in {args.dtype} on {args.device} (compile {args.compile}, trace {args.trace}); "
+        print(f"# {name} served in {args.dtype} on {args.device} (compile {args.compile}, trace {args.trace}); "
               f"ready (loaded + warmed up) after {time.perf_counter() - t:.1f} s (log: {server.log})")
         heads = ("conc", 5), ("n", 3), ("steps", 5), ("images/s", 9), ("p50 ms", 8), ("p99 ms", 8), ("img/eval", 8)
         print(" ".join(f"{h:>{w}}" for h, w in heads), "errors")
