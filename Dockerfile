@@ -3,6 +3,8 @@
 #   docker build -t cmserve:cpu .                           # slim Python 3.11, CPU build of torch
 #   docker build --build-arg VARIANT=cuda -t cmserve:cuda .  # CUDA runtime base, CUDA build of torch
 #   docker run -p 8000:8000 cmserve:cpu                     # serves the embedded digits model
+#   make image                                              # builds it (Docker, Podman, or buildah on a
+#                                                           # debootstrap base) and checks that it serves
 # The entry command below is the one tests/integration/test_prometheus.py parses and starts.
 
 ARG VARIANT=cpu
@@ -48,8 +50,18 @@ COPY requirements.txt /tmp/requirements.txt
 #   torch==2.13.0 would pull several GB of CUDA wheels that a CPU image never uses.
 # - cuda: PyPI's torch==2.13.0 is the CUDA 13 build, with its CUDA libraries as nvidia-* wheels.
 # Then the rest of requirements.txt from PyPI; torch is already satisfied, so pip keeps that build.
-RUN grep -E '^torch==' /tmp/requirements.txt > /tmp/torch.txt \
-    && pip install --index-url "$TORCH_INDEX_URL" -r /tmp/torch.txt \
+# Two inputs for a build machine that reaches PyPI only through its own certificate authority and has
+# the CPU torch wheel on disk (deploy/image.sh passes both when it finds them; `docker build` needs neither):
+# - the build secret pip-cert: that CA bundle, mounted for this step alone, never in a layer of the image;
+# - TORCH_WHEELS: a folder holding torch's wheel, bind-mounted for the build alone (`--volume DIR:/wheels:ro`
+#   of buildah or podman): torch then comes from it (2.13.0+cpu outranks PyPI's 2.13.0), its dependencies
+#   from PyPI.
+ARG TORCH_WHEELS=""
+RUN --mount=type=secret,id=pip-cert \
+    if [ -s /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
+    && grep -E '^torch==' /tmp/requirements.txt > /tmp/torch.txt \
+    && if [ -n "$TORCH_WHEELS" ]; then pip install --find-links "$TORCH_WHEELS" -r /tmp/torch.txt; \
+       else pip install --index-url "$TORCH_INDEX_URL" -r /tmp/torch.txt; fi \
     && pip install -r /tmp/requirements.txt
 
 # ---- runtime: the venv, the code, the embedded default model; runs as a non-root user ------------------

@@ -25,5 +25,9 @@ test: $(STAMP)  ## lint and dead-code check, then the test suite (slow and gpu t
 	$(PY) -m vulture
 	$(PY) -m pytest $(ARGS)
 
+.PHONY: image
+image:  ## build the image from the Dockerfile (Docker, Podman, or buildah on a debootstrap base) and check it serves
+	deploy/image.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
