@@ -14,8 +14,8 @@
 #            debootstrap (.ci/install-tools installs them). The base is kept in buildah's store under a
 #            tag that names its recipe, and the build's layers are cached, so a rerun takes seconds.
 # What a build machine without the usual downloads needs, passed when found and only for the build:
-#   PIP_CERT      the CA bundle this machine's pip uses: given to the pip step as the build secret pip-cert
-#                 (mounted for that step alone; never in the image)
+#   PIP_CERT      the CA bundle this machine's pip uses (else pip.conf's cert): given to the pip step as the
+#                 build secret pip-cert (mounted for that step alone; never in the image)
 #   a torch wheel the CPU wheel of requirements.txt's torch in CMSERVE_TORCH_WHEELS or in pip's
 #                 find-links folders: bind-mounted at /wheels (buildah/podman --volume), so the build takes
 #                 it instead of downloading torch
@@ -61,13 +61,18 @@ say "builder: $builder ($("$builder" --version 2>/dev/null | head -n 1))"
 
 # ---------------------------------------------------------------- build inputs (build time only)
 build_args=()
-if [ -n "${PIP_CERT:-}" ] && [ -s "$PIP_CERT" ]; then
-    build_args+=(--secret "id=pip-cert,src=$PIP_CERT")
-    say "pip's CA bundle $PIP_CERT goes to the pip step as the build secret pip-cert"
+pip_setting() {  # a setting of this machine's pip, from its variables or its configuration files
+    { python3 -m pip config list 2>/dev/null || true; echo; } |
+        sed -n "s/^\(:env:\|global\|install\|download\)\.$1='\(.*\)'\$/\2/p" | head -n 1
+}
+pip_cert=${PIP_CERT:-$(pip_setting cert)}
+if [ -n "$pip_cert" ] && [ -s "$pip_cert" ]; then
+    build_args+=(--secret "id=pip-cert,src=$pip_cert")
+    say "pip's CA bundle $pip_cert goes to the pip step as the build secret pip-cert"
 fi
 if [ "$builder" != docker ]; then  # docker build has no --volume; Docker users download torch's CPU wheel
     torch_version=$(sed -n 's/^torch==\([^ ;#]*\).*/\1/p' requirements.txt)
-    folders=${CMSERVE_TORCH_WHEELS:-"${PIP_FIND_LINKS:-} $(python3 -m pip config get global.find-links 2>/dev/null || true)"}
+    folders=${CMSERVE_TORCH_WHEELS:-"${PIP_FIND_LINKS:-} $(pip_setting find-links)"}
     for folder in $folders; do
         folder=${folder#file://}
         if [ -d "$folder" ] && compgen -G "$folder/torch-${torch_version}+cpu-cp311-cp311-*linux*_$(uname -m).whl" >/dev/null; then
@@ -121,9 +126,9 @@ case "$builder" in
     buildah | podman)
         # buildah before 1.29 (Debian 12 has 1.28; Podman builds with it) takes `FROM base-${VARIANT}` for an
         # image, not the stage of that name: the stage is built first under that name, so that it is found.
-        "$builder" build "${build_args[@]}" --target base-cpu -f Dockerfile -t base-cpu . >&2
-        "$builder" build "${build_args[@]}" -f Dockerfile -t "$IMAGE" . >&2 ;;
-    docker) docker build "${build_args[@]}" -f Dockerfile -t "$IMAGE" . >&2 ;;
+        "$builder" build ${build_args[@]+"${build_args[@]}"} --target base-cpu -f Dockerfile -t base-cpu . >&2
+        "$builder" build ${build_args[@]+"${build_args[@]}"} -f Dockerfile -t "$IMAGE" . >&2 ;;
+    docker) docker build ${build_args[@]+"${build_args[@]}"} -f Dockerfile -t "$IMAGE" . >&2 ;;
 esac
 build_seconds=$(since "$started")
 say "built $IMAGE in ${build_seconds} s"
@@ -244,8 +249,8 @@ if [ -n "$run_pid" ]; then
     wait "$run_pid" || status=$?
     run_pid=""
 else
-    "$builder" kill --signal TERM "$cid" >/dev/null
-    status=$(timeout "$((${DRAIN_S%.*} + 5))" "$builder" wait "$cid") || fail "still running $DRAIN_S s after SIGTERM"
+    "$builder" stop --time "$((${DRAIN_S%.*} + 5))" "$cid" >/dev/null  # SIGTERM; SIGKILL (status 137) after that
+    status=$("$builder" inspect --format '{{.State.ExitCode}}' "$cid")
     "$builder" logs "$cid" >"$log" 2>&1 || true
 fi
 stop_seconds=$(since "$started")

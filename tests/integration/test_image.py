@@ -61,7 +61,7 @@ def test_build_inputs_stay_out_of_the_image() -> None:
         if line.startswith(("COPY", "ADD")):
             assert "cert" not in line and "wheels" not in line.lower(), line
     script = SCRIPT.read_text()
-    assert '--secret "id=pip-cert,src=$PIP_CERT"' in script
+    assert '--secret "id=pip-cert,src=$pip_cert"' in script
     assert "--build-arg TORCH_WHEELS=/wheels" in script and ":/wheels:ro" in script
 
 
