@@ -53,7 +53,7 @@ COPY requirements.txt /tmp/requirements.txt
 # Two inputs for a build machine that reaches PyPI only through its own certificate authority and has
 # the CPU torch wheel on disk (deploy/image.sh passes both when it finds them; `docker build` needs neither):
 # - the build secret pip-cert: that CA bundle, mounted for this step alone, never in a layer of the image;
-# - TORCH_WHEELS: a folder holding torch's wheel, bind-mounted for the build alone (`--volume DIR:/wheels:ro`
+# - TORCH_WHEELS: a folder holding torch's wheel, bind-mounted for the build alone (`--volume DIR:/mnt:ro`
 #   of buildah or podman): torch then comes from it (2.13.0+cpu outranks PyPI's 2.13.0), its dependencies
 #   from PyPI.
 ARG TORCH_WHEELS=""

@@ -17,7 +17,7 @@
 #   PIP_CERT      the CA bundle this machine's pip uses (else pip.conf's cert): given to the pip step as the
 #                 build secret pip-cert (mounted for that step alone; never in the image)
 #   a torch wheel the CPU wheel of requirements.txt's torch in CMSERVE_TORCH_WHEELS or in pip's
-#                 find-links folders: bind-mounted at /wheels (buildah/podman --volume), so the build takes
+#                 find-links folders: bind-mounted at /mnt (buildah/podman --volume), so the build takes
 #                 it instead of downloading torch
 # Other settings: CMSERVE_IMAGE (cmserve:cpu), CMSERVE_IMAGE_DRAIN_S (10), CMSERVE_IMAGE_READY_S (300),
 # CMSERVE_IMAGE_OUT (a folder for the generated PNG and the service's log), CMSERVE_DEBIAN_MIRROR
@@ -76,8 +76,9 @@ if [ "$builder" != docker ]; then  # docker build has no --volume; Docker users 
     for folder in $folders; do
         folder=${folder#file://}
         if [ -d "$folder" ] && compgen -G "$folder/torch-${torch_version}+cpu-cp311-cp311-*linux*_$(uname -m).whl" >/dev/null; then
-            build_args+=(--volume "$(cd "$folder" && pwd):/wheels:ro" --build-arg TORCH_WHEELS=/wheels)
-            say "torch ${torch_version}+cpu from $folder (bind-mounted at /wheels for the build)"
+            # /mnt: a folder the base already has, so no empty mount point is left in the image
+            build_args+=(--volume "$(cd "$folder" && pwd):/mnt:ro" --build-arg TORCH_WHEELS=/mnt)
+            say "torch ${torch_version}+cpu from $folder (bind-mounted at /mnt for the build)"
             break
         fi
     done
@@ -169,7 +170,7 @@ if [ "$builder" = buildah ]; then
     say "running ${command[*]} as $user (buildah run --isolation chroot, host network, 127.0.0.1:$port)"
     ctr=$(buildah from --pull=never --name "$name" "$IMAGE")
     mnt=$(buildah mount "$ctr")  # the build's inputs stayed out of the image
-    [ ! -e "$mnt/run/secrets/pip-cert" ] && ! compgen -G "$mnt/wheels/*" >/dev/null || die "a build input is in the image"
+    [ ! -e "$mnt/run/secrets/pip-cert" ] && ! compgen -G "$mnt/mnt/*" >/dev/null || die "a build input is in the image"
     buildah umount "$ctr" >/dev/null
     buildah run --isolation chroot --network host --user "$user" \
         --env CM_HOST=127.0.0.1 --env CM_PORT="$port" --env CM_DRAIN_S="$DRAIN_S" \

@@ -62,7 +62,7 @@ def test_build_inputs_stay_out_of_the_image() -> None:
             assert "cert" not in line and "wheels" not in line.lower(), line
     script = SCRIPT.read_text()
     assert '--secret "id=pip-cert,src=$pip_cert"' in script
-    assert "--build-arg TORCH_WHEELS=/wheels" in script and ":/wheels:ro" in script
+    assert "--build-arg TORCH_WHEELS=/mnt" in script and ":/mnt:ro" in script
 
 
 @pytest.mark.timeout(BUILD_S + 60)
