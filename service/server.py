@@ -90,10 +90,10 @@ class DrainingServer(uvicorn.Server):
             self.state.begin_drain()
         if self._drain_started is not None:
             elapsed = time.monotonic() - self._drain_started
-            if self.state.in_flight == 0 or elapsed >= self.drain_s:
-                if self.state.in_flight:
+            if self.state.admitted == 0 or elapsed >= self.drain_s:
+                if self.state.admitted:
                     logger.error("drain time CM_DRAIN_S=%gs is up with %d request(s) in flight",
-                                 self.drain_s, self.state.in_flight)
+                                 self.drain_s, self.state.admitted)
                 self.config.timeout_graceful_shutdown = max(1.0, self.drain_s - elapsed)
                 return True
         if counter % READ_CHECK_TICKS == 0:

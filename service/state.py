@@ -37,7 +37,8 @@ class ServiceState:
         self._ready = False
         self.draining = False
         self.failure: str | None = None  # why start-up failed, if it did
-        self.in_flight = 0  # generate requests being handled (the drain waits for 0)
+        self.in_flight = 0  # generate requests being handled, from their headers to their answer
+        self.admitted = 0  # those of them that passed the readiness check (the drain waits for 0)
         self.on_fatal: Callable[[str], None] = lambda message: None  # __main__ stops the server here
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None  # set when ready or failed
@@ -99,6 +100,15 @@ class ServiceState:
             raise Draining("the server is shutting down and accepts no new requests")
         if not self.ready:
             raise NotReady("the server is loading and warming up its models")
+
+    def admit(self) -> None:
+        """Take a request in (it then counts until `release`), or refuse it while loading or draining. Requests
+        refused during a drain do not count: clients that keep sending cannot hold the drain up."""
+        self.check_ready()
+        self.admitted += 1
+
+    def release(self) -> None:
+        self.admitted -= 1
 
     @property
     def status(self) -> str:

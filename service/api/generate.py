@@ -122,6 +122,8 @@ class GenerateHandler:
     def end(self, log: RequestLog, status: int) -> None:
         """The request was answered with `status` (or its client left): metrics and the access-log line."""
         self.state.request_ended()
+        if log.admitted:
+            self.state.release()
         seconds = time.monotonic() - log.started
         task = log.fields.get("task", self.endpoint.task)
         self.state.metrics.observe_request(log.model or UNKNOWN_MODEL, status, seconds, log.reason, task)
@@ -165,7 +167,8 @@ class GenerateHandler:
 
     async def _generate(self, body: Any, accept: str | None, log: RequestLog, watch: DisconnectWatch) -> Reply:
         state, settings = self.state, self.state.settings
-        state.check_ready()
+        state.admit()
+        log.admitted = True
         served = state.registry.get(body.model)
         log.model = served.name
         log.fields["task"] = getattr(body, "task", self.endpoint.task)  # an edit's, even when its fields fail

@@ -36,6 +36,7 @@ class RequestLog:
     started: float  # time.monotonic() at arrival (its headers read); deadlines count from here
     model: str | None = None
     reason: str | None = None  # the failure-metric label, from the error that ended the request
+    admitted: bool = False  # it passed the readiness check (ServiceState.admit): the drain waits for it
     fields: dict[str, Any] = field(default_factory=dict)  # n, steps, seed, timings ...
 
 

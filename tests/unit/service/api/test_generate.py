@@ -130,3 +130,22 @@ def test_parse_request_names_the_field_and_accepts_a_byte_order_mark() -> None:
         parse_request(b'{"n": 2}', None)
     with pytest.raises(InvalidRequest):  # an empty body is a JSON mistake, whatever its type
         parse_request(b"", None)
+
+
+def test_the_drain_waits_only_for_requests_admitted_before_it() -> None:
+    """A request admitted (past the readiness check) counts until its end; one refused while draining never counts,
+    so clients that keep sending cannot hold the drain up."""
+    h = handler()
+    h.state.ready = True
+    log = h.begin([*AUTH, *JSON], time.monotonic())
+
+    async def run(log: RequestLog) -> Reply:
+        return await h.answer(log, [*AUTH, *JSON], body_of(b'{"n": 1}'), no_watch)
+
+    reply = asyncio.run(run(log))
+    assert reply.status == 404 and log.admitted and h.state.admitted == 1  # no model served: admitted, then 404
+    h.end(log, reply.status)
+    assert h.state.admitted == 0
+    h.state.begin_drain()
+    refused, log = answer(h, [*AUTH, *JSON], body_of(b'{"n": 1}'))
+    assert (refused.status, error(refused)["type"], log.admitted, h.state.admitted) == (503, "draining", False, 0)
