@@ -360,7 +360,7 @@ def test_nginx_load_balancer_forwards_to_the_service(service: Process, folder: P
             direct, proxied = generate(client, service.url, body), generate(client, lb.url, body)
             too_big = client.post(
                 f"{lb.url}/v1/generate",
-                content=b"{" + b" " * 100_000 + b"}",
+                content=b"{" + b" " * (1 << 20) + b"}",  # over the service's cap, under nginx's
                 headers={"Content-Type": "application/json"},
                 timeout=30,
             )
