@@ -1,13 +1,104 @@
-"""Model configuration: one frozen dataclass and the named presets."""
+"""Model configuration: one frozen dataclass and the named presets.
+
+Every field is checked when a config is made (from code, a checkpoint header or a converted public model):
+its type (an integer is never a bool or a float), its range (the limits below), and the fields together (the
+image halves once per level, attention widths split into whole heads, GroupNorm groups divide the widths).
+A bad config raises `ConfigError`, whose `problems` each begin with the field they are about.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Embedding = Literal["fourier", "positional"]
 Backbone = Literal["unet", "adm"]
+EMBEDDINGS = ("fourier", "positional")
+BACKBONES = ("unet", "adm")
+
+# Limits a config must stay within: a checkpoint header is untrusted input, and the service warms every batch
+# bucket up at the model's image size, so sizes are bounded before any network is built.
+MAX_IMAGE_SIZE = 1024  # H = W; a megapixel, the service's whole per-request image budget (service/registry.py)
+MAX_IMAGE_CHANNELS = 16  # grey, RGB, RGBA, latents
+MAX_CHANNELS = 4096  # model_channels × each channel_mult, head_channels and num_groups
+MAX_LEVELS = 8  # len(channel_mult), and at most this many attn_resolutions
+MAX_RES_BLOCKS = 16  # num_res_blocks
+MAX_CLASSES = 100_000  # num_classes
+MAX_EMB_MULT = 16  # emb_mult
+MAX_SIGMA = 1e4  # sigma_min, sigma_max, sigma_data (EDM uses 80)
+MAX_RHO = 100.0
+MAX_FOURIER_SCALE = 1e3  # NCSN++ used 16, iCT 0.02
+
+INT_FIELDS: dict[str, tuple[int, int]] = {  # field -> inclusive range
+    "image_channels": (1, MAX_IMAGE_CHANNELS),
+    "image_size": (1, MAX_IMAGE_SIZE),
+    "model_channels": (1, MAX_CHANNELS),
+    "num_res_blocks": (1, MAX_RES_BLOCKS),
+    "head_channels": (1, MAX_CHANNELS),
+    "num_classes": (0, MAX_CLASSES),
+    "emb_mult": (1, MAX_EMB_MULT),
+    "num_groups": (1, MAX_CHANNELS),
+}
+FLOAT_FIELDS: dict[str, tuple[float, bool, float, bool]] = {  # field -> (low, low allowed, high, high allowed)
+    "dropout": (0.0, True, 1.0, False),
+    "fourier_scale": (0.0, True, MAX_FOURIER_SCALE, True),
+    "sigma_min": (0.0, False, MAX_SIGMA, True),
+    "sigma_max": (0.0, False, MAX_SIGMA, True),
+    "sigma_data": (0.0, False, MAX_SIGMA, True),
+    "rho": (0.0, False, MAX_RHO, True),
+}
+TUPLE_FIELDS: dict[str, tuple[int, int, int]] = {  # field -> (least entries, most entries, largest value)
+    "channel_mult": (1, MAX_LEVELS, MAX_CHANNELS),
+    "attn_resolutions": (0, MAX_LEVELS, MAX_IMAGE_SIZE),
+}
+CHOICE_FIELDS: dict[str, tuple[str, ...]] = {"backbone": BACKBONES, "embedding": EMBEDDINGS}
+
+
+class ConfigError(ValueError):
+    """An invalid ModelConfig; each of `problems` begins with the field it is about."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid ModelConfig: " + "; ".join(problems))
+        self.problems = problems
+
+
+def is_int(value: Any) -> bool:
+    """A JSON/Python integer: not a bool (True == 1), not a float (64.0 == 64)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def interval(low: float, low_ok: bool, high: float, high_ok: bool) -> str:
+    return f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one field's value on its own (type and range), or None."""
+    if name in INT_FIELDS:
+        low, high = INT_FIELDS[name]
+        if not is_int(value) or not low <= value <= high:
+            return f"{name} must be an integer {low}…{high}, got {value!r}"
+    elif name in FLOAT_FIELDS:
+        low, low_ok, high, high_ok = FLOAT_FIELDS[name]
+        inside = is_number(value) and (low < value or (low_ok and value == low))
+        if not (inside and (value < high or (high_ok and value == high))):
+            return f"{name} must be a finite number in {interval(low, low_ok, high, high_ok)}, got {value!r}"
+    elif name in TUPLE_FIELDS:
+        least, most, largest = TUPLE_FIELDS[name]
+        good = isinstance(value, tuple) and least <= len(value) <= most
+        if not good or not all(is_int(v) and 1 <= v <= largest for v in value):
+            return f"{name} must be a list of {least}…{most} integers 1…{largest}, got {value!r}"
+    elif name in CHOICE_FIELDS:
+        if not isinstance(value, str) or value not in CHOICE_FIELDS[name]:
+            return f"{name} must be one of {', '.join(map(repr, CHOICE_FIELDS[name]))}, not {value!r}"
+    elif not isinstance(value, bool):  # scale_shift_norm
+        return f"{name} must be true or false, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -35,36 +126,67 @@ class ModelConfig:
     rho: float = 7.0
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.image_channels < 1 or self.image_size < 1:
-            problems.append("image_channels and image_size must be positive")
-        if self.image_size % 2 ** (len(self.channel_mult) - 1):
-            problems.append(f"image_size {self.image_size} is not divisible by 2^(levels-1)")
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            problems.append("channel_mult needs at least one positive entry")
-        if self.embedding not in ("fourier", "positional"):
-            problems.append(f"embedding must be 'fourier' or 'positional', not {self.embedding!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.backbone not in ("unet", "adm"):
-            problems.append(f"backbone must be 'unet' or 'adm', not {self.backbone!r}")
-        if self.backbone == "adm" and self.embedding != "positional":
-            problems.append("the adm backbone needs embedding='positional' (its checkpoints were trained with it)")
-        if self.backbone == "adm":
-            levels = range(len(self.channel_mult))
-            attn_levels = [lvl for lvl in levels if self.image_size >> lvl in self.attn_resolutions]
-            widths = sorted({self.model_channels * self.channel_mult[lvl] for lvl in [*attn_levels, -1]})
-            if any(w % self.head_channels for w in widths):
-                problems.append(f"adm attention widths {widths} must be multiples of head_channels "
-                                f"{self.head_channels}")
-        if self.backbone == "unet" and not self.scale_shift_norm:
-            problems.append("scale_shift_norm=False needs backbone='adm' (the unet backbone always uses scale/shift)")
-        if self.num_classes < 0:
-            problems.append("num_classes must be >= 0")
-        if not 0 < self.sigma_min < self.sigma_max:
-            problems.append("need 0 < sigma_min < sigma_max")
+        fields = dataclasses.fields(self)
+        problems = [p for f in fields if (p := field_problem(f.name, getattr(self, f.name))) is not None]
+        if not problems:  # the joint checks assume every field has its type and range
+            problems = self.joint_problems()
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ConfigError(problems)
+
+    def joint_problems(self) -> list[str]:
+        """What is wrong with the fields together."""
+        problems = []
+        levels = len(self.channel_mult)
+        if self.image_size % 2 ** (levels - 1):
+            problems.append(f"image_size {self.image_size} is not divisible by 2^(levels-1) = {2 ** (levels - 1)} "
+                            f"(channel_mult has {levels} levels, each after the first halves H and W)")
+        widths = self.widths
+        if max(widths) > MAX_CHANNELS:
+            problems.append(f"channel_mult {list(self.channel_mult)} × model_channels {self.model_channels} gives "
+                            f"widths {widths}; at most {MAX_CHANNELS}")
+        if self.model_channels % 2:
+            problems.append(f"model_channels must be even (the noise embedding is cos/sin pairs), got "
+                            f"{self.model_channels}")
+        if self.sigma_min >= self.sigma_max:
+            problems.append(f"sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
+        return problems + (self.adm_problems() if self.backbone == "adm" else self.unet_problems())
+
+    def adm_problems(self) -> list[str]:
+        """adm: positional embedding, attention widths in whole 64-channel heads, exactly num_groups groups."""
+        problems = []
+        if self.embedding != "positional":
+            problems.append("embedding must be 'positional': the adm backbone needs embedding='positional' "
+                            "(its checkpoints were trained with it)")
+        attention = sorted({*self.attention_widths, self.widths[-1]})  # the middle block always has attention
+        if any(w % self.head_channels for w in attention):
+            problems.append(f"head_channels {self.head_channels}: adm attention widths {attention} must be "
+                            "multiples of head_channels")
+        if any(w % self.num_groups for w in self.widths):
+            problems.append(f"num_groups {self.num_groups} must divide every level's width {self.widths} (adm "
+                            "GroupNorms have exactly num_groups groups)")
+        return problems
+
+    def unet_problems(self) -> list[str]:
+        """unet: scale/shift always, attention widths that split into equal heads."""
+        problems = []
+        if not self.scale_shift_norm:
+            problems.append("scale_shift_norm=False needs backbone='adm' (the unet backbone always uses scale/shift)")
+        for width in self.attention_widths:
+            heads = max(1, width // self.head_channels)  # models/unet.py Attention
+            if width % heads:
+                problems.append(f"head_channels {self.head_channels} splits attention width {width} into {heads} "
+                                "unequal heads; use a divisor of the width")
+        return problems
+
+    @property
+    def widths(self) -> list[int]:
+        """Channels at each level."""
+        return [self.model_channels * m for m in self.channel_mult]
+
+    @property
+    def attention_widths(self) -> list[int]:
+        """Channels at each level whose resolution has self-attention."""
+        return [w for level, w in enumerate(self.widths) if self.image_size >> level in self.attn_resolutions]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -82,11 +204,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Rebuild from `to_dict()` output; unknown keys are an error naming the allowed ones."""
-        allowed = {f.name: f for f in dataclasses.fields(cls)}
+        """Rebuild from `to_dict()` output (lists for tuples); unknown keys are an error naming the allowed ones."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(allowed)}")
+            raise ConfigError([f"{unknown[0]}: unknown model config keys {unknown}; allowed: {sorted(allowed)}"])
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
 
