@@ -63,21 +63,27 @@ def json_depth(text: str) -> int:
     return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
 
 
-def refuse_constant(text: str) -> float:
-    raise CheckpointError(f"{text} is not a number JSON allows; values must be finite")
+class OutOfRange:
+    """A JSON number we do not represent (NaN, ±Infinity, an overflowing float, a huge integer). Parsing keeps it
+    as this marker, which no field check accepts, so the error names the field that holds it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        digits = self.text.lstrip("-")
+        if digits.isdigit():
+            return f"an integer of {len(digits)} digits (at most {MAX_INT_DIGITS})"
+        return f"{self.text[:24]} (not a finite number)"
 
 
-def bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise CheckpointError(f"integer {text[:24]}… has more than {MAX_INT_DIGITS} digits")
-    return int(text)
+def bounded_int(text: str) -> int | OutOfRange:
+    return int(text) if len(text.lstrip("-")) <= MAX_INT_DIGITS else OutOfRange(text)
 
 
-def finite_float(text: str) -> float:
+def finite_float(text: str) -> float | OutOfRange:
     value = float(text) if len(text) <= MAX_FLOAT_CHARS else math.inf
-    if not math.isfinite(value):
-        raise CheckpointError(f"number {text[:40]} is not a finite double")
-    return value
+    return value if math.isfinite(value) else OutOfRange(text)
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -90,24 +96,34 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_json(text: str, what: str) -> Any:
-    """JSON that cannot exhaust the stack, the CPU or the float range: depth, digits and constants bounded."""
+    """JSON that cannot exhaust the stack or the CPU: depth bounded before parsing, duplicate keys refused, and
+    numbers out of range (NaN, Infinity, 1e999, 400 digits) kept as `OutOfRange` for the field checks to name."""
     depth = json_depth(text)
     if depth > MAX_JSON_DEPTH:
         raise CheckpointError(f"{what} nests {depth} levels deep; at most {MAX_JSON_DEPTH}")
     try:
-        return json.loads(text, parse_constant=refuse_constant, parse_int=bounded_int, parse_float=finite_float,
+        return json.loads(text, parse_constant=OutOfRange, parse_int=bounded_int, parse_float=finite_float,
                           object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{what} is not valid JSON ({e})") from None
     except RecursionError:  # json_depth counts what json recurses on; this is only a second guard
         raise CheckpointError(f"{what} nests too deep") from None
-    except CheckpointError as e:
+    except CheckpointError as e:  # a duplicate key
         raise CheckpointError(f"{what}: {e}") from None
 
 
 def same_json(a: Any, b: Any) -> bool:
     """Equal as JSON text: 1 is not true and not 1.0 (Python's == says it is)."""
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
+
+
+def plain_json(value: Any) -> bool:
+    """Serialisable as strict JSON: no NaN, no Infinity, no out-of-range marker."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def brief(value: Any, limit: int = 60) -> str:
@@ -139,8 +155,8 @@ class CheckpointMeta:
                 else f"config.preset must be a string or null, got {brief(self.preset)}")
             or (None if is_int(self.training_step) and self.training_step >= 0
                 else f"config.training_step must be an integer >= 0, got {brief(self.training_step)}")
-            or (None if isinstance(self.provenance, dict)
-                else f"config.provenance must be a JSON object, got {brief(self.provenance)}")
+            or (None if isinstance(self.provenance, dict) and plain_json(self.provenance)
+                else f"config.provenance must be a JSON object of finite values, got {brief(self.provenance)}")
         )
         if problem:
             raise CheckpointError(problem)
