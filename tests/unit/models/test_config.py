@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models import convert
 from models.__main__ import flops_per_image
-from models.config import PRESETS, ModelConfig, preset
+from models.config import MAX_CHANNELS, MAX_IMAGE_SIZE, PRESETS, ConfigError, ModelConfig, preset
 from models.consistency import ConsistencyModel
+from tests.unit.models.public_models import BEDROOM256_UNET, IMAGENET64_UNET, scheduler_config
 
 
 def forward_once(cfg: ModelConfig, batch: int = 2) -> torch.Tensor:
@@ -88,3 +90,61 @@ def test_attention_and_positional_variant_runs() -> None:
         dropout=0.1,
     )
     assert forward_once(cfg).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_channels": 64.0}, r"model_channels must be an integer 1…4096, got 64\.0"),
+        ({"model_channels": True}, r"model_channels must be an integer 1…4096, got True"),
+        ({"model_channels": -64}, r"model_channels must be an integer 1…4096, got -64"),
+        ({"model_channels": 63}, r"model_channels must be even"),
+        ({"model_channels": 4096, "channel_mult": (2,)}, r"channel_mult \[2\] × model_channels 4096 gives widths"),
+        ({"model_channels": 1024, "channel_mult": (1, 8)}, r"gives widths \[1024, 8192\]; at most 4096"),
+        ({"num_res_blocks": 200_000}, r"num_res_blocks must be an integer 1…16"),
+        ({"num_res_blocks": 0}, r"num_res_blocks must be an integer 1…16"),
+        ({"image_size": 4096}, r"image_size must be an integer 1…1024"),
+        ({"image_size": 2**40}, r"image_size must be an integer 1…1024"),
+        ({"head_channels": 0}, r"head_channels must be an integer 1…4096"),
+        ({"num_groups": -3}, r"num_groups must be an integer 1…4096"),
+        ({"num_classes": 10**6}, r"num_classes must be an integer 0…100000"),
+        ({"channel_mult": ()}, r"channel_mult must be a list of 1…8 integers"),
+        ({"channel_mult": (1,) * 9}, r"channel_mult must be a list of 1…8 integers"),
+        ({"channel_mult": (1, 0)}, r"channel_mult must be a list of 1…8 integers 1…4096, got \(1, 0\)"),
+        ({"channel_mult": [1, 2]}, r"channel_mult must be a list"),  # a tuple: the config is hashable
+        ({"attn_resolutions": (0,)}, r"attn_resolutions must be a list of 0…8 integers 1…1024"),
+        ({"sigma_max": float("inf")}, r"sigma_max must be a finite number in \(0, 10000\]"),
+        ({"sigma_data": float("nan")}, r"sigma_data must be a finite number"),
+        ({"rho": 0}, r"rho must be a finite number in \(0, 100\]"),
+        ({"dropout": True}, r"dropout must be a finite number in \[0, 1\)"),
+        ({"scale_shift_norm": 1}, r"scale_shift_norm must be true or false, got 1"),
+        ({"backbone": 3}, r"backbone must be one of 'unet', 'adm', not 3"),
+        ({"model_channels": 40, "attn_resolutions": (8,), "head_channels": 13}, r"splits attention width 40 into 3"),
+        ({"sigma_min": 80.0}, r"sigma_min 80\.0 must be below sigma_max 80\.0"),
+    ],
+)
+def test_every_field_is_type_and_range_checked(change: dict, message: str) -> None:
+    """Issue 20: config values from an untrusted header are checked by type (bool and float are not int) and
+    range before any network is built; each problem begins with its field."""
+    with pytest.raises(ConfigError, match=message) as info:
+        preset("digits").replace(**change)
+    field = next(iter(change)) if len(change) == 1 else None
+    assert field is None or any(p.startswith(field) for p in info.value.problems) or "sigma_min" in change
+
+
+def test_adm_num_groups_must_divide_the_widths() -> None:
+    adm = ModelConfig(backbone="adm", image_size=16, model_channels=32, channel_mult=(1, 2), embedding="positional",
+                      head_channels=16, num_groups=8)
+    with pytest.raises(ConfigError, match=r"num_groups 12 must divide every level's width \[32, 64\]"):
+        adm.replace(num_groups=12)
+
+
+def test_the_limits_admit_the_real_models() -> None:
+    """The presets and the public models (ImageNet-64, LSUN-256; flags and diffusers configs) are within limits."""
+    configs = [*PRESETS.values(), *(convert.config_from_openai_flags(f) for f in convert.OPENAI_PRESETS.values())]
+    configs += [convert.config_from_diffusers(u, scheduler_config(40), "hub") for u in (IMAGENET64_UNET,
+                                                                                       BEDROOM256_UNET)]
+    for cfg in configs:
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+        assert cfg.image_size <= MAX_IMAGE_SIZE and max(cfg.widths) <= MAX_CHANNELS
+    assert {c.image_size for c in configs} >= {64, 256}
