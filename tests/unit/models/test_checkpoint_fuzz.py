@@ -85,7 +85,8 @@ def put(doc: Any, path: tuple[Any, ...], delete: bool) -> bool:
     """Set doc at `path` to the placeholder (or delete it); False where the path does not exist."""
     *parents, last = path
     for key in parents:
-        if isinstance(doc, dict) and key in doc or isinstance(doc, list) and isinstance(key, int) and key < len(doc):
+        in_list = isinstance(doc, list) and isinstance(key, int) and key < len(doc)
+        if in_list or (isinstance(doc, dict) and key in doc):
             doc = doc[key]
         else:
             return False
@@ -181,18 +182,18 @@ def rss_bound() -> Any:
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < RSS_GROWTH_KIB
 
 
+@pytest.mark.usefixtures("rss_bound")
 @settings(FUZZ, max_examples=150)
 @given(data=st.data())
-def test_mutated_checkpoints_load_or_refuse(bases: dict[str, bytes], target: Path, rss_bound: Any,
-                                            data: st.DataObject) -> None:
+def test_mutated_checkpoints_load_or_refuse(bases: dict[str, bytes], target: Path, data: st.DataObject) -> None:
     loads_or_refuses(target, data.draw(mutants(bases)))
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("rss_bound")
 @settings(FUZZ, max_examples=3000)
 @given(data=st.data())
-def test_mutated_checkpoints_load_or_refuse_long(bases: dict[str, bytes], target: Path, rss_bound: Any,
-                                                 data: st.DataObject) -> None:
+def test_mutated_checkpoints_load_or_refuse_long(bases: dict[str, bytes], target: Path, data: st.DataObject) -> None:
     loads_or_refuses(target, data.draw(mutants(bases)))
 
 
