@@ -57,7 +57,7 @@ class CheckpointError(ValueError):
 
 def json_depth(text: str) -> int:
     """Deepest nesting of [ and { outside strings, without recursing (a vectorised running count)."""
-    codes = np.frombuffer(JSON_STRING.sub("", text).encode(), dtype=np.uint8)
+    codes = np.frombuffer(JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
     brackets = codes[np.isin(codes, (91, 93, 123, 125))]  # [ ] { }
     steps = np.where(np.isin(brackets, (91, 123)), np.int8(1), np.int8(-1))
     return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
@@ -102,14 +102,18 @@ def parse_json(text: str, what: str) -> Any:
     if depth > MAX_JSON_DEPTH:
         raise CheckpointError(f"{what} nests {depth} levels deep; at most {MAX_JSON_DEPTH}")
     try:
-        return json.loads(text, parse_constant=OutOfRange, parse_int=bounded_int, parse_float=finite_float,
-                          object_pairs_hook=unique_keys)
+        doc = json.loads(text, parse_constant=OutOfRange, parse_int=bounded_int, parse_float=finite_float,
+                         object_pairs_hook=unique_keys)
+        json.dumps(doc, ensure_ascii=False, default=repr).encode()  # "\ud800" escapes decode to unencodable text
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{what} holds a lone surrogate (an \\ud800-\\udfff escape): not Unicode text") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{what} is not valid JSON ({e})") from None
     except RecursionError:  # json_depth counts what json recurses on; this is only a second guard
         raise CheckpointError(f"{what} nests too deep") from None
     except CheckpointError as e:  # a duplicate key
         raise CheckpointError(f"{what}: {e}") from None
+    return doc
 
 
 def same_json(a: Any, b: Any) -> bool:

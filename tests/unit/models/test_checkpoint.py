@@ -358,6 +358,7 @@ def test_huge_num_res_blocks_is_refused_before_anything_is_built(saved: Path) ->
         ("num_classes", "11", r"config\.num_classes 11 disagrees with config\.architecture"),
         ("format_version", "true", r"unsupported checkpoint format version True"),
         ("extra", "1", r"config\.extra: unknown key"),
+        ("preset", '"\\ud800"', r"config metadata holds a lone surrogate"),
     ],
 )
 def test_malformed_config_names_the_field(saved: Path, where: str, value: str, message: str) -> None:
