@@ -44,7 +44,7 @@ META_PATHS: list[tuple[Any, ...]] = [
     ("provenance", "seed"), ("extra_key",), *(("architecture", k) for k in ARCH_KEYS),
 ]
 RAW_TOKENS = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1" + "0" * 400, "[" * 5000 + "]" * 5000,
-              '{"a": ' * 3000 + "1" + "}" * 3000, "0.1" + "0" * 2000 + "1"]
+              '{"a": ' * 3000 + "1" + "}" * 3000, "0.1" + "0" * 2000 + "1", '"\\ud800"', '["\\udfff", 1]']
 EDGE_INTS = [0, 1, -1, 2, 3, 4, 5, 7, 8, 16, 32, 63, 64, 1000, 1024, 2048, 4096, 4097, 200_000, 2**31, 2**40, 2**64]
 
 json_values = st.recursive(
