@@ -70,7 +70,8 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
+    """A finite float, or an integer that converts to one."""
+    return (is_int(value) and abs(value) < 2**63) or (isinstance(value, float) and math.isfinite(value))
 
 
 def interval(low: float, low_ok: bool, high: float, high_ok: bool) -> str:

@@ -482,6 +482,7 @@ def test_file_that_changes_while_read(saved: Path, monkeypatch: pytest.MonkeyPat
 def test_save_refuses_what_load_would_refuse(tmp_path: Path, tiny_model: ConsistencyModel) -> None:
     for kwargs, message in (
         ({"schedules": {1: [float("nan")]}}, r"config\.schedules\.1 must be a list of 1 finite numbers"),
+        ({"schedules": {1: [10**400]}}, r"config\.schedules\.1 must be a list of 1 finite numbers"),  # no OverflowError
         ({"schedules": {2: [80.0, 90.0]}}, r"config\.schedules\.2: sigmas must be strictly decreasing"),
         ({"class_names": [str(i) for i in range(9)] + [""]}, r"config\.class_names must be a list"),
         ({"preset": 3}, r"config\.preset must be a string or null"),
