@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from .api.edit import EDIT
 from .api.errors import install_error_handlers
 from .api.generate import GenerateHandler
 from .api.middleware import RequestContext
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.api_keys = ApiKeys(settings.api_keys)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key)
     app.state.generate = GenerateHandler(state, app.state.api_keys, app.state.rate_limiter)
+    app.state.edit = GenerateHandler(state, app.state.api_keys, app.state.rate_limiter, EDIT)
     install_error_handlers(app)
     install_routes(app, guarded=bool(settings.api_keys) or settings.rate_limit_per_key > 0)
     if STATIC_DIR.is_dir():

@@ -144,7 +144,8 @@ def http_protocol(settings: Settings, app: FastAPI) -> Any:
     limits = Limits.of(settings)
     if not settings.protocol_fast_path or settings.opentelemetry:
         return functools.partial(ServiceProtocol, limits=limits)
-    return functools.partial(GenerateProtocol, limits=limits, handler=app.state.generate)
+    handlers = {handler.endpoint.path.encode(): handler for handler in (app.state.generate, app.state.edit)}
+    return functools.partial(GenerateProtocol, limits=limits, handlers=handlers)
 
 
 def serve(settings: Settings, sockets: list[socket.socket] | None = None, received: Sequence[int] = ()) -> int:

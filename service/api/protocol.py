@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with the limits httptools lacks, and an optional accelerator for POST /v1/generate.
+"""uvicorn's httptools protocol with the limits httptools lacks, and an optional accelerator for POST /v1/generate and
+/v1/edit.
 
 `ServiceProtocol` is what the server always runs (both request paths), uvicorn's protocol plus:
   - a cap on the request head (CM_MAX_HEADER_BYTES: the URL and every header's name and value, 4 bytes more
@@ -33,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import select
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from ..errors import BodyTooLarge, Cancelled, RequestTimeout
 from ..settings import Settings
+from .edit import EDIT
 from .errors import error_reply
 from .generate import PATH, GenerateHandler
 from .requests import ARRIVED_KEY, READ_TIMED_OUT_KEY, Headers, Reply, log_request, new_request_log
@@ -51,6 +53,7 @@ from .requests import ARRIVED_KEY, READ_TIMED_OUT_KEY, Headers, Reply, log_reque
 # keeps uvicorn's own protocol (server.http_protocol), without these limits.
 UVICORN_VERSION = "0.54.0"
 _PATH = PATH.encode()
+_EDIT_PATH = EDIT.path.encode()
 HEADER_OVERHEAD = 4  # ": " and CRLF of each header line, counted against CM_MAX_HEADER_BYTES
 # poll() events of a socket whose peer hung up (POLLRDHUP: Linux, even with unread data before the hang-up)
 HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
@@ -278,14 +281,15 @@ class ServiceProtocol(HttpToolsProtocol):
 
 
 def may_take(method: bytes, url: bytes, http_version: str, keep_alive: bool, upgrade: bool, expect_continue: bool,
-             idle: bool, headers: Headers, max_body: int) -> bool:
+             idle: bool, headers: Headers, max_body: int, paths: Container[bytes] = (_PATH, _EDIT_PATH)) -> bool:
     """Whether the protocol answers this request itself, from its request line and headers.
 
-    POST /v1/generate exactly, HTTP/1.1 with keep-alive, no Upgrade or Expect: 100-continue, on a connection
-    with no earlier request still being answered (pipelined requests queue as uvicorn queues them), with one
-    Content-Length up to `max_body` and no Transfer-Encoding. Anything else is left to the ASGI app.
+    POST to one of `paths` exactly (/v1/generate, /v1/edit), HTTP/1.1 with keep-alive, no Upgrade or Expect:
+    100-continue, on a connection with no earlier request still being answered (pipelined requests queue as
+    uvicorn queues them), with one Content-Length up to `max_body` and no Transfer-Encoding. Anything else is
+    left to the ASGI app.
     """
-    if method != b"POST" or url != _PATH or http_version != "1.1" or not keep_alive or upgrade or expect_continue:
+    if method != b"POST" or url not in paths or http_version != "1.1" or not keep_alive or upgrade or expect_continue:
         return False
     if not idle:
         return False
@@ -360,11 +364,12 @@ class _Cycle:
 
 
 class GenerateProtocol(ServiceProtocol):
-    """ServiceProtocol that answers the generate requests it may take itself (see the module docstring)."""
+    """ServiceProtocol that answers the sampling requests it may take itself (see the module docstring)."""
 
-    def __init__(self, *args: Any, handler: GenerateHandler, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handlers: Mapping[bytes, GenerateHandler], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.handler = handler
+        self.handlers = handlers  # by path: /v1/generate, /v1/edit
+        self.max_body = next(iter(handlers.values())).state.settings.max_body_bytes
         self._taking: _Cycle | None = None  # the request taken, while its body arrives
 
     # Parser callbacks ----------------------------------------------------
@@ -374,11 +379,11 @@ class GenerateProtocol(ServiceProtocol):
         idle = not self.pipeline and (self.cycle is None or self.cycle.response_complete)
         if not may_take(self.parser.get_method(), self.url, self.parser.get_http_version(),
                         self.parser.should_keep_alive(), self.parser.should_upgrade(), self.expect_100_continue,
-                        idle, self.headers, self.handler.state.settings.max_body_bytes):
+                        idle, self.headers, self.max_body, self.handlers):
             self._to_asgi(arrived)
             return
         cycle = self._taking = self._active = self.cycle = _Cycle(self.loop)  # type: ignore[assignment]
-        task = self.loop.create_task(self._answer(cycle, self.headers, arrived))
+        task = self.loop.create_task(self._answer(self.handlers[self.url], cycle, self.headers, arrived))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
@@ -404,8 +409,7 @@ class GenerateProtocol(ServiceProtocol):
 
     # Answering -----------------------------------------------------------
 
-    async def _answer(self, cycle: _Cycle, headers: Headers, arrived: float) -> None:
-        handler = self.handler
+    async def _answer(self, handler: GenerateHandler, cycle: _Cycle, headers: Headers, arrived: float) -> None:
         log = handler.begin(headers, arrived)
         status = 500
         try:

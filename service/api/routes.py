@@ -27,7 +27,6 @@ from ..schemas import (
     StatsResponse,
 )
 from ..state import ServiceState
-from .edit import EDIT
 from .errors import error_response, to_response
 from .generate import DisconnectWatch, GenerateHandler, ReadBody
 from .requests import ARRIVED_KEY, READ_TIMED_OUT_KEY
@@ -242,9 +241,6 @@ def install_routes(app: FastAPI, guarded: bool) -> None:
         "/v1/generate", generate, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,
         summary="Generate images", openapi_extra=extra,
     )
-    generate_handler: GenerateHandler = app.state.generate
-    app.state.edit = GenerateHandler(generate_handler.state, generate_handler.api_keys, generate_handler.rate_limiter,
-                                     EDIT)
     edit_extra = {**EDIT_BODY, "parameters": [AUTHORIZATION]} if guarded else EDIT_BODY
     app.add_api_route(
         "/v1/edit", edit, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,

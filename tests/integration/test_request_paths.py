@@ -8,6 +8,8 @@ access-log line (but its time fields) and what each counter of the metrics moved
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import signal
 import socket
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.integration.conftest import ServerProcess, server_process
 
@@ -31,8 +35,9 @@ SETTINGS = {"CM_MAX_BATCH": "8", "CM_BATCH_BUCKETS": "1,2,4,8", "CM_API_KEYS": K
 
 
 def request(body: bytes, *, rid: str, accept: str | None = None, key: str = KEY,
-            content_type: str | None = "application/json", length: int | None = None, extra: bytes = b"") -> bytes:
-    head = [b"POST /v1/generate HTTP/1.1", b"Host: cmserve", b"X-Request-ID: " + rid.encode(),
+            content_type: str | None = "application/json", length: int | None = None, extra: bytes = b"",
+            path: bytes = b"/v1/generate") -> bytes:
+    head = [b"POST " + path + b" HTTP/1.1", b"Host: cmserve", b"X-Request-ID: " + rid.encode(),
             b"Authorization: Bearer " + key.encode(), b"Content-Length: %d" % (len(body) if length is None else length)]
     if content_type:
         head.append(b"Content-Type: " + content_type.encode())
@@ -61,10 +66,23 @@ def _valid(rid: str, body: bytes = b'{"n": 2, "steps": 2, "seed": 11}', **kw: An
     return request(body, rid=rid, **kw)
 
 
+
+
+def _png_b64(size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(size * size, dtype=np.uint8).reshape(size, size) * 3).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue())
+
+
+# An 8×8 grey image (a PNG) whose lower half is regenerated.
+EDIT_BODY = b'{"task": "inpaint", "box": [0, 4, 8, 8], "n": 2, "seed": 3, "steps": 2, "image": "' + _png_b64() + b'"}'
 HALF = b'{"n": 1, "se'
 REST = b'ed": 5}'
 CASES = [
     Case("valid", [Step(_valid("valid"))], 1, ["valid"]),
+    Case("edit", [Step(request(EDIT_BODY, rid="edit", path=b"/v1/edit"))], 1, ["edit"]),
+    Case("edit, invalid box", [Step(request(EDIT_BODY.replace(b"[0, 4, 8, 8]", b"[0, 4, 9, 8]"), rid="edit-box",
+                                            path=b"/v1/edit"))], 1, ["edit-box"]),
     Case("raw image", [Step(_valid("raw", b'{"seed": 12}', accept="image/png"))], 1, ["raw"]),
     Case("invalid field", [Step(request(b'{"n": 0}', rid="invalid"))], 1, ["invalid"]),
     Case("unknown model", [Step(request(b'{"model": "x"}', rid="unknown"))], 1, ["unknown"]),
@@ -164,7 +182,8 @@ def test_both_request_paths_answer_alike(servers: dict[str, ServerProcess], case
 
 
 EXPECTED_STATUS = {
-    "valid": [b"200"], "raw image": [b"200"], "invalid field": [b"422"], "unknown model": [b"404"],
+    "valid": [b"200"], "edit": [b"200"], "edit, invalid box": [b"422"], "raw image": [b"200"],
+    "invalid field": [b"422"], "unknown model": [b"404"],
     "not json": [b"422"], "text/plain": [b"415"], "too many images": [b"422"], "wrong key": [b"401"],
     "body over the cap": [b"413"], "slow body": [b"200"], "client gone mid-body": [],
     "pipelined": [b"200", b"200", b"422", b"200"],

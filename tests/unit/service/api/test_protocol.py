@@ -128,7 +128,7 @@ async def feed(*chunks: bytes, max_body: int = 4096, release: bool = True, fast:
     state = ServiceState(Settings(max_body_bytes=max_body, **limits), engine_factory=None)  # type: ignore[arg-type]
     handler = RecordingHandler(state, recorder)
     common = {"config": config, "server_state": ServerState(), "app_state": {}, "limits": Limits.of(state.settings)}
-    protocol = GenerateProtocol(**common, handler=handler) if fast else ServiceProtocol(**common)
+    protocol = GenerateProtocol(**common, handlers={b"/v1/generate": handler}) if fast else ServiceProtocol(**common)
     protocol.connection_made(Transport())
     if release:
         recorder.release.set()
@@ -152,7 +152,7 @@ def test_a_plain_generate_request_is_answered_by_the_protocol() -> None:
     assert lines[0] == b"HTTP/1.1 200 OK" and body == b"fast"
     assert lines[1:] == [b"content-type: text/plain", b"x-request-id: abc-1", b"content-length: 4"]
     assert not protocol.transport.is_closing()  # keep-alive
-    assert protocol.handler.state.in_flight == 0
+    assert protocol.handlers[b"/v1/generate"].state.in_flight == 0
 
 
 def test_a_body_in_pieces_is_collected_first() -> None:
@@ -179,7 +179,7 @@ def test_a_client_that_leaves_mid_body_is_answered_as_cancelled_and_counted() ->
         recorder, protocol = await feed(post()[:-5])
         protocol.connection_lost(None)
         await settle()
-        return recorder.answered, protocol.transport.written, protocol.handler.state.in_flight  # type: ignore
+        return recorder.answered, protocol.transport.written, protocol.handlers[b"/v1/generate"].state.in_flight  # type: ignore
 
     assert asyncio.run(run()) == (["cancelled"], b"", 0)
 
@@ -218,6 +218,8 @@ LENGTH = [(b"content-length", b"10")]
     ({}, [*LENGTH, (b"transfer-encoding", b"chunked")], False),
     ({0: b"GET"}, LENGTH, False),
     ({1: b"/v1/generate?x=1"}, LENGTH, False),
+    ({1: b"/v1/edit"}, LENGTH, True),
+    ({1: b"/v1/models"}, LENGTH, False),
     ({2: "1.0"}, LENGTH, False),
     ({3: False}, LENGTH, False),  # Connection: close
     ({4: True}, LENGTH, False),  # Upgrade
@@ -259,7 +261,7 @@ def test_a_client_that_leaves_while_answered_is_seen_at_once_and_gets_nothing() 
         protocol.connection_lost(None)
         recorder.release.set()
         await settle()
-        return seen, protocol.transport.written, protocol.handler.state.in_flight  # type: ignore[attr-defined]
+        return seen, protocol.transport.written, protocol.handlers[b"/v1/generate"].state.in_flight  # type: ignore[attr-defined]
 
     assert asyncio.run(run()) == (["gone"], b"", 0)
 
