@@ -55,19 +55,6 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     **_errors(401, 404, 406, 408, 413, 415, 422, 429, 431, 500, 503, 504),
 }
-# The handler reads and validates the body itself (generate.py), so the document states it here.
-GENERATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
-    }
-}
-EDIT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EditRequest"}}},
-    }
-}
 AUTHORIZATION = {"name": "Authorization", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "Bearer API key (when the server has CM_API_KEYS)"}
 
@@ -230,21 +217,28 @@ def _with_request_schema(openapi: Callable[[], dict[str, Any]]) -> Callable[[], 
     return document
 
 
+def _sampling_document(schema: str, guarded: bool) -> dict[str, Any]:
+    """A sampling route's request body (its handler reads and validates it itself, generate.py), and its
+    Authorization header when `guarded`."""
+    body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
+    return {**body, "parameters": [AUTHORIZATION]} if guarded else body
+
+
 def install_routes(app: FastAPI, guarded: bool) -> None:
     """Add the routes to the app itself (an included APIRouter costs an extra route-matching pass per request).
 
     `guarded`: API keys or a rate limit are configured, so the document shows /v1/generate's Authorization header.
     """
-    extra = {**GENERATE_BODY, "parameters": [AUTHORIZATION]} if guarded else GENERATE_BODY
     app.openapi = _with_request_schema(app.openapi)  # type: ignore[method-assign]
     app.add_api_route(
         "/v1/generate", generate, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,
-        summary="Generate images", openapi_extra=extra,
+        summary="Generate images", openapi_extra=_sampling_document("GenerateRequest", guarded),
     )
-    edit_extra = {**EDIT_BODY, "parameters": [AUTHORIZATION]} if guarded else EDIT_BODY
     app.add_api_route(
         "/v1/edit", edit, methods=["POST"], response_model=GenerateResponse, responses=GENERATE_RESPONSES,
-        summary="Edit an image (inpaint, super-resolve, colorize, denoise)", openapi_extra=edit_extra,
+        summary="Edit an image (inpaint, super-resolve, colorize, denoise)",
+        openapi_extra=_sampling_document("EditRequest", guarded),
     )
     app.add_api_route(
         "/v1/models", list_models, methods=["GET"], response_model=ModelsResponse, summary="Served models"
