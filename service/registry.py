@@ -139,7 +139,7 @@ class ServedModel:
     def make_job(self, *, seed: int, n: int, sigmas: list[float], class_label: int | None, deadline: float,
                  **how: Any) -> Job:
         """Image i of the job uses seed + i; the engine thread draws the noise (models.sampling.image_noise).
-        `how`: the Job fields of an edit or an interpolation (task, projection, start, noised_start, interpolation)."""
+        `how`: the Job fields of an edit or an interpolation (task, edit, noised_start, interpolation)."""
         return Job(model=self.name, sigmas=sigmas, seed=seed, n=n, class_label=class_label, deadline=deadline, **how)
 
 

@@ -96,6 +96,7 @@ class Job:
     projection: Projection | None = None  # editing: applied to each evaluation's estimates of the job's images
     start: torch.Tensor | None = None  # (1, C, H, W) the estimate before the first step; None: zeros
     noised_start: bool = True  # False: `start` is x_T itself, not re-noised (denoising: one f(y, σ))
+    edit: Callable[[], tuple[Projection | None, torch.Tensor]] | None = None  # makes (projection, start) in prepare
     interpolation: tuple[int, list[float]] | None = None  # (seed b, α_i): image i's x_T is slerp(seed's, b's, α_i)
     # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
     noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
@@ -134,9 +135,12 @@ class Job:
 
     def prepare(self, engine: EngineLike, schedule: tuple[list[float], list[float]],
                 generator: torch.Generator | None = None) -> None:
-        """Draw every image's noise and label from its seed; runs on the engine thread (`generator`: a CPU
-        generator of that thread's to reseed for each draw, rather than one made per draw)."""
+        """Draw every image's noise and label from its seed, and build an edit's projection and start; runs on the
+        engine thread (`generator`: a CPU generator of that thread's to reseed for each draw, rather than one made
+        per draw)."""
         shape, num_classes, seed = engine.image_shape, engine.num_classes, self.seed
+        if self.edit is not None:
+            self.projection, self.start = self.edit()
         if self.interpolation is not None:  # every image is seed's but for x_T, and takes seed's class label
             self.noise = interpolation_noise((seed, self.interpolation[0]), self.interpolation[1], shape, self.steps,
                                              generator)

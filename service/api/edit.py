@@ -1,8 +1,10 @@
 """POST /v1/edit: a reference image and a task become a Plan of the sampler (CM Algorithm 4, models.editing).
 
 Only this is particular to editing: decoding the image (and mask), checking the task's fields against the model,
-and building the projection. Every other duty (key, rate limit, body, validation, queueing, errors, metrics, the
-response) is GenerateHandler's (generate.py), the same code as /v1/generate's.
+and saying how to build the projection, which the engine thread does as it draws the noise (the event loop does
+no torch work: each torch call is a GIL hand-off with the engine). Every other duty (key, rate limit, body,
+validation, queueing, errors, metrics, the response) is GenerateHandler's (generate.py), the same code as
+/v1/generate's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.editing import colorization, inpainting, super_resolution
+from models.editing import Projection, colorization, inpainting, super_resolution
 
 from ..errors import InvalidRequest
 from ..registry import ServedModel
@@ -56,35 +58,43 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def reference(body: EditRequest, served: ServedModel, scale: int = 1, grey: bool = False) -> torch.Tensor:
-    """The request's image, (C, H/scale, W/scale) in [-1, 1]: in the model's channels, or grey."""
+def reference(body: EditRequest, served: ServedModel, scale: int = 1, grey: bool = False) -> np.ndarray:
+    """The request's image, uint8 (H/scale, W/scale, C): in the model's channels, or grey (C = 1)."""
     c, h, w = served.config.image_shape
     mode = "L" if grey or c == 1 else "RGB"
-    return to_tensor(decode_image(body.image, "image", w // scale, h // scale, mode))
+    return decode_image(body.image, "image", w // scale, h // scale, mode)
 
 
-def regenerated(body: EditRequest, served: ServedModel) -> torch.Tensor:
-    """Ω of inpainting, (H, W): 1 where pixels are regenerated, from `mask` (white) or `box`."""
+def regenerated(body: EditRequest, served: ServedModel) -> np.ndarray:
+    """Ω of inpainting, bool (H, W): True where pixels are regenerated, from `mask` (white) or `box`."""
     _, h, w = served.config.image_shape
     if (body.mask is None) == (body.box is None):
         raise InvalidRequest("inpaint needs either mask (a PNG, white = regenerate) or box [x0, y0, x1, y1]",
                              field="mask" if body.mask is None else "box")
     if body.mask is not None:
-        return torch.from_numpy(decode_image(body.mask, "mask", w, h, "L")[..., 0] > 127).float()
+        return decode_image(body.mask, "mask", w, h, "L")[..., 0] > 127
     assert body.box is not None
     x0, y0, x1, y1 = body.box
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise InvalidRequest(f"box {body.box} must satisfy 0 ≤ x0 < x1 ≤ {w} and 0 ≤ y0 < y1 ≤ {h} (pixels, end "
                              "exclusive)", field="box")
-    omega = torch.zeros(h, w)
-    omega[y0:y1, x0:x1] = 1
+    omega = np.zeros((h, w), dtype=bool)
+    omega[y0:y1, x0:x1] = True
     return omega
 
 
+def projected(build: Callable[[], Projection]) -> Callable[[], tuple[Projection, torch.Tensor]]:
+    """The Job's `edit`: the projection and the start it implies, made when the engine thread prepares the job."""
+    def edit() -> tuple[Projection, torch.Tensor]:
+        projection = build()
+        return projection, projection.start
+    return edit
+
+
 def plan_inpaint(body: EditRequest, served: ServedModel) -> Plan:
-    omega = regenerated(body, served)
-    projection = inpainting(reference(body, served), omega)
-    return Plan("inpaint", body.n, body.seed, how={"projection": projection, "start": projection.start})
+    omega, image = regenerated(body, served), reference(body, served)
+    edit = projected(lambda: inpainting(to_tensor(image), torch.from_numpy(omega)))
+    return Plan("inpaint", body.n, body.seed, how={"edit": edit})
 
 
 def plan_superres(body: EditRequest, served: ServedModel) -> Plan:
@@ -94,8 +104,8 @@ def plan_superres(body: EditRequest, served: ServedModel) -> Plan:
         raise InvalidRequest("superres needs factor (the image is then the model's size / factor)", field="factor")
     if h % p or w % p:
         raise InvalidRequest(f"factor {p} must divide the model's size {w}×{h}", field="factor")
-    projection = super_resolution(reference(body, served, scale=p), p)
-    return Plan("superres", body.n, body.seed, how={"projection": projection, "start": projection.start})
+    low = reference(body, served, scale=p)
+    return Plan("superres", body.n, body.seed, how={"edit": projected(lambda: super_resolution(to_tensor(low), p))})
 
 
 def plan_colorize(body: EditRequest, served: ServedModel) -> Plan:
@@ -103,8 +113,8 @@ def plan_colorize(body: EditRequest, served: ServedModel) -> Plan:
     if channels != 3:
         raise InvalidRequest(f"model {served.name!r} has {channels} channel(s); colorize needs an RGB model",
                              field="task")
-    projection = colorization(reference(body, served, grey=True))
-    return Plan("colorize", body.n, body.seed, how={"projection": projection, "start": projection.start})
+    grey = reference(body, served, grey=True)
+    return Plan("colorize", body.n, body.seed, how={"edit": projected(lambda: colorization(to_tensor(grey)))})
 
 
 def plan_denoise(body: EditRequest, served: ServedModel) -> Plan:
@@ -118,8 +128,9 @@ def plan_denoise(body: EditRequest, served: ServedModel) -> Plan:
     for name in ("steps", "sigmas"):
         if name in body.model_fields_set:
             raise InvalidRequest(f"denoise is one evaluation at sigma; omit {name}", field=name)
-    start = reference(body, served).unsqueeze(0)  # (1, C, H, W)
-    return Plan("denoise", body.n, body.seed, sigmas=[body.sigma], how={"start": start, "noised_start": False})
+    image = reference(body, served)
+    return Plan("denoise", body.n, body.seed, sigmas=[body.sigma], how={"edit": lambda: (None, to_tensor(image)[None]),
+                                                                       "noised_start": False})
 
 
 PLANS: dict[str, Callable[[EditRequest, ServedModel], Plan]] = {

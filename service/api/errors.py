@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -35,7 +36,7 @@ from ..errors import (
     UnknownModel,
     UnsupportedMediaType,
 )
-from ..schemas import GenerateRequest
+from ..schemas import GenerateRequest, Interpolation
 from .requests import Reply
 
 logger = logging.getLogger("cmserve.api")
@@ -76,7 +77,7 @@ HTTP_TYPES = {
     431: "headers_too_large",
     503: "unavailable",
 }
-FIELDS = tuple(GenerateRequest.model_fields)
+NESTED: dict[str, type[BaseModel]] = {"interpolate": Interpolation}  # request fields that are objects
 
 
 def error_reply(status: int, type_: str, message: str, field: str | None = None,
@@ -114,11 +115,18 @@ def service_error_reply(error: ServiceError) -> Reply:
 
 
 def _field_name(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'sigmas', 2) -> 'sigmas[2]'; union member tags ('int', 'str') are dropped; the body -> None."""
+    """('body', 'sigmas', 2) -> 'sigmas[2]', ('interpolate', 'alphas', 0) -> 'interpolate.alphas[0]'; union member
+    tags ('int', 'str') are dropped; the body -> None."""
     parts = [p for p in loc if p != "body"]
     if not parts or not isinstance(parts[0], str):
         return None
-    return parts[0] + "".join(f"[{p}]" for p in parts[1:] if isinstance(p, int))
+    name, model = parts[0], NESTED.get(parts[0])
+    for part in parts[1:]:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif model is not None and part in model.model_fields:
+            name += f".{part}"
+    return name
 
 
 def _shown(value: Any) -> str:
@@ -126,8 +134,10 @@ def _shown(value: Any) -> str:
     return f" (got {text})" if len(text) <= 80 else ""
 
 
-def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """A message naming the first bad field, the value and what is allowed; and that field.
+def describe_validation_error(errors: list[dict[str, Any]],
+                              schema: type[BaseModel] = GenerateRequest) -> tuple[str, str | None]:
+    """A message naming the first bad field, the value and what is allowed (`schema`: the request's model); and
+    that field.
 
     Several errors for one field (a value that fits no member of a union) are joined with 'or'.
     """
@@ -137,9 +147,13 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
         return f"request body is not valid JSON: {error.get('ctx', {}).get('error', msg)}", None
     field = _field_name(loc)
     if field is None:
-        return "request body must be a JSON object with the fields " + ", ".join(FIELDS), None
+        return "request body must be a JSON object with the fields " + ", ".join(schema.model_fields), None
     if kind == "extra_forbidden":
-        return f"{field}: unknown field; allowed fields: {', '.join(FIELDS)}", field
+        outer = NESTED.get(str(loc[-2])) if len(loc) > 1 else None  # an unknown key inside a nested object
+        if outer is not None:
+            field = f"{field}.{loc[-1]}"
+        allowed = (outer or schema).model_fields
+        return f"{field}: unknown field; allowed fields: {', '.join(allowed)}", field
     same = [e for e in errors if _field_name(tuple(e.get("loc", ()))) == field]
     msgs = dict.fromkeys(str(e.get("msg", "invalid")).removeprefix("Value error, ") for e in same)
     message = f"{field}: {' or '.join(msgs)}{_shown(error.get('input'))}"

@@ -72,7 +72,7 @@ class Plan:
     n: int
     seed: int | None  # None: random
     sigmas: list[float] | None = None  # a schedule the task fixes (denoise: [σ]); None: steps or sigmas
-    how: dict[str, Any] = field(default_factory=dict)  # further Job fields (projection, start, interpolation, …)
+    how: dict[str, Any] = field(default_factory=dict)  # further Job fields (edit, noised_start, interpolation)
     alphas: list[float] | None = None  # interpolate: every image has seed a and its own α
 
 
@@ -228,7 +228,7 @@ def parse_request(body: bytes, content_type: str | None, schema: type[SamplingRe
     try:
         return schema.model_validate_json(body.removeprefix(UTF8_BOM))
     except ValidationError as e:
-        message, field = describe_validation_error(e.errors(include_url=False))
+        message, field = describe_validation_error(e.errors(include_url=False), schema)
         raise InvalidRequest(message, field=field) from None
 
 

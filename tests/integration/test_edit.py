@@ -242,8 +242,9 @@ async def test_interpolation_ends_are_the_seeds_images_and_points_are_the_same_a
     [
         ({"seeds": [1, 2]}, {}, "interpolate"),  # neither points nor alphas
         ({"seeds": [1, 2], "points": 3, "alphas": [0.5]}, {}, "interpolate"),
-        ({"seeds": [1], "points": 3}, {}, "interpolate"),
-        ({"seeds": [1, 2], "alphas": [1.5]}, {}, "interpolate[0]"),
+        ({"seeds": [1], "points": 3}, {}, "interpolate.seeds"),
+        ({"seeds": [1, 2], "alphas": [1.5]}, {}, "interpolate.alphas[0]"),
+        ({"seeds": [1, 2], "points": 3, "step": 1}, {}, "interpolate.step"),
         ({"seeds": [1, 2], "points": 3}, {"seed": 4}, "seed"),
         ({"seeds": [1, 2], "points": 3}, {"n": 2}, "n"),
         ({"seeds": [1, 2], "points": 1000}, {}, "n"),  # more images than a request may have

@@ -17,14 +17,14 @@ from service.api.negotiate import choose_representation
 from service.api.security import ANONYMOUS, ApiKeys, RateLimiter
 from service.encode import encode_image, encode_png
 from service.errors import InvalidRequest, NotAcceptable, RateLimited, Unauthorized
-from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse
+from service.schemas import MAX_SEED, EditRequest, GenerateRequest, GenerateResponse, SamplingRequest
 
 
-def first_error(body: dict) -> tuple[str, str | None]:
+def first_error(body: dict, schema: type[SamplingRequest] = GenerateRequest) -> tuple[str, str | None]:
     with pytest.raises(ValidationError) as e:
-        GenerateRequest.model_validate_json(json.dumps(body))
+        schema.model_validate_json(json.dumps(body))
     errors = [{**error, "loc": ("body", *error["loc"])} for error in e.value.errors()]  # as FastAPI reports them
-    return describe_validation_error(errors)
+    return describe_validation_error(errors, schema)
 
 
 def test_defaults() -> None:
@@ -58,6 +58,26 @@ def test_invalid_fields_are_named(body: dict, field: str, text: str) -> None:
     message, named = first_error(body)
     assert named == field
     assert message.startswith(f"{field}: ") and text in message
+
+
+@pytest.mark.parametrize(
+    ("body", "schema", "field", "text"),
+    [
+        ({"interpolate": {"seeds": [1, 2], "alphas": [0.5, 2]}}, GenerateRequest, "interpolate.alphas[1]",
+         "less than or equal to 1"),
+        ({"interpolate": {"seeds": [1, "x"], "points": 3}}, GenerateRequest, "interpolate.seeds[1]", "valid integer"),
+        ({"interpolate": {"seeds": [1, 2], "points": 3, "step": 1}}, GenerateRequest, "interpolate.step",
+         "unknown field; allowed fields: seeds, points, alphas"),
+        ({"image": "x", "task": "inpaint", "colour": 1}, EditRequest, "colour", "allowed fields: model, n, steps"),
+    ],
+)
+def test_nested_fields_and_each_endpoints_own_fields_are_named(body: dict, schema: type[SamplingRequest], field: str,
+                                                               text: str) -> None:
+    message, named = first_error(body, schema)
+    assert named == field
+    assert message.startswith(f"{field}: ") and text in message
+    if schema is EditRequest:
+        assert all(name in message for name in ("image", "task", "mask", "box", "factor"))
 
 
 def test_non_finite_sigmas_are_invalid() -> None:
