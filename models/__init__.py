@@ -5,6 +5,7 @@ from .checkpoint import CheckpointError, CheckpointMeta, LoadedCheckpoint, load,
 from .config import PRESETS, ModelConfig, preset
 from .consistency import BACKBONES, ConsistencyModel, boundary_scalings, noise_conditioning
 from .convert import ConvertError, load_folder
+from .denoiser import Denoiser, heun_sample, sample_heun
 from .sampling import default_sigmas, karras_sigmas, multistep_sample, sample, to_uint8
 from .unet import UNet
 
@@ -16,11 +17,13 @@ __all__ = [
     "CheckpointMeta",
     "ConsistencyModel",
     "ConvertError",
+    "Denoiser",
     "LoadedCheckpoint",
     "ModelConfig",
     "UNet",
     "boundary_scalings",
     "default_sigmas",
+    "heun_sample",
     "karras_sigmas",
     "load",
     "load_folder",
@@ -29,6 +32,7 @@ __all__ = [
     "preset",
     "recommended_sigmas",
     "sample",
+    "sample_heun",
     "save",
     "to_uint8",
 ]

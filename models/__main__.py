@@ -17,6 +17,7 @@ from .cli import OneLineParser
 from .config import PRESETS, ModelConfig, preset
 from .consistency import ConsistencyModel
 from .convert import LAUNCH_TWO_STEP, OPENAI_PRESETS, convert
+from .denoiser import heun_evaluations, sample_heun
 from .sampling import sample, to_uint8
 
 
@@ -68,13 +69,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from PIL import Image
 
     ck = load(args.checkpoint)
-    sigmas = recommended_sigmas(ck.meta, args.steps)
-    images = to_uint8(sample(ck.model, [args.seed + i for i in range(args.n)], sigmas))
+    seeds = [args.seed + i for i in range(args.n)]
+    if ck.meta.config.kind == "denoiser":  # EDM Algorithm 1: --steps Heun steps, 2·steps − 1 evaluations
+        images = to_uint8(sample_heun(ck.model, seeds, args.steps))
+        how = f"Heun, {heun_evaluations(args.steps)} evaluations"
+    else:
+        sigmas = recommended_sigmas(ck.meta, args.steps)
+        images = to_uint8(sample(ck.model, seeds, sigmas))
+        how = f"sigmas {sigmas}"
     grid = image_grid(images, columns=min(args.n, 8))
     scale = max(1, 256 // grid.shape[1])
     pil = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
     pil.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(args.out)
-    print(f"wrote {args.n} images ({args.steps} step(s), sigmas {sigmas}) to {args.out}")
+    print(f"wrote {args.n} images ({args.steps} step(s), {how}) to {args.out}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .unet import add_augment_labels
 
 NORM_EPS = 1e-5  # cm/nn.py normalization(): GroupNorm32(32, channels), torch's default eps
 MAX_PERIOD = 10000  # cm/nn.py timestep_embedding
@@ -161,9 +162,19 @@ class ADMUNet(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(cfg.num_groups, ch, eps=NORM_EPS), nn.SiLU(), nn.Conv2d(ch, cfg.image_channels, 3, padding=1)
         )
+        # EDM's augmentation labels (not in OpenAI's checkpoints, which have augment_dim 0), added to the noise
+        # embedding; bias-free and zero, so that it starts as a no-op.
+        if cfg.augment_dim:
+            self.augment_emb = nn.Linear(cfg.augment_dim, mc, bias=False)
+            nn.init.zeros_(self.augment_emb.weight)
+        else:
+            self.augment_emb = None
 
-    def embed(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(c_noise, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+    def embed(
+        self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        noise = timestep_embedding(c_noise, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)  # (B, mc)
+        emb = self.time_embed(add_augment_labels(noise, self.augment_emb, augment_labels))
         if self.cfg.num_classes:
             if class_labels is None:
                 raise ValueError("this model is class-conditional: class_labels are required")
@@ -172,8 +183,14 @@ class ADMUNet(nn.Module):
             raise ValueError("this model is unconditional: class_labels must be None")
         return emb  # (B, emb_ch)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(c_noise, class_labels)
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,  # (B, augment_dim); None = no augmentation (sampling)
+    ) -> torch.Tensor:
+        emb = self.embed(c_noise, class_labels, augment_labels)
         skips = []
         h = x
         for block in self.input_blocks:

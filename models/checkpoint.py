@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 
 from .config import ConfigError, ModelConfig, is_int, is_number
 from .consistency import ConsistencyModel
+from .denoiser import Denoiser
 from .sampling import default_sigmas, validate_sigmas
 
 FORMAT = "cmserve-checkpoint"
@@ -46,6 +47,10 @@ STORED_DTYPE_NAME = "F32"  # its safetensors name
 META_KEYS = ("format_version", "preset", "architecture", "sigma", "data_shape", "num_classes", "class_names",
              "training_step", "schedules", "provenance")
 JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+WRAPPERS: dict[str, type[ConsistencyModel] | type[Denoiser]] = {  # ModelConfig.kind -> what wraps the backbone
+    "consistency": ConsistencyModel,
+    "denoiser": Denoiser,
+}
 
 
 class CheckpointError(ValueError):
@@ -271,7 +276,7 @@ def schedules_from(schedules: Any) -> dict[int, Any]:
 
 @dataclass
 class LoadedCheckpoint:
-    model: ConsistencyModel
+    model: ConsistencyModel | Denoiser  # as meta.config.kind says
     meta: CheckpointMeta
     path: Path
     sha256: str
@@ -279,7 +284,7 @@ class LoadedCheckpoint:
 
 def save(
     path: str | os.PathLike[str],
-    model: ConsistencyModel,
+    model: ConsistencyModel | Denoiser,
     *,
     preset: str | None = None,
     class_names: list[str] | None = None,
@@ -288,6 +293,8 @@ def save(
     provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights + config atomically: a temporary file in the same folder, fsync, rename."""
+    if not isinstance(model, WRAPPERS[model.cfg.kind]):  # the file would load as another kind of model
+        raise ValueError(f"a {type(model).__name__} cannot be saved with config kind {model.cfg.kind!r}")
     meta = CheckpointMeta(
         config=model.cfg,
         preset=preset,
@@ -387,11 +394,24 @@ def read_meta(data: bytes, name: str = "file") -> CheckpointMeta:
     return meta_from_header(parse_header(data[8 : 8 + n], name), name)
 
 
-def skeleton(cfg: ModelConfig, name: str) -> ConsistencyModel:
+def read_meta_file(path: str | os.PathLike[str]) -> CheckpointMeta:
+    """A checkpoint file's metadata from its header alone (the weights are not read or checked)."""
+    name = str(path)
+    try:
+        with Path(path).open("rb") as f:
+            prefix = f.read(8)
+            n = header_length(prefix, os.fstat(f.fileno()).st_size, name)
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot read ({e.strerror or e})") from None
+    return meta_from_header(parse_header(raw, name), name)
+
+
+def skeleton(cfg: ModelConfig, name: str) -> ConsistencyModel | Denoiser:
     """The network `cfg` implies, on the meta device: names and shapes without memory, its size capped."""
     try:
         with torch.device("meta"):
-            model = ConsistencyModel.from_config(cfg)
+            model = WRAPPERS[cfg.kind].from_config(cfg)
     except (ValueError, RuntimeError) as e:  # a unet GroupNorm whose width min(num_groups, width/4) does not divide
         raise CheckpointError(f"{name}: config.architecture.num_groups {cfg.num_groups}: the network cannot be "
                               f"built ({e})") from None
@@ -444,7 +464,7 @@ def check_header_tensors(header: dict[str, Any], expected: dict[str, torch.Size]
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def read_checked(f: IO[bytes], name: str) -> tuple[CheckpointMeta, ConsistencyModel, bytes]:
+def read_checked(f: IO[bytes], name: str) -> tuple[CheckpointMeta, ConsistencyModel | Denoiser, bytes]:
     """Header first, everything in it checked; then the whole file, which must still start with that header."""
     st = os.fstat(f.fileno())
     if not stat.S_ISREG(st.st_mode):

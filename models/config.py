@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 Embedding = Literal["fourier", "positional"]
 Backbone = Literal["unet", "adm"]
+Kind = Literal["consistency", "denoiser"]
 EMBEDDINGS = ("fourier", "positional")
 BACKBONES = ("unet", "adm")
+KINDS = ("consistency", "denoiser")
 
 # Limits a config must stay within: a checkpoint header is untrusted input, and the service warms every batch
 # bucket up at the model's image size, so sizes are bounded before any network is built.
@@ -30,6 +32,7 @@ MAX_EMB_MULT = 16  # emb_mult
 MAX_SIGMA = 1e4  # sigma_min, sigma_max, sigma_data (EDM uses 80)
 MAX_RHO = 100.0
 MAX_FOURIER_SCALE = 1e3  # NCSN++ used 16, iCT 0.02
+MAX_AUGMENT_DIM = 64  # augment_dim; EDM's pipeline has 9 labels
 
 INT_FIELDS: dict[str, tuple[int, int]] = {  # field -> inclusive range
     "image_channels": (1, MAX_IMAGE_CHANNELS),
@@ -40,6 +43,7 @@ INT_FIELDS: dict[str, tuple[int, int]] = {  # field -> inclusive range
     "num_classes": (0, MAX_CLASSES),
     "emb_mult": (1, MAX_EMB_MULT),
     "num_groups": (1, MAX_CHANNELS),
+    "augment_dim": (0, MAX_AUGMENT_DIM),
 }
 FLOAT_FIELDS: dict[str, tuple[float, bool, float, bool]] = {  # field -> (low, low allowed, high, high allowed)
     "dropout": (0.0, True, 1.0, False),
@@ -53,7 +57,7 @@ TUPLE_FIELDS: dict[str, tuple[int, int, int]] = {  # field -> (least entries, mo
     "channel_mult": (1, MAX_LEVELS, MAX_CHANNELS),
     "attn_resolutions": (0, MAX_LEVELS, MAX_IMAGE_SIZE),
 }
-CHOICE_FIELDS: dict[str, tuple[str, ...]] = {"backbone": BACKBONES, "embedding": EMBEDDINGS}
+CHOICE_FIELDS: dict[str, tuple[str, ...]] = {"backbone": BACKBONES, "embedding": EMBEDDINGS, "kind": KINDS}
 
 
 class ConfigError(ValueError):
@@ -125,6 +129,8 @@ class ModelConfig:
     sigma_max: float = 80.0
     sigma_data: float = 0.5
     rho: float = 7.0
+    augment_dim: int = 0  # augmentation labels fed to the noise embedding (EDM: 9); 0 = none, as older checkpoints
+    kind: Kind = "consistency"  # what wraps the backbone: f_θ (models/consistency.py) or EDM's D_θ (models/denoiser.py)
 
     def __post_init__(self) -> None:
         fields = dataclasses.fields(self)

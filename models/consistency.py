@@ -50,6 +50,7 @@ class ConsistencyModel(nn.Module):
         x: torch.Tensor,
         sigma: torch.Tensor | float,
         class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,  # (B, augment_dim) in training; None when sampling
     ) -> torch.Tensor:
         # σ in fp32 whatever the activations' dtype: σ_min - σ_min is then exactly 0, c_skip exactly 1.
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -60,7 +61,7 @@ class ConsistencyModel(nn.Module):
         scalings = boundary_scalings(sigma, self.sigma_min, self.sigma_data)
         c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in scalings)  # each (B, 1, 1, 1)
         c_noise = noise_conditioning(sigma, self.cfg.embedding)
-        f_x = self.backbone((c_in * x).to(x.dtype), c_noise, class_labels)
+        f_x = self.backbone((c_in * x).to(x.dtype), c_noise, class_labels, augment_labels)
         return (c_skip * x + c_out * f_x.to(torch.float32)).to(x.dtype)
 
     def num_parameters(self) -> int:

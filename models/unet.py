@@ -28,6 +28,17 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+def add_augment_labels(
+    noise_emb: torch.Tensor, layer: nn.Module | None, augment_labels: torch.Tensor | None
+) -> torch.Tensor:
+    """noise_emb + layer(augment_labels) (EDM's map_augment); None labels mean no augmentation, i.e. zeros."""
+    if augment_labels is None:
+        return noise_emb
+    if layer is None:
+        raise ValueError("this model has no augmentation input (augment_dim 0): augment_labels must be None")
+    return noise_emb + layer(augment_labels.to(noise_emb.dtype))
+
+
 class FourierEmbedding(nn.Module):
     """Random Fourier features of c_noise (NCSN++); iCT §3.2 sets the scale to 0.02."""
 
@@ -169,9 +180,15 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch, cfg.num_groups)
         self.conv_out = zero_init(nn.Conv2d(ch, cfg.image_channels, 3, padding=1))
+        # EDM's augmentation labels, added to the noise embedding; made last so that the other layers draw the
+        # same initial weights as without it, and zero so that it starts as a no-op.
+        self.augment_emb = zero_init(nn.Linear(cfg.augment_dim, mc, bias=False)) if cfg.augment_dim else None
 
-    def embed(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        emb = F.silu(self.map0(self.noise_emb(c_noise)))  # (B, emb_ch)
+    def embed(
+        self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        noise = add_augment_labels(self.noise_emb(c_noise), self.augment_emb, augment_labels)  # (B, mc)
+        emb = F.silu(self.map0(noise))  # (B, emb_ch)
         if self.label_emb is not None:
             if class_labels is None:
                 raise ValueError("this model is class-conditional: class_labels are required")
@@ -180,8 +197,14 @@ class UNet(nn.Module):
             raise ValueError("this model is unconditional: class_labels must be None")
         return F.silu(self.map1(emb))
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(c_noise, class_labels)
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,  # (B, augment_dim); None = no augmentation (sampling)
+    ) -> torch.Tensor:
+        emb = self.embed(c_noise, class_labels, augment_labels)
         h = self.conv_in(x)
         skips = [h]
         for block in self.enc:

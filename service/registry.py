@@ -54,7 +54,7 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
 
 
 def check_model_files(settings: Settings) -> list[ModelSpec]:
-    """Fail early, with a clear message, when a configured model file is missing."""
+    """Fail early, with a clear message, when a configured model file is missing or is a denoiser."""
     specs = model_specs(settings)
     if not settings.models and not EMBEDDED_DEFAULT.is_file():
         raise ModelFilesError(
@@ -65,7 +65,24 @@ def check_model_files(settings: Settings) -> list[ModelSpec]:
     missing = [f"{s.name}={s.path}" for s in specs if not (s.path.is_file() or s.path.is_dir())]
     if missing:
         raise ModelFilesError(f"CM_MODELS names files that do not exist: {', '.join(missing)}")
+    for spec in specs:
+        if spec.path.is_file():
+            try:
+                meta = checkpoint.read_meta_file(spec.path)
+            except checkpoint.CheckpointError:
+                continue  # a broken file is reported when it is loaded, and the others are served
+            check_kind(spec, meta.config)
     return specs
+
+
+def check_kind(spec: ModelSpec, cfg: ModelConfig) -> None:
+    """Only consistency models are served: a denoiser (training --recipe edm) needs a Heun sampler we do not run."""
+    if cfg.kind != "consistency":
+        raise ModelFilesError(
+            f"model {spec.name}: {spec.path} is an EDM denoiser (config kind {cfg.kind!r}), not a consistency model, "
+            "and cannot be served; tune or distil one from it (python -m training.train --recipe ect --init FILE, "
+            "or --recipe cd --teacher-model FILE) and serve that"
+        )
 
 
 @dataclass
@@ -191,6 +208,7 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
     """Read a checkpoint or folder (no pickle), build its engine on the configured device and warm it up."""
     device = resolve_device(settings.device)
     loaded = read_model(spec.path)
+    check_kind(spec, loaded.meta.config)
     engine = engine_factory(
         loaded.model,
         device=device,

@@ -22,10 +22,11 @@ from typing import Any, Literal, get_args, get_origin
 from models.cli import CliError
 from models.config import ModelConfig, preset
 
+from .augment import AUGMENT_DIM
 from .recipe import TECHNIQUE_FLAGS, Curriculum, Distance, Recipe, Teacher, Timesteps, Weighting, recipe
 
 PresetName = Literal["digits", "cifar10", "imagenet64"]  # the keys of models.config.PRESETS
-RecipeName = Literal["ict", "ct"]  # the keys of training.recipe.RECIPES
+RecipeName = Literal["ict", "ct", "edm", "ect", "cd"]  # the keys of training.recipe.RECIPES
 Precision = Literal["fp32", "bf16", "fp16"]
 DeviceRequest = Literal["auto", "cpu", "cuda"]
 ClassCond = Literal["auto", "yes", "no"]
@@ -59,6 +60,8 @@ class RunConfig:
     out: str  # the run folder
     preset: PresetName = "digits"
     data: str = "digits"  # digits | cifar10:PATH | folder:PATH
+    data_fraction: float = 1.0  # train on this fixed, seeded fraction of the data (small-data experiments)
+    augment: float = 0.0  # EDM augmentation: probability p of each op (EDM: 0.12), labels fed to the model; 0 = off
     steps: int = 6000  # K, the total iterations (the curriculum's horizon)
     batch: int = 128  # global batch, split across ranks
     lr: float = 1e-3  # RAdam learning rate
@@ -85,13 +88,19 @@ class RunConfig:
     s0: int | None = None  # curriculum start
     s1: int | None = None  # curriculum end
     mu0: float | None = None  # EMA-teacher decay at N = s0 (CT)
+    huber_c: float | None = None  # pseudo-Huber c; None = iCT's 0.00054·√d
     model_channels: int | None = None  # preset override
     num_res_blocks: int | None = None  # preset override
     class_cond: ClassCond = "auto"  # auto: conditional when the preset is and the data have labels
     mid_sigma: float = DEFAULT_MID_SIGMA  # middle σ of the recommended 2-step schedule
+    init: str | None = None  # ECT: the pretrained denoiser to tune, a run folder (its newest checkpoint) or a file
+    teacher_model: str | None = None  # CD: the pretrained denoiser to distil, a file or a run folder
+    ect_stages: int | None = None  # ECT: stages of the mapping function over the run (default 8)
+    cd_levels: int | None = None  # CD: Karras levels N of the teacher's steps (default 18; CM: 40 on ImageNet 64)
 
     def recipe_obj(self) -> Recipe:
-        overrides = {f: getattr(self, f) for f in (*TECHNIQUE_FLAGS.values(), "s0", "s1", "mu0")}
+        fields = (*TECHNIQUE_FLAGS.values(), "s0", "s1", "mu0", "huber_c", "ect_stages", "cd_levels")
+        overrides = {f: getattr(self, f) for f in fields}
         return recipe(self.recipe, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +110,8 @@ class RunConfig:
 # The allowed range of each numeric option: (test, what the error says is allowed).
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": (lambda v: v >= 1, ">= 1"),
+    "data_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "augment": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
     "batch": (lambda v: v >= 1, ">= 1"),
     "lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -112,8 +123,32 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stop_after": (lambda v: v is None or v >= 1, ">= 1"),
     "model_channels": (lambda v: v is None or v >= 4, ">= 4"),
     "num_res_blocks": (lambda v: v is None or v >= 1, ">= 1"),
+    "huber_c": (lambda v: v is None or (v > 0 and math.isfinite(v)), "> 0"),
     "mid_sigma": (lambda v: 0.002 < v < 80, "strictly between sigma_min and sigma_max"),
+    "ect_stages": (lambda v: v is None or v >= 1, ">= 1"),
+    "cd_levels": (lambda v: v is None or v >= 2, ">= 2"),
 }
+# Options only some recipes read: option -> those recipes. The others refuse them rather than ignore them.
+CONSISTENCY_TRAINING = ("ict", "ct")
+RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "init": ("ect",),
+    "ect_stages": ("ect",),
+    "teacher_model": ("cd",),
+    "cd_levels": ("cd",),
+    "curriculum": CONSISTENCY_TRAINING,
+    "s0": CONSISTENCY_TRAINING,
+    "s1": CONSISTENCY_TRAINING,
+    "timesteps": (*CONSISTENCY_TRAINING, "cd"),  # CD: the law of the level index on its fixed grid
+    "weighting": (*CONSISTENCY_TRAINING, "cd"),
+    "teacher": (*CONSISTENCY_TRAINING, "cd"),  # CD: the target, the stop-gradient student or θ⁻ (EMA, μ = --mu0)
+    "mu0": (*CONSISTENCY_TRAINING, "cd"),
+    "distance": (*CONSISTENCY_TRAINING, "ect", "cd"),
+    "huber_c": (*CONSISTENCY_TRAINING, "ect", "cd"),
+}
+# Recipes that start from a pretrained denoiser: recipe -> the option naming it. Their architecture is the
+# denoiser's, so the options that would change it are refused.
+PRETRAINED_OPTIONS: dict[str, str] = {"ect": "init", "cd": "teacher_model"}
+ARCHITECTURE_OPTIONS = ("model_channels", "num_res_blocks", "fourier_scale")
 
 
 def flag(name: str) -> str:
@@ -162,6 +197,27 @@ def validate(cfg: RunConfig, origin: Mapping[str, str] | None = None) -> None:
         cfg.recipe_obj()
     except ValueError as e:
         raise ConfigError(f"{e} (see --recipe and the technique flags)") from None
+    validate_recipe_options(cfg)
+
+
+def validate_recipe_options(cfg: RunConfig) -> None:
+    """Options only with the recipes that read them; --init and --teacher-model, which ECT and CD need, must exist."""
+    for name, readers in RECIPE_OPTIONS.items():
+        if getattr(cfg, name) is not None and cfg.recipe not in readers:
+            allowed = " or ".join(readers)
+            raise ConfigError(f"{flag(name)} is only used with --recipe {allowed}, not --recipe {cfg.recipe}")
+    option = PRETRAINED_OPTIONS.get(cfg.recipe)
+    if option is None:
+        return
+    path = getattr(cfg, option)
+    if path is None:
+        raise ConfigError(f"--recipe {cfg.recipe} needs {flag(option)} RUN_OR_FILE: the pretrained denoiser (a "
+                          "--recipe edm run folder or its exported .safetensors file)")
+    if not Path(path).exists():
+        raise ConfigError(f"{flag(option)} {path}: no such file or run folder")
+    for name in ARCHITECTURE_OPTIONS:
+        if getattr(cfg, name) is not None:
+            raise ConfigError(f"{flag(name)}: --recipe {cfg.recipe} keeps the architecture of {flag(option)} {path}")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -208,6 +264,8 @@ def model_config(cfg: RunConfig, rec: Recipe, num_data_classes: int) -> ModelCon
     for name in ("model_channels", "num_res_blocks"):
         if getattr(cfg, name) is not None:
             changes[name] = getattr(cfg, name)
+    if cfg.augment > 0:
+        changes["augment_dim"] = AUGMENT_DIM  # the model is conditioned on the augmentation labels
     if cfg.class_cond == "yes" and not num_data_classes:
         raise ConfigError(f"--class-cond yes needs labelled data; --data {cfg.data} has no labels")
     conditional = cfg.class_cond == "yes" or (cfg.class_cond == "auto" and base.num_classes > 0)
@@ -219,5 +277,7 @@ def model_config(cfg: RunConfig, rec: Recipe, num_data_classes: int) -> ModelCon
 
 
 def schedules(cfg: RunConfig, model_cfg: ModelConfig) -> dict[int, list[float]]:
-    """The recommended σ lists by step count: {1: [σ_max], 2: [σ_max, mid]}."""
+    """The recommended σ lists by step count: {1: [σ_max], 2: [σ_max, mid]}; none for a denoiser (Heun samples it)."""
+    if model_cfg.kind == "denoiser":
+        return {}
     return {1: [model_cfg.sigma_max], 2: [model_cfg.sigma_max, cfg.mid_sigma]}

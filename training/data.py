@@ -19,6 +19,7 @@ from models.cli import CliError
 
 DIGITS_SEED = 20231014  # fixes the digits train/held-out split once and for all
 DIGITS_HELDOUT_FRACTION = 0.2
+SUBSET_SEED = 20240519  # fixes which images a --data-fraction run trains on, whatever its --seed
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -211,6 +212,18 @@ def load_data(spec: str, image_size: int, image_channels: int) -> Dataset:
     if shape != want:
         raise DataError(f"{spec}: images are {shape}, the model preset needs {want}")
     return data
+
+
+def subset(data: Dataset, fraction: float) -> Dataset:
+    """A fixed, seeded `fraction` of the images (per class when labelled, at least one each); all of them at 1."""
+    if fraction >= 1:
+        return data
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(SUBSET_SEED))
+    groups = [perm] if data.labels is None else [perm[data.labels[perm] == c] for c in data.labels.unique()]
+    keep = torch.cat([g[: max(1, round(fraction * len(g)))] for g in groups]).sort().values
+    labels = data.labels[keep] if data.labels is not None else None
+    name = f"{data.name}[{fraction:g}]"
+    return Dataset(data.images[keep], labels, data.class_names, data.flip, name)
 
 
 def global_batch_indices(seed: int, position: int, batch: int, n: int) -> torch.Tensor:

@@ -4,11 +4,14 @@
     python -m training.evaluate CHECKPOINT --inception-weights pt_inception-2015-12-05-6726825d.pth \
         [--data cifar10:PATH | folder:PATH]
     python -m training.evaluate CHECKPOINT --search-mid-sigma [--search-samples 500 --search-iters 8]
+    python -m training.evaluate CHECKPOINT --memorisation
+    python -m training.evaluate DENOISER --heun-steps 10,18  # an EDM denoiser: Heun with 19 and 35 evaluations
 
 Digits checkpoints (1x8x8) are scored by the Fréchet distance to the held-out digits in the feature space
 of a small classifier trained on the digits training split (training/features.py), next to the floor:
 the same distance between the held-out and the training split. With a local Inception-v3 weights file,
-FID is reported too (real images: the held-out digits, or `--data`). Nothing is downloaded.
+FID is reported too (real images: the held-out digits, or `--data`). Nothing is downloaded. `--memorisation`
+adds, for digits checkpoints, the nearest-training-digit distance ratio (≈1: new digits, ≪1: copies).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +31,13 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from models.checkpoint import CheckpointError, LoadedCheckpoint, load, recommended_sigmas, save
+from models.checkpoint import CheckpointError, CheckpointMeta, LoadedCheckpoint, load, recommended_sigmas, save
 from models.cli import OneLineParser
 from models.config import ModelConfig
+from models.denoiser import heun_evaluations, heun_sigmas, sample_heun
 from models.sampling import sample, validate_sigmas
 
-from .data import DataError, digits_split, load_data
+from .data import DataError, digits_split, load_data, load_digits_train, subset
 from .features import (
     InceptionWeightsError,
     TrainedClassifier,
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 
 DIGITS_SHAPE = (1, 8, 8)
 SEED_SPACE = 2**62  # per-image sampling seeds are drawn from [0, 2^62)
+DEFAULT_STEPS = (1, 2)  # a consistency model's step counts
+DEFAULT_HEUN_STEPS = (18,)  # a denoiser's: EDM's CIFAR-10 setting, 35 evaluations
 
 
 class EvaluationError(ValueError):
@@ -84,6 +90,24 @@ def frechet_distance(
     diff = mu1 - mu2
     # d² = ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def nearest_distances(images: torch.Tensor, reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N,) L2 distance of each image to its nearest image of `reference`, in float64 pixel space."""
+    ref = reference.flatten(1).double()  # (M, D)
+    parts = [
+        torch.cdist(part.flatten(1).double(), ref, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        for part in images.split(chunk)
+    ]  # each (chunk,)
+    return torch.cat(parts)
+
+
+def memorisation_ratio(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor) -> float:
+    """Mean nearest-training-image distance of generated images over that of held-out real images.
+
+    ≈ 1: samples are as far from the training set as new real images are; ≪ 1: samples copy training images.
+    """
+    return float(nearest_distances(generated, train).mean() / nearest_distances(heldout, train).mean())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,6 +177,17 @@ def real_images_for_fid(data: str | None, cfg: ModelConfig) -> tuple[torch.Tenso
     return dataset.images, data
 
 
+def memorisation_images(meta: CheckpointMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training images, held-out images) for a digits checkpoint: the split it trained on (its data fraction)."""
+    cfg, prov = meta.config, meta.provenance
+    if cfg.image_shape != DIGITS_SHAPE or prov.get("data", "digits") != "digits":
+        raise EvaluationError(
+            f"--memorisation: only for checkpoints trained on digits; this one is "
+            f"{'x'.join(map(str, cfg.image_shape))} trained on {prov.get('data')!r}"
+        )
+    return subset(load_digits_train(), prov.get("data_fraction", 1.0)).images, digits_split()[2]
+
+
 def inception_reference(
     weights: str | Path, data: str | None, cfg: ModelConfig, device: torch.device, batch: int
 ) -> Reference:
@@ -204,13 +239,60 @@ def generate(
     ck: LoadedCheckpoint, sigmas: Sequence[float], n: int, seed: int, batch: int, device: torch.device
 ) -> torch.Tensor:
     """n images (N, C, H, W) in [-1, 1] on the CPU; the same seed gives the same x_T for every schedule."""
+    return generate_with(
+        lambda s, y: sample(ck.model, s, sigmas, y, device=device), ck.meta.num_classes, n, seed, batch
+    )
+
+
+def generate_heun(
+    ck: LoadedCheckpoint, steps: int, n: int, seed: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """n images of a denoiser by EDM's Heun sampler (2·steps − 1 evaluations), from the x_T `generate` uses."""
+    return generate_with(
+        lambda s, y: sample_heun(ck.model, s, steps, y, device=device), ck.meta.num_classes, n, seed, batch
+    )
+
+
+def generate_with(
+    draw: Callable[[list[int], list[int] | None], torch.Tensor], num_classes: int, n: int, seed: int, batch: int
+) -> torch.Tensor:
+    """n images from `draw(seeds, labels)`, `batch` at a time, with the evaluation's seeds and balanced labels."""
     seeds = generation_seeds(n, seed)
-    labels = balanced_labels(n, ck.meta.num_classes, seed)
+    labels = balanced_labels(n, num_classes, seed)
     parts = []
     for start in range(0, n, batch):
         chunk_labels = labels[start : start + batch] if labels is not None else None
-        parts.append(sample(ck.model, seeds[start : start + batch], sigmas, chunk_labels, device=device).cpu())
+        parts.append(draw(seeds[start : start + batch], chunk_labels).cpu())
     return torch.cat(parts).float()
+
+
+def sampled(
+    ck: LoadedCheckpoint,
+    steps: Sequence[int] | None,
+    heun_steps: Sequence[int] | None,
+    n: int,
+    seed: int,
+    batch: int,
+    device: torch.device,
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """Each evaluated sampler's row head and images: the recommended schedules of `steps` for a consistency model,
+    EDM's Heun sampler with `heun_steps` for a denoiser."""
+    cfg = ck.meta.config
+    if cfg.kind == "denoiser":
+        if steps is not None:
+            raise EvaluationError(
+                f"--steps: {ck.path} is an EDM denoiser, sampled by Heun; give --heun-steps N (2N − 1 evaluations)"
+            )
+        for k in heun_steps or DEFAULT_HEUN_STEPS:
+            sigmas = heun_sigmas(k, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+            images = generate_heun(ck, k, n, seed, batch, device)
+            yield {"steps": k, "nfe": heun_evaluations(k), "sigmas": sigmas}, images
+        return
+    if heun_steps is not None:
+        raise EvaluationError(f"--heun-steps: {ck.path} is a consistency model; give --steps")
+    for k in steps or DEFAULT_STEPS:
+        sigmas = recommended_sigmas(ck.meta, k)
+        yield {"steps": k, "sigmas": sigmas}, generate(ck, sigmas, n, seed, batch, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,34 +312,39 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 def evaluate_checkpoint(
     path: str | Path,
-    steps: Sequence[int] = (1, 2),
+    steps: Sequence[int] | None = None,
     n_samples: int = 2000,
     seed: int = 0,
     device: torch.device | str = "cpu",
     batch: int = 500,
     inception_weights: str | Path | None = None,
     data: str | None = None,
+    memorisation: bool = False,
+    heun_steps: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Fréchet distances of `n_samples` samples per step count, with the checkpoint's recommended schedules."""
+    """Fréchet distances of `n_samples` samples per step count, with the checkpoint's recommended schedules
+    (default 1 and 2 steps); a denoiser's per Heun step count (default 18, 35 evaluations)."""
     dev = resolve_device(device)
     ck = load(path, device=dev)
     refs = references_for(ck.meta.config, inception_weights, data, dev, batch)
+    memo = memorisation_images(ck.meta) if memorisation else None
     rows = []
-    for k in steps:
-        sigmas = recommended_sigmas(ck.meta, k)
-        images = generate(ck, sigmas, n_samples, seed, batch, dev)
-        row: dict[str, Any] = {"steps": k, "sigmas": sigmas}
+    for row, images in sampled(ck, steps, heun_steps, n_samples, seed, batch, dev):
         for ref in refs:
             row[ref.name] = ref.distance(images)
             if ref.floor is not None:
                 row["ratio_to_floor"] = row[ref.name] / ref.floor
-        log.info("%d step(s): %s", k, {key: v for key, v in row.items() if key != "sigmas"})
+        if memo is not None:
+            row["memorisation_ratio"] = memorisation_ratio(images, *memo)
+        log.info("%d step(s): %s", row["steps"], {key: v for key, v in row.items() if key != "sigmas"})
         rows.append(row)
     report: dict[str, Any] = {"checkpoint": str(path), "sha256": ck.sha256, "samples": n_samples, "seed": seed}
     for ref in refs:
         report.update(ref.info)
         if ref.floor is not None:
             report["floor"] = ref.floor
+    if memo is not None:
+        report["memorisation_train_images"] = len(memo[0])
     return report | {"results": rows}
 
 
@@ -321,6 +408,11 @@ def search_mid_sigma(
     """Ternary search over log σ_mid of [σ_max, σ_mid] on a fixed-seed Fréchet distance; writes the best."""
     dev = resolve_device(device)
     ck = load(path, device=dev)
+    if ck.meta.config.kind == "denoiser":
+        raise EvaluationError(
+            f"--search-mid-sigma: {path} is an EDM denoiser; it samples by Heun (--heun-steps) and "
+            "has no 2-step schedule"
+        )
     ref = references_for(ck.meta.config, inception_weights, data, dev, batch)[0]
     cfg = ck.meta.config
 
@@ -368,13 +460,19 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", metavar="CHECKPOINT", type=Path, help="a cmserve .safetensors checkpoint")
-    p.add_argument("--steps", type=steps_list, default=(1, 2), help="step counts to evaluate (default 1,2)")
+    p.add_argument("--steps", type=steps_list, help="step counts to evaluate (default 1,2)")
+    p.add_argument(
+        "--heun-steps",
+        type=steps_list,
+        help="a denoiser's Heun steps N, 2N − 1 evaluations each (default 18: 35 evaluations)",
+    )
     p.add_argument("--samples", type=int_at_least(2), default=2000, help="generated images per step count")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the sampling seeds and labels")
     p.add_argument("--batch", type=int_at_least(1), default=500, help="images per sampling batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--inception-weights", type=Path, help="local pt_inception-2015-12-05 .pth or .safetensors")
     p.add_argument("--data", help="real images for FID: digits (default), cifar10:PATH or folder:PATH")
+    p.add_argument("--memorisation", action="store_true", help="add the nearest-training-digit distance ratio")
     p.add_argument("--search-mid-sigma", action="store_true", help="find and write the best 2-step middle σ")
     p.add_argument("--search-samples", type=int_at_least(2), default=500, help="images per search probe")
     p.add_argument("--search-iters", type=int_at_least(1), default=8, help="ternary search rounds")
@@ -394,7 +492,14 @@ def format_report(report: dict[str, Any]) -> str:
     for r in report["results"]:
         fd, ratio, fid = (r.get(k) for k in ("frechet_distance", "ratio_to_floor", "fid"))
         cells = [f"{v:>{w}.4f}" if v is not None else f"{'-':>{w}}" for v, w in ((fd, 13), (ratio, 8), (fid, 8))]
-        lines.append(f"{r['steps']:>5}  {'  '.join(cells)}  {[round(s, 5) for s in r['sigmas']]}")
+        how = f"Heun, {r['nfe']} evaluations" if "nfe" in r else [round(s, 5) for s in r["sigmas"]]
+        lines.append(f"{r['steps']:>5}  {'  '.join(cells)}  {how}")
+    if "memorisation_train_images" in report:
+        lines.append(
+            f"nearest-training-digit distance ratio ({report['memorisation_train_images']} training "
+            "images; ≈1 new digits, ≪1 copies):"
+        )
+        lines.extend(f"{r['steps']:>5}  {r['memorisation_ratio']:.4f}" for r in report["results"])
     return "\n".join(lines)
 
 
@@ -421,7 +526,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(format_trace(result))
         target = args.out if args.search_mid_sigma and args.out else args.checkpoint
-        report = evaluate_checkpoint(target, args.steps, args.samples, **torch_args, **fid_args)
+        report = evaluate_checkpoint(
+            target,
+            args.steps,
+            args.samples,
+            **torch_args,
+            **fid_args,
+            memorisation=args.memorisation,
+            heun_steps=args.heun_steps,
+        )
     except (CheckpointError, EvaluationError, InceptionWeightsError) as e:
         flag = "CHECKPOINT " if isinstance(e, CheckpointError) else ""  # the others name their flag
         print(f"error: {flag}{e}", file=sys.stderr)

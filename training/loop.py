@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from models.config import ModelConfig
 from models.consistency import ConsistencyModel
 from models.sampling import karras_sigmas
 
-from . import ict
+from .augment import AUGMENT_DIM, AugmentPipe
 from .config import ConfigError, Precision
 from .data import Dataset, global_batch_flips, global_batch_indices
 from .recipe import Recipe
@@ -140,6 +141,8 @@ class LoopConfig:
     precision: Precision = "fp32"
     compile: bool = False
     seed: int = 0
+    augment: float = 0.0  # EDM augmentation probability per op; 0 = off (the model then has no augment input)
+    pretrained: str | None = None  # ECT, CD: the denoiser file they start from (training.hybrid)
 
 
 @dataclass
@@ -148,6 +151,7 @@ class StepResult:
     grad_norm: torch.Tensor | None
     n_k: int  # N(k) used by this step
     teacher_decay: float  # μ(k) of the EMA teacher, 0 for iCT
+    stage: int | None = None  # ECT's stage of the mapping function (training.hybrid); None for the others
 
 
 class Trainer:
@@ -168,14 +172,15 @@ class Trainer:
         self.dist, self.device = dist_info, device
         self.local_batch = loop.global_batch // dist_info.world_size
         self.step_index = 0
-        self.c = ict.pseudo_huber_c(cfg.data_dim)
+        self.c = recipe.pseudo_huber_c(cfg.data_dim)
         self.use_labels = cfg.num_classes > 0
 
         torch.manual_seed(loop.seed)  # identical initial weights on every rank
-        self.student = ConsistencyModel.from_config(cfg).to(device).train()
+        self.student = self.build_student().to(device).train()
         if device.type == "cuda":
             self.student = self.student.to(memory_format=torch.channels_last)
-        self.forward: nn.Module = torch.compile(self.student) if loop.compile else self.student
+        trained = self.trained_function()
+        self.forward: nn.Module = torch.compile(trained) if loop.compile else trained
         self.student_fn: nn.Module = self.forward
         if dist_info.enabled:
             self.student_fn = nn.parallel.DistributedDataParallel(
@@ -189,7 +194,22 @@ class Trainer:
         self.optimizer = torch.optim.RAdam(self.student.parameters(), lr=loop.lr)
         self.scaler = torch.amp.GradScaler(device.type) if loop.precision == "fp16" else None
         self.grids: dict[int, NoiseGrid] = {}
+        if loop.augment > 0 and cfg.augment_dim != AUGMENT_DIM:
+            raise ConfigError(
+                f"--augment {loop.augment} needs a model with augment_dim {AUGMENT_DIM}, got {cfg.augment_dim}"
+            )
+        self.augment_pipe = AugmentPipe(loop.augment) if loop.augment > 0 else None
         seed_rank_rngs(loop.seed, dist_info.rank)
+
+    # -- what is trained (training.hybrid's trainers override these)
+
+    def build_student(self) -> nn.Module:
+        """The network whose weights are trained, EMA'd and exported: a freshly initialised consistency model."""
+        return ConsistencyModel.from_config(self.cfg)
+
+    def trained_function(self) -> nn.Module:
+        """The function of the student's weights that the loss evaluates: the student itself."""
+        return self.student
 
     # -- the pieces of one step
 
@@ -211,6 +231,15 @@ class Trainer:
         y = y.to(self.device, non_blocking=True) if (y is not None and self.use_labels) else None
         return x, y
 
+    def augmented(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """EDM augmentation of batch k's clean images, and the keyword that passes its labels on ({} when off)."""
+        if self.augment_pipe is None:
+            return x, {}
+        x, augment_labels = self.augment_pipe(x, augment_generator(self.loop.seed, self.dist.rank, k, self.device))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, {"augment_labels": augment_labels}
+
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES[self.loop.precision]
         if dtype is None:
@@ -221,6 +250,10 @@ class Trainer:
         """Train on global batch k = self.step_index and advance k."""
         k = self.step_index
         x, labels = self.batch(k)
+        # Phase 0: EDM augmentation of the clean images; both passes see its labels.
+        x, extra = self.augmented(x, k)
+        student_fn = functools.partial(self.student_fn, **extra) if extra else self.student_fn
+        teacher_fn = functools.partial(self.teacher_fn, **extra) if extra else self.teacher_fn
         # Phase 1: N(k) and its grid — a pure function of k, so identical on every rank.
         n_k = self.recipe.discretization_steps(k, self.loop.total_steps)
         grid = self.grid(n_k)
@@ -231,8 +264,8 @@ class Trainer:
         # Phase 3: student and teacher passes (same RNG state), loss.
         with self.autocast():
             loss = consistency_loss(
-                self.student_fn,
-                self.teacher_fn,
+                student_fn,
+                teacher_fn,
                 x,
                 labels,
                 sigma_i,
@@ -320,6 +353,11 @@ def seed_rank_rngs(seed: int, rank: int) -> None:
     torch.manual_seed(rank_seed)  # also seeds every CUDA device
     np.random.seed(rank_seed % 2**32)
     random.seed(rank_seed)
+
+
+def augment_generator(seed: int, rank: int, k: int, device: torch.device) -> torch.Generator:
+    """The augmentation RNG of step k on this rank: a pure function of (seed, rank, k), so resume is exact."""
+    return torch.Generator(device=device).manual_seed(((seed * 1009 + 1 + rank) * 1_000_003 + k) % 2**63)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""A typed training recipe: one field per technique, presets `ict` and `ct`, and the registries they name.
+"""A typed training recipe: one field per technique, presets `ict`, `ct`, `edm`, `ect`, `cd`, and their registries.
 
 Each iCT improvement can be switched back to CT's choice alone (the paper's ablation):
-distance, timesteps, curriculum, teacher, weighting, fourier_scale, dropout.
+distance, timesteps, curriculum, teacher, weighting, fourier_scale, dropout. `objective` says what a step
+optimises: consistency training (iCT, CT), EDM denoising, consistency tuning (ECT) or distillation (CD).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from . import ct, ict
+from . import cd, ct, ect, edm, ict
 
 Distance = Literal["pseudo_huber", "l2"]
 Timesteps = Literal["lognormal", "uniform"]
 Curriculum = Literal["ict", "ct"]
 Teacher = Literal["student", "ema"]
 Weighting = Literal["ict", "uniform"]
+Objective = Literal["ct", "edm", "ect", "cd"]  # the keys of training.hybrid.TRAINERS
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,13 @@ class Recipe:
     s0: int | None = None  # curriculum start; None = the curriculum's own (iCT 10, CT 2)
     s1: int | None = None  # curriculum end; None = the curriculum's own (iCT 1280, CT 150)
     mu0: float = ct.MU0  # EMA-teacher decay at N = s0 (CT only)
+    huber_c: float | None = None  # pseudo-Huber c; None = iCT's 0.00054·√d (§3.3)
     p_mean: float = ict.P_MEAN  # lognormal timesteps (iCT §3.5)
     p_std: float = ict.P_STD
+    objective: Objective = "ct"  # ct: consistency training (iCT, CT); edm: denoising; ect: tuning; cd: distillation
+    ect_stages: int = ect.STAGES  # ECT: stages of the mapping function over the run, r = t·(1 − n(t)/q^(stage+1))
+    ect_q: float = ect.Q  # ECT: t − r shrinks by q per stage
+    cd_levels: int = cd.LEVELS  # CD: N, the Karras levels whose adjacent pairs (t′, t) the teacher steps between
 
     def __post_init__(self) -> None:
         for name, kind in CHOICES.items():
@@ -50,6 +57,15 @@ class Recipe:
             raise ValueError(f"recipe fourier_scale {self.fourier_scale} must be > 0")
         if not 0.0 <= self.mu0 < 1.0:
             raise ValueError(f"recipe mu0 {self.mu0} is not in [0, 1)")
+        if self.huber_c is not None and not self.huber_c > 0:
+            raise ValueError(f"recipe huber_c {self.huber_c} must be > 0")
+        if self.objective not in get_args(Objective):
+            raise ValueError(f"recipe objective {self.objective!r} is not one of {list(get_args(Objective))}")
+        if self.ect_stages < 1 or self.ect_q <= 1 or self.cd_levels < 2:
+            raise ValueError(
+                f"recipe needs ect_stages >= 1, ect_q > 1 and cd_levels >= 2, got {self.ect_stages}, "
+                f"{self.ect_q} and {self.cd_levels}"
+            )
         s0, s1 = self.curriculum_bounds
         if not 1 <= s0 <= s1:
             raise ValueError(f"recipe needs 1 <= s0 <= s1, got s0={s0}, s1={s1}")
@@ -67,6 +83,10 @@ class Recipe:
     def teacher_decay(self, n_k: int) -> float:
         """μ(k) of the EMA teacher (CM Appendix C); 0 for iCT's stop-gradient teacher (iCT §3.2)."""
         return ct.target_ema_decay(n_k, self.curriculum_bounds[0], self.mu0) if self.teacher == "ema" else 0.0
+
+    def pseudo_huber_c(self, dim: int) -> float:
+        """c of the pseudo-Huber distance for data of dimension `dim`: `huber_c` when set, else iCT's (§3.3)."""
+        return self.huber_c if self.huber_c is not None else ict.pseudo_huber_c(dim)
 
     def timestep_probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:
         return TIMESTEPS[self.timesteps](sigmas, self)
@@ -133,6 +153,12 @@ RECIPES: dict[str, Recipe] = {
         fourier_scale=16.0,
         dropout=0.0,
     ),
+    # EDM pretraining (EDM Table 1): the denoiser ECT and CD start from, on the same backbone and Fourier scale.
+    "edm": Recipe(objective="edm", p_mean=edm.P_MEAN, p_std=edm.P_STD),
+    # ECT (Geng et al. 2024): iCT's lognormal t, pseudo-Huber, stop-gradient target; r from the mapping function.
+    "ect": Recipe(objective="ect", p_mean=ect.P_MEAN, p_std=ect.P_STD),
+    # CD (CM Algorithm 2): n ~ U[1, N−1], λ = 1; iCT's stop-gradient target (--teacher ema: CM's θ⁻ with μ = 0.95).
+    "cd": Recipe(objective="cd", timesteps="uniform", weighting="uniform", mu0=cd.MU),
 }
 
 # The CLI switch of each technique: flag -> recipe field (values are checked by Recipe itself).

@@ -17,30 +17,39 @@ import torch
 from torch import nn
 
 from models.config import preset
+from models.denoiser import sample_heun
 from models.sampling import sample, to_uint8
 
 from . import rundir
-from .config import ConfigError, RunConfig, model_config, schedules
-from .data import load_data
+from .config import ConfigError, RunConfig, schedules
+from .data import load_data, subset
+from .hybrid import TRAINERS, pretrained_path, run_model_config
 from .loop import DistInfo, LoopConfig, StepResult, Trainer, setup_distributed, teardown_distributed
 from .state import CheckpointDir, gather_rng, restore_rng
 
 log = logging.getLogger("training.run")
 
 SAMPLE_SEEDS_PER_ROW = 10
+GRID_HEUN_STEPS = (5, 18)  # a denoiser's grid: Heun with 9 and 35 evaluations
 
 
 def sample_grid(model: nn.Module, cfg: RunConfig) -> Any:
-    """Rows of 1-step samples above rows of 2-step samples, from seeds 0…; column j has class j."""
+    """Rows of 1-step samples above rows of 2-step samples, from seeds 0…; column j has class j.
+    A denoiser's rows are Heun samples of GRID_HEUN_STEPS steps instead."""
     import numpy as np
     from PIL import Image
 
     mcfg = model.cfg
     n = 2 * SAMPLE_SEEDS_PER_ROW
     labels = [i % mcfg.num_classes for i in range(n)] if mcfg.num_classes else None
+    seeds = list(range(n))
+    if mcfg.kind == "denoiser":
+        batches = [sample_heun(model, seeds, steps, labels) for steps in GRID_HEUN_STEPS]
+    else:
+        batches = [sample(model, seeds, sigmas, labels) for sigmas in schedules(cfg, mcfg).values()]
     blocks = []
-    for sigmas in schedules(cfg, mcfg).values():
-        imgs = to_uint8(sample(model, list(range(n)), sigmas, labels))  # (n, H, W, C)
+    for batch in batches:
+        imgs = to_uint8(batch)  # (n, H, W, C)
         rows = imgs.reshape(n // SAMPLE_SEEDS_PER_ROW, SAMPLE_SEEDS_PER_ROW, *imgs.shape[1:])
         lines = [np.concatenate(list(row), axis=1) for row in rows]  # each (H, cols*W, C)
         blocks.append(np.concatenate(lines, axis=0))  # (rows*H, cols*W, C)
@@ -120,13 +129,13 @@ def _train(
     folder = Path(cfg.out)
     rec = cfg.recipe_obj()
     base = preset(cfg.preset)
-    data = load_data(cfg.data, base.image_size, base.image_channels)
-    model_cfg = model_config(cfg, rec, data.num_classes)
+    data = subset(load_data(cfg.data, base.image_size, base.image_channels), cfg.data_fraction)
+    model_cfg = run_model_config(cfg, rec, data.num_classes)
     class_names = list(data.class_names) if model_cfg.num_classes else None
     loop = LoopConfig(total_steps=cfg.steps, global_batch=cfg.batch, lr=cfg.lr, ema_decay=cfg.ema_decay,
                       ema_warmup=cfg.ema_warmup, grad_clip=cfg.grad_clip, precision=cfg.precision,
-                      compile=cfg.compile, seed=cfg.seed)
-    trainer = Trainer(model_cfg, rec, loop, data, dist_info, device)
+                      compile=cfg.compile, seed=cfg.seed, augment=cfg.augment, pretrained=pretrained_path(cfg))
+    trainer = TRAINERS[rec.objective](model_cfg, rec, loop, data, dist_info, device)
     run = Run(cfg, folder, trainer, CheckpointDir(folder / "checkpoints", cfg.keep), class_names, dist_info)
     if dist_info.is_main:
         rundir.create(run.ckpts, cfg, model_cfg, class_names)
@@ -183,8 +192,10 @@ def log_row(run: Run, result: StepResult, mean_loss: torch.Tensor, count: int, d
         mean_loss = mean_loss / run.dist.world_size
     return {
         "step": run.trainer.step_index,
+        "images": run.trainer.step_index * run.cfg.batch,  # training images seen by this run
         "loss": float(mean_loss.item()),
         "n_k": result.n_k,
+        "stage": result.stage,
         "teacher_mu": result.teacher_decay,
         "grad_norm": float(result.grad_norm.item()) if result.grad_norm is not None else None,
         "images_per_s": count * run.cfg.batch / max(dt, 1e-9),

@@ -92,6 +92,8 @@ def provenance(cfg: RunConfig, step: int) -> dict[str, Any]:
         "ema_decay": cfg.ema_decay,
         "seed": cfg.seed,
         "data": cfg.data,
+        "data_fraction": cfg.data_fraction,
+        "augment": cfg.augment,
     }
 
 
@@ -103,7 +105,7 @@ def save_model_file(path: Path, model: nn.Module, cfg: RunConfig, class_names: l
 class MetricsLog:
     """metrics.csv (and TensorBoard events when tensorboard is installed), written by rank 0."""
 
-    FIELDS = ("step", "loss", "n_k", "teacher_mu", "grad_norm", "images_per_s", "lr", "elapsed_s")
+    FIELDS = ("step", "loss", "n_k", "teacher_mu", "grad_norm", "images_per_s", "lr", "elapsed_s", "images", "stage")
 
     def __init__(self, run: Path, resume_step: int) -> None:
         self.path = run / "metrics.csv"

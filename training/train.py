@@ -5,6 +5,8 @@ GPU, gloo on CPU; the global --batch is split across ranks). Options come from f
 TOML --config file (flags win); the resolved configuration is saved as RUN/config.json. The run folder
 gets metrics.csv, samples/step-K.png (1-step and 2-step samples from fixed seeds), checkpoints/ and,
 when tensorboard is installed, tb/. `--resume` continues a run exactly where its last checkpoint left it.
+`--recipe edm` pretrains an EDM denoiser on the same backbone; `--recipe ect --init RUN_OR_FILE` tunes one into
+a consistency model and `--recipe cd --teacher-model RUN_OR_FILE` distils one (training/hybrid.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ NUMBER_FLAGS = (
     ("steps", int, "total training iterations K"),
     ("batch", int, "global batch size"),
     ("lr", float, "RAdam learning rate"),
+    ("data_fraction", float, "train on this fixed, seeded fraction of the data (0 < F <= 1)"),
+    ("augment", float, "EDM augmentation probability per op, labels fed to the model (0 = off; EDM 0.12)"),
     ("ema_decay", float, "EMA decay of the student for sampling"),
     ("grad_clip", float, "gradient-norm clip (0 = off)"),
     ("seed", int, "seed of initial weights, data order and noise"),
@@ -35,18 +39,21 @@ NUMBER_FLAGS = (
     ("s0", int, "curriculum start s0"),
     ("s1", int, "curriculum end s1"),
     ("mu0", float, "EMA-teacher decay μ0"),
+    ("huber_c", float, "pseudo-Huber c (default: iCT's 0.00054·√d)"),
     ("model_channels", int, "preset override: model_channels"),
     ("num_res_blocks", int, "preset override: num_res_blocks"),
     ("fourier_scale", float, "Fourier embedding scale (iCT 0.02, CT 16)"),
     ("dropout", float, "dropout rate (default: the preset's)"),
     ("mid_sigma", float, "middle σ of the recommended 2-step schedule"),
+    ("ect_stages", int, "ECT: stages of r = t·(1 − n(t)/2^(stage+1)) over the run (default 8)"),
+    ("cd_levels", int, "CD: Karras levels N whose adjacent pairs the teacher steps between (default 18; CM: 40)"),
 )
 # Choice options: name -> help; the allowed values are RunConfig's Literal types.
 CHOICE_FLAGS = {
     "preset": "model preset",
     "precision": "autocast precision",
     "device": "where to train (auto: CUDA when available)",
-    "recipe": "ict (default) or ct, the original CT baseline",
+    "recipe": "ict (default); ct, the CT baseline; edm, diffusion pretraining; ect (--init); cd (--teacher-model)",
     **{name: f"override the recipe's {name}" for name in CHOICES},
     "class_cond": "class-conditional model (auto: when the preset is and the data have labels)",
 }
@@ -60,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the run folder's newest checkpoint (auto: start fresh if there is none)")
     p.add_argument("--out", help="run folder (required)")
     p.add_argument("--data", help="digits | cifar10:PATH | folder:PATH")
+    p.add_argument("--init", metavar="RUN_OR_FILE", help="--recipe ect: the pretrained denoiser (an edm run or file)")
+    p.add_argument("--teacher-model", metavar="RUN_OR_FILE", help="--recipe cd: the pretrained denoiser to distil")
     for name, kind, help_ in NUMBER_FLAGS:
         p.add_argument(flag(name), type=kind, help=help_)
     for name, help_ in CHOICE_FLAGS.items():

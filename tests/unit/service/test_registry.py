@@ -10,13 +10,16 @@ import torch
 from models import checkpoint
 from models.config import preset
 from models.consistency import ConsistencyModel
+from models.denoiser import Denoiser
 from service.errors import InvalidRequest, UnknownModel
 from service.registry import (
     DEFAULT_MODEL_NAME,
     EMBEDDED_DEFAULT,
+    ModelFilesError,
     ModelSpec,
     Registry,
     ServedModel,
+    check_model_files,
     default_max_images,
     load_model,
     max_images_for,
@@ -86,3 +89,15 @@ def test_class_labels_by_index_or_by_name(served: ServedModel) -> None:
 def test_jobs_carry_the_model_schedule_and_seed(served: ServedModel) -> None:
     job = served.make_job(seed=5, n=2, sigmas=[80.0], class_label=None, deadline=1.0)
     assert (job.model, job.seed, job.n, job.sigmas, job.deadline) == ("tiny", 5, 2, [80.0], 1.0)
+
+
+def test_a_denoiser_file_is_refused_with_one_line_naming_it(tmp_path: Path) -> None:
+    """An EDM denoiser (training --recipe edm) is not a consistency model: refused at start-up and at load."""
+    path = checkpoint.save(tmp_path / "edm.safetensors", Denoiser.from_config(TINY.replace(kind="denoiser")))
+    settings = Settings(models={"edm": path}, batch_buckets=[1], max_batch=1)
+    for attempt in (lambda: check_model_files(settings), lambda: load_model(ModelSpec("edm", path), settings)):
+        with pytest.raises(ModelFilesError) as e:
+            attempt()
+        message = str(e.value)
+        assert "\n" not in message and str(path) in message, message
+        assert "is an EDM denoiser" in message and "not a consistency model" in message, message

@@ -392,3 +392,54 @@ def test_cli_search_prints_the_trace_and_writes_the_schedule(
     assert load(checkpoint).meta.schedules.get(2) is None  # --out leaves the original alone
     written = load(out).meta.schedules[2]
     assert written[0] == 80.0 and f"[80.0, {round(written[1], 5)}]" in printed  # the report used the new schedule
+
+
+# --- memorisation: the nearest-training-digit distance ratio -------------------------------------------------------
+
+
+def test_nearest_distances_match_a_brute_force_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, ref = torch.randn(7, 1, 8, 8, generator=gen), torch.randn(5, 1, 8, 8, generator=gen)
+    expected = torch.tensor([min(float((x.double() - r.double()).norm()) for r in ref) for x in a], dtype=torch.float64)
+    torch.testing.assert_close(evaluate.nearest_distances(a, ref, chunk=3), expected, rtol=1e-12, atol=0)
+    assert torch.equal(evaluate.nearest_distances(ref, ref), torch.zeros(5, dtype=torch.float64))
+
+
+def test_memorisation_ratio_is_one_for_new_real_digits_and_zero_for_copies() -> None:
+    train_x, _, heldout_x, _ = digits_split()
+    copies = train_x[torch.randint(len(train_x), (300,), generator=torch.Generator().manual_seed(0))]
+    assert evaluate.memorisation_ratio(heldout_x, train_x, heldout_x) == 1.0
+    assert evaluate.memorisation_ratio(copies, train_x, heldout_x) == 0.0
+    noisy = (copies + 0.5 * torch.randn(copies.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    assert 0 < evaluate.memorisation_ratio(noisy, train_x, heldout_x) < 3
+
+
+def test_memorisation_uses_the_training_fraction_the_checkpoint_records(
+    tmp_path: Path, tiny_model: ConsistencyModel
+) -> None:
+    path = save(
+        tmp_path / "tenth.safetensors",
+        tiny_model,
+        class_names=CLASS_NAMES,
+        schedules={1: [80.0]},
+        provenance={"data": "digits", "data_fraction": 0.1},
+    )
+    report = evaluate.evaluate_checkpoint(path, steps=(1,), n_samples=40, memorisation=True)
+    assert 130 <= report["memorisation_train_images"] <= 160  # a tenth of the 1,437 training digits
+    assert report["results"][0]["memorisation_ratio"] > 0
+    assert "nearest-training-digit distance ratio" in evaluate.format_report(report)
+    assert "memorisation_ratio" not in evaluate.evaluate_checkpoint(path, steps=(1,), n_samples=40)["results"][0]
+
+
+def test_memorisation_is_refused_for_checkpoints_not_trained_on_digits(
+    tmp_path: Path, tiny_model: ConsistencyModel
+) -> None:
+    path = save(
+        tmp_path / "folder.safetensors",
+        tiny_model,
+        class_names=CLASS_NAMES,
+        schedules={1: [80.0]},
+        provenance={"data": "folder:/somewhere"},
+    )
+    with pytest.raises(evaluate.EvaluationError, match="--memorisation: only for checkpoints trained on digits"):
+        evaluate.evaluate_checkpoint(path, steps=(1,), n_samples=40, memorisation=True)

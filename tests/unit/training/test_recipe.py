@@ -48,8 +48,8 @@ def test_registries_cover_every_choice() -> None:
 def test_unknown_choices_are_errors_naming_the_allowed_values() -> None:
     with pytest.raises(ValueError, match=r"distance 'lpips' is not one of \['pseudo_huber', 'l2'\]"):
         Recipe(distance="lpips")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown recipe 'edm'"):
-        recipe("edm")
+    with pytest.raises(ValueError, match="unknown recipe 'lcm'"):
+        recipe("lcm")
     with pytest.raises(ValueError, match="unknown recipe keys"):
         Recipe.from_dict({"distance": "l2", "lpips_net": "vgg"})
     with pytest.raises(ValueError, match="s0 <= s1"):
@@ -85,3 +85,13 @@ def test_ablation_variants_switch_one_technique_each() -> None:
     for v in singles.values():
         diff = [k for k, x in v.to_dict().items() if x != RECIPES["ict"].to_dict()[k]]
         assert len(diff) == 1
+
+
+def test_huber_c_defaults_to_icts_formula_and_can_be_set() -> None:
+    assert RECIPES["ict"].huber_c is None
+    assert RECIPES["ict"].pseudo_huber_c(64) == ict.pseudo_huber_c(64)  # 0.00054·√64
+    assert recipe("ict", huber_c=0.01).pseudo_huber_c(64) == 0.01
+    cfg, _, _ = resolve(["--out", "unused", "--huber-c", "0.02"])
+    assert cfg.huber_c == 0.02 and cfg.recipe_obj().pseudo_huber_c(3072) == 0.02
+    with pytest.raises(ValueError, match=r"huber_c 0\.0 must be > 0"):
+        Recipe(huber_c=0.0)
