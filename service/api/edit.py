@@ -1,10 +1,11 @@
 """POST /v1/edit: a reference image and a task become a Plan of the sampler (CM Algorithm 4, models.editing).
 
-Only this is particular to editing: decoding the image (and mask), checking the task's fields against the model,
-and saying how to build the projection, which the engine thread does as it draws the noise (the event loop does
-no torch work: each torch call is a GIL hand-off with the engine). Every other duty (key, rate limit, body,
-validation, queueing, errors, metrics, the response) is GenerateHandler's (generate.py), the same code as
-/v1/generate's.
+Only this is particular to editing: checking the task's fields against the model, and saying how to decode the
+image (and mask) and build the projection, which the engine thread does as it draws the noise: the event loop
+does no decoding and no torch work (each torch call is a GIL hand-off with the engine), and an image that does
+not decode, or has the wrong size, fails its request alone with the same 422 naming the field. Every other duty
+(key, rate limit, body, validation, queueing, errors, metrics, the response) is GenerateHandler's (generate.py),
+the same code as /v1/generate's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import binascii
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,49 +32,66 @@ FORMATS = ("PNG", "JPEG", "WEBP")  # what Pillow may decode here (it would read 
 TASK_FIELDS = {"inpaint": ("mask", "box"), "superres": ("factor",), "colorize": (), "denoise": ("sigma",)}
 
 
-def decode_image(b64: str, field: str, width: int, height: int, mode: str) -> np.ndarray:
-    """A base64 PNG, JPEG or WebP of exactly width × height as a uint8 array (H, W, C) in `mode` (L or RGB).
+@dataclass(frozen=True)
+class EncodedImage:
+    """A request's PNG, JPEG or WebP: its base64 checked on the event loop, its pixels decoded by `pixels()` when
+    the engine thread prepares the job (decoding is host work for the batch, like drawing the noise)."""
 
-    The size is read from the header before anything is decoded, so no image larger than the model's is ever
-    expanded in memory (a decompression bomb is refused by its header). Errors name `field`.
-    """
+    data: bytes
+    field: str  # the request field it came from, named by every error
+    width: int  # the size it must have
+    height: int
+    mode: str  # L or RGB
+
+    def pixels(self) -> np.ndarray:
+        """uint8 (H, W, C) in `mode`. The size is read from the header before anything is decoded, so no image
+        larger than the model's is ever expanded in memory (a decompression bomb is refused by its header)."""
+        field = self.field
+        try:
+            with Image.open(io.BytesIO(self.data), formats=FORMATS) as image:  # reads the header only
+                if image.size != (self.width, self.height):
+                    raise InvalidRequest(f"{field}: the image is {image.width}×{image.height}; this needs "
+                                         f"{self.width}×{self.height}", field=field)
+                pixels = np.asarray(image if image.mode == self.mode else image.convert(self.mode))  # decodes
+        except InvalidRequest:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise InvalidRequest(f"{field}: not a PNG, JPEG or WebP image ({type(e).__name__})",
+                                 field=field) from None
+        return pixels.reshape(self.height, self.width, -1)
+
+
+def encoded_image(b64: str, field: str, width: int, height: int, mode: str) -> EncodedImage:
+    """The field's image of exactly width × height, to decode in `mode` (L or RGB); not base64 -> 422."""
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{field}: not valid base64", field=field) from None
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as image:  # reads the header only
-            if image.size != (width, height):
-                raise InvalidRequest(f"{field}: the image is {image.width}×{image.height}; this needs "
-                                     f"{width}×{height}", field=field)
-            pixels = np.asarray(image.convert(mode))  # decodes
-    except InvalidRequest:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InvalidRequest(f"{field}: not a PNG, JPEG or WebP image ({type(e).__name__})", field=field) from None
-    return pixels.reshape(height, width, -1)
+    return EncodedImage(data, field, width, height, mode)
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1] (the inverse of models.sampling.to_uint8)."""
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1] (the inverse of models.sampling.to_uint8), in numpy: one
+    torch call rather than five."""
+    return torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1))
 
 
-def reference(body: EditRequest, served: ServedModel, scale: int = 1, grey: bool = False) -> np.ndarray:
-    """The request's image, uint8 (H/scale, W/scale, C): in the model's channels, or grey (C = 1)."""
+def reference(body: EditRequest, served: ServedModel, scale: int = 1, grey: bool = False) -> EncodedImage:
+    """The request's image, (H/scale, W/scale) in the model's channels, or grey."""
     c, h, w = served.config.image_shape
-    mode = "L" if grey or c == 1 else "RGB"
-    return decode_image(body.image, "image", w // scale, h // scale, mode)
+    return encoded_image(body.image, "image", w // scale, h // scale, "L" if grey or c == 1 else "RGB")
 
 
-def regenerated(body: EditRequest, served: ServedModel) -> np.ndarray:
-    """Ω of inpainting, bool (H, W): True where pixels are regenerated, from `mask` (white) or `box`."""
+def regenerated(body: EditRequest, served: ServedModel) -> Callable[[], torch.Tensor]:
+    """Ω of inpainting, made by the engine thread: (H, W), 1 where pixels are regenerated, from `mask` (white) or
+    `box` (checked now)."""
     _, h, w = served.config.image_shape
     if (body.mask is None) == (body.box is None):
         raise InvalidRequest("inpaint needs either mask (a PNG, white = regenerate) or box [x0, y0, x1, y1]",
                              field="mask" if body.mask is None else "box")
     if body.mask is not None:
-        return decode_image(body.mask, "mask", w, h, "L")[..., 0] > 127
+        mask = encoded_image(body.mask, "mask", w, h, "L")
+        return lambda: torch.from_numpy(mask.pixels()[..., 0] > 127)
     assert body.box is not None
     x0, y0, x1, y1 = body.box
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
@@ -80,7 +99,7 @@ def regenerated(body: EditRequest, served: ServedModel) -> np.ndarray:
                              "exclusive)", field="box")
     omega = np.zeros((h, w), dtype=bool)
     omega[y0:y1, x0:x1] = True
-    return omega
+    return lambda: torch.from_numpy(omega)
 
 
 def projected(build: Callable[[], Projection]) -> Callable[[], tuple[Projection, torch.Tensor]]:
@@ -93,7 +112,7 @@ def projected(build: Callable[[], Projection]) -> Callable[[], tuple[Projection,
 
 def plan_inpaint(body: EditRequest, served: ServedModel) -> Plan:
     omega, image = regenerated(body, served), reference(body, served)
-    edit = projected(lambda: inpainting(to_tensor(image), torch.from_numpy(omega)))
+    edit = projected(lambda: inpainting(to_tensor(image.pixels()), omega()))
     return Plan("inpaint", body.n, body.seed, how={"edit": edit})
 
 
@@ -105,7 +124,8 @@ def plan_superres(body: EditRequest, served: ServedModel) -> Plan:
     if h % p or w % p:
         raise InvalidRequest(f"factor {p} must divide the model's size {w}×{h}", field="factor")
     low = reference(body, served, scale=p)
-    return Plan("superres", body.n, body.seed, how={"edit": projected(lambda: super_resolution(to_tensor(low), p))})
+    edit = projected(lambda: super_resolution(to_tensor(low.pixels()), p))
+    return Plan("superres", body.n, body.seed, how={"edit": edit})
 
 
 def plan_colorize(body: EditRequest, served: ServedModel) -> Plan:
@@ -114,7 +134,7 @@ def plan_colorize(body: EditRequest, served: ServedModel) -> Plan:
         raise InvalidRequest(f"model {served.name!r} has {channels} channel(s); colorize needs an RGB model",
                              field="task")
     grey = reference(body, served, grey=True)
-    return Plan("colorize", body.n, body.seed, how={"edit": projected(lambda: colorization(to_tensor(grey)))})
+    return Plan("colorize", body.n, body.seed, how={"edit": projected(lambda: colorization(to_tensor(grey.pixels())))})
 
 
 def plan_denoise(body: EditRequest, served: ServedModel) -> Plan:
@@ -129,8 +149,11 @@ def plan_denoise(body: EditRequest, served: ServedModel) -> Plan:
         if name in body.model_fields_set:
             raise InvalidRequest(f"denoise is one evaluation at sigma; omit {name}", field=name)
     image = reference(body, served)
-    return Plan("denoise", body.n, body.seed, sigmas=[body.sigma], how={"edit": lambda: (None, to_tensor(image)[None]),
-                                                                       "noised_start": False})
+
+    def edit() -> tuple[None, torch.Tensor]:  # x_T is the input itself, (1, C, H, W)
+        return None, to_tensor(image.pixels())[None]
+
+    return Plan("denoise", body.n, body.seed, sigmas=[body.sigma], how={"edit": edit, "noised_start": False})
 
 
 PLANS: dict[str, Callable[[EditRequest, ServedModel], Plan]] = {

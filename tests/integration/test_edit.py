@@ -143,6 +143,8 @@ async def test_denoising_is_one_evaluation_of_the_input(tiny_checkpoint: Path) -
     [
         ({"image": png_b64(digit(0, size=6))}, "image"),  # wrong size
         ({"image": base64.b64encode(b"not an image at all").decode()}, "image"),
+        ({"image": base64.b64encode(base64.b64decode(png_b64(digit(0)))[:33] + b"\0" * 40).decode()}, "image"),  # a
+        # good header (signature, IHDR) over no pixel data: refused when decoded, as the engine thread prepares it
         ({"image": "%%% not base64"}, "image"),
         ({"box": None, "mask": png_b64(digit(0, size=4))}, "mask"),  # a mask of another size
         ({"box": None}, "mask"),  # inpaint needs a mask or a box

@@ -15,7 +15,15 @@ from models.consistency import ConsistencyModel
 from models.editing import Projection, inpainting
 from models.sampling import image_class_label, sample, to_uint8
 from service.engine import Engine, Evaluation
-from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, OutOfMemory, QueueFull
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EngineFailure,
+    InvalidRequest,
+    NotReady,
+    OutOfMemory,
+    QueueFull,
+)
 from service.scheduler import STARVATION_EVALUATIONS, EngineLike, Job, Scheduler, SchedulerObserver
 
 ONE = [80.0]
@@ -418,6 +426,28 @@ def test_an_engine_fault_fails_that_batch_and_the_server_keeps_serving() -> None
     scheduler.submit(healthy)
     drain(scheduler)
     assert healthy.error is None
+
+
+def test_a_job_whose_inputs_cannot_be_made_fails_alone_and_its_batch_goes_on() -> None:
+    """An edit's image is decoded as its job is prepared: one that does not decode fails that request with its
+    own error (a 422 naming the field), and the other images of the batch are evaluated as if it were not there."""
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine)
+
+    def undecodable() -> tuple[None, torch.Tensor]:
+        raise InvalidRequest("image: not a PNG, JPEG or WebP image (OSError)", field="image")
+
+    bad = Job("m", list(TWO), 3, 2, None, 1e12, Finished(), task="inpaint", edit=undecodable)
+    good = [make_job(1, 2, TWO), make_job(7, 1, TWO)]
+    for job in (good[0], bad, good[1]):
+        scheduler.submit(job)
+    assert drain(scheduler) == 2
+    assert isinstance(bad.error, InvalidRequest) and bad.error.field == "image" and bad.finished
+    assert engine.sizes == [3, 3]  # the good jobs' three images, twice
+    for job in good:
+        assert job.error is None
+        assert torch.equal(job.result, alone(job.seed, job.n, TWO))
+    assert_counts(scheduler)
 
 
 def test_observer_sees_evaluations_waits_and_finished_images() -> None:
