@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ from service.registry import EMBEDDED_DEFAULT
 
 REPO = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = REPO / "bench" / "wrk" / "post.lua"
+WRK_RANDOM_SCRIPT = REPO / "bench" / "wrk" / "random.lua"  # each request one of several bodies, drawn at random
 
 
 # ---------------------------------------------------------------------- arguments and results
@@ -237,6 +239,7 @@ class WrkRun:
     connections: int
     stats: dict[str, float] = field(default_factory=dict)  # bench/wrk/post.lua's WRK_JSON line
     path: str = "/v1/generate"  # or /v1/edit
+    bodies: list[dict[str, Any]] | None = None  # each request draws one of these at random (random.lua)
 
     @property
     def requests_per_s(self) -> float:
@@ -252,7 +255,8 @@ class WrkRun:
         cells = " / ".join(f"{self.stats[f'p{p}_us'] / 1e3:.1f}" for p in percentiles)
         errors = f" ({self.errors} errors)" if self.errors else ""
         task = f"{self.body['task']} " if "task" in self.body else ""
-        return f"{task}{self.body.get('steps', 1)}-step {cells}{errors}"
+        steps = "/".join(str(b.get("steps", 1)) for b in self.bodies) if self.bodies else self.body.get("steps", 1)
+        return f"{task}{steps}-step {cells}{errors}"
 
 
 def require_wrk() -> None:
@@ -262,8 +266,12 @@ def require_wrk() -> None:
 
 def start_wrk(url: str, run: WrkRun, duration: float) -> subprocess.Popen[str]:
     env = {**os.environ, "WRK_BODY": json.dumps(run.body)}
+    script = WRK_SCRIPT
+    if run.bodies:
+        env["WRK_BODIES"] = "\n".join(json.dumps(body) for body in run.bodies)
+        script = WRK_RANDOM_SCRIPT
     seconds = max(1, round(duration))
-    argv = ["wrk", "-t1", f"-c{run.connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(WRK_SCRIPT),
+    argv = ["wrk", "-t1", f"-c{run.connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(script),
             url + run.path]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -312,9 +320,49 @@ def images_per_evaluation(before: dict[str, float], after: dict[str, float]) -> 
     return images / count if count else 0.0
 
 
+# ---------------------------------------------------------------------- the access log
+
+
+def log_offset(log: Path) -> int:
+    """Where the server's log ends now (its lines from here on are a scenario's)."""
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def latencies_by_steps(log: Path, offset: int, path: str = "/v1/generate") -> dict[int, list[float]]:
+    """Milliseconds of the successful requests to `path` whose access-log lines were written after `offset`,
+    by step count: the server's own clock, from a request's arrival to its answer (wrk's figures are per wrk
+    process, whatever step count each request had)."""
+    by_steps: dict[int, list[float]] = {}
+    with log.open("rb") as f:
+        f.seek(offset)
+        for line in f:
+            if b'"msg":"request"' not in line:
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the end of the read
+            if doc.get("path") == path and doc.get("status") == 200 and "steps" in doc:
+                by_steps.setdefault(int(doc["steps"]), []).append(float(doc["duration_ms"]))
+    return by_steps
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of `values`, nan when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
 # ---------------------------------------------------------------------- scenarios
 
 MIX = "mix"  # half the connections 1-step, half 4-step
+RANDOM = "random"  # every connection sends 1- and 4-step requests, each request's drawn at random
+MIXED_STEPS = (1, 4)  # the step counts of MIX and RANDOM
 TASKS = ("generate", "inpaint", "both")  # both: half the connections generate, half inpaint, same steps
 
 
@@ -343,6 +391,7 @@ class Scenario:
     images_per_forward: float = 0.0
     task: str = "generate"  # one of TASKS (edits with a step count, not MIX)
     image_shape: tuple[int, ...] = (1, 8, 8)  # of the served model, for edit requests
+    by_steps: dict[int, list[float]] = field(default_factory=dict)  # the server's latencies (ms) by step count
 
     @property
     def name(self) -> str:
@@ -360,7 +409,9 @@ class Scenario:
             return [WrkRun({"n": self.n, "steps": self.steps}, half), edit]
         if self.steps == MIX:
             half = self.concurrency // 2
-            return [WrkRun({"n": self.n, "steps": 1}, half), WrkRun({"n": self.n, "steps": 4}, half)]
+            return [WrkRun({"n": self.n, "steps": k}, half) for k in MIXED_STEPS]
+        if self.steps == RANDOM:
+            return [WrkRun({"n": self.n}, self.concurrency, bodies=[{"n": self.n, "steps": k} for k in MIXED_STEPS])]
         return [WrkRun({"n": self.n, "steps": self.steps}, self.concurrency)]
 
     @property
@@ -369,14 +420,23 @@ class Scenario:
 
     @property
     def mean_steps(self) -> float:
+        if self.steps == RANDOM:  # the step counts of the requests answered, from the server's log
+            counts = {k: len(v) for k, v in self.by_steps.items()}
+            total = sum(counts.values())
+            return sum(k * c for k, c in counts.items()) / total if total else sum(MIXED_STEPS) / len(MIXED_STEPS)
         done = [(r.requests_per_s * r.body["n"], r.body["steps"]) for r in self.runs]
         total = sum(images for images, _ in done)
         return sum(images * steps for images, steps in done) / total if total else 1.0
 
 
-def run_scenario(url: str, scenario: Scenario, duration: float) -> None:
-    """Drive the scenario's wrk processes for `duration` s; its runs and images per evaluation are filled in."""
+def run_scenario(url: str, scenario: Scenario, duration: float, log: Path | None = None) -> None:
+    """Drive the scenario's wrk processes for `duration` s; its runs and images per evaluation are filled in, and
+    with the server's `log` (at CM_LOG_LEVEL info) its latencies by step count."""
     before = scrape(url)
+    offset = log_offset(log) if log else 0
     scenario.runs = scenario.plan()
     drive(url, scenario.runs, duration)
     scenario.images_per_forward = images_per_evaluation(before, scrape(url))
+    if log:
+        time.sleep(0.2)  # the last lines leave the server with its next turn of the event loop
+        scenario.by_steps = latencies_by_steps(log, offset)

@@ -4,11 +4,17 @@
     python -m bench.load --duration 3 --concurrency 1,64 --n 1
     python -m bench.load --workers 2              # CM_WORKERS=2: two server processes on one socket
     python -m bench.load --tasks generate,inpaint --concurrency 64 --n 1 --steps 2   # editing vs generation
+    python -m bench.load --concurrency 64 --n 1 --steps 1,random  # each request 1- or 4-step at random
+    python -m bench.load --sleep-engine 2 --concurrency 64 --n 1,8 --steps 1   # a device that sleeps 2 ms a batch
 
 The load comes from wrk (Debian's `apt-get install -y wrk`) with bench/wrk/post.lua: one C process drives
 thousands of requests per second, so the client is not the bottleneck (the HTTP ceiling below shows how far
 it goes). A "mix" runs two wrk processes at once, half the connections sending 1-step requests and half
-4-step ones, so each step count gets its own latency percentiles.
+4-step ones, so each step count gets its own latency percentiles. "random" instead has every connection draw
+each request's step count, 1 or 4 (bench/wrk/random.lua), so the short requests cannot crowd out the long ones
+the way a connection that only sends 1-step requests does; its latencies by step count come from the server's
+access log (duration_ms of each request's line: from its arrival to its answer), and so does the 1-step
+figure alone it is compared with.
 
 Printed for each scenario: images/s, p50/p95/p99 latency per step count, mean images per network
 evaluation (from the server's /metrics), and the ceilings:
@@ -24,7 +30,12 @@ engine thread and event loop; torch threads per worker: --torch-threads, or the 
 max(1, CPUs // N)). Both ceilings above take the same N, so more workers never flatter the ratios.
 Targets (CPU, digits): concurrency 64 images/s ≥ 0.8 × combined (n = 1 and 8); concurrency 1 p50 ≤ one
 forward pass (the one-process best time, whatever --workers: one request is served by one worker) + 3 ms;
-1-step p99 under the 1/4 mix ≤ 1.5 × 1-step p99 alone. --tasks adds edit scenarios (POST /v1/edit inpainting the
+1-step p99 under the 1/4 mix ≤ 1.5 × 1-step p99 alone; the random mix at concurrency 64 ≥ 0.8 × combined (the
+model's images/s divided by the mean evaluations per request answered), its 1-step p99 ≤ 1.5 × alone.
+--sleep-engine MS serves through the real `python -m service` with every evaluation a sleep of MS per batch
+(bench/sleep_engine.py: a device on the CPU); the model ceiling is then batch ÷ MS, which costs no CPU, and
+served images/s ÷ that ceiling is the share of the device's time the serving path keeps busy.
+--tasks adds edit scenarios (POST /v1/edit inpainting the
 lower half of a fixed image; "both": half the clients generate, half inpaint): inpainting's images/s at
 concurrency 64 ≥ 0.9 × generation's with the same n and steps.
 """
@@ -46,6 +57,7 @@ import torch
 
 from bench.harness import (
     MIX,
+    RANDOM,
     TASKS,
     Scenario,
     WrkRun,
@@ -55,6 +67,7 @@ from bench.harness import (
     free_port,
     int_list,
     machine,
+    percentile,
     process,
     require_wrk,
     run_scenario,
@@ -63,6 +76,8 @@ from bench.harness import (
     warm_up,
     write_json,
 )
+from bench.sleep_engine import DEFAULT_SLEEP_MS
+from bench.sleep_engine import serve as serve_sleeping
 from models import checkpoint
 from service.engine import Engine
 from service.settings import Settings, usable_cpus, worker_cpus
@@ -181,6 +196,18 @@ def model_ceiling(path: Path, batches: list[int], seconds: float = 1.0,
     return results
 
 
+def sleep_reach(args: argparse.Namespace) -> int:
+    """Images the sleeping devices take per sleep: CM_MAX_BATCH on each of --devices."""
+    return args.max_batch * max(1, len([d for d in args.devices.split(",") if d.strip()]))
+
+
+def sleep_ceiling(batches: list[int], ms: float) -> dict[int, dict[str, float]]:
+    """The sleeping engine's ceiling: b images per sleep of `ms`, whatever b."""
+    return {b: {"forward_s": ms / 1e3, "images_per_s": b / (ms / 1e3), "threads": 0, "slices": 1,
+                "single_images_per_s": b / (ms / 1e3), "single_way": f"a sleep of {ms:g} ms", "processes": 1}
+            for b in batches}
+
+
 def print_model_ceiling(model: dict[int, dict[str, float]], workers: int) -> None:
     if workers == 1:
         print("model ceiling (engine alone, no HTTP), one evaluation:")
@@ -246,7 +273,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario")
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], help="e.g. 1,4,16,64")
     parser.add_argument("--n", type=int_list, default=[1, 8], help="images per request, e.g. 1,8")
-    parser.add_argument("--steps", default="1,2,mix", help="1, 2 and/or mix (half 1-step, half 4-step clients)")
+    parser.add_argument("--steps", default="1,2,mix",
+                        help=f"step counts, {MIX} (half 1-step, half 4-step clients) and/or {RANDOM} (each request "
+                        "1- or 4-step at random)")
     parser.add_argument("--tasks", default="generate",
                         help=f"scenario kinds, comma-separated, of {', '.join(TASKS)} (edits: step counts, not {MIX})")
     parser.add_argument("--max-batch", type=int, default=256, help="CM_MAX_BATCH of the server")
@@ -254,17 +283,25 @@ def parse_args() -> argparse.Namespace:
                         help="CM_WORKERS of the server; the bare HTTP endpoint and the model ceiling use as many")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="CM_TORCH_THREADS of the server (0: its default, max(1, CPUs // workers))")
+    parser.add_argument("--devices", default="",
+                        help="CM_DEVICES of the server (e.g. cpu,cpu: two engines; with --sleep-engine, two devices)")
     parser.add_argument("--log-level", default="info", help="CM_LOG_LEVEL of the server (one JSON line per request)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--sleep-engine", type=float, nargs="?", const=DEFAULT_SLEEP_MS, metavar="MS",
+                        help="serve with every evaluation a sleep of MS per batch (default when given without a "
+                        f"value: {DEFAULT_SLEEP_MS:g}; bench/sleep_engine.py) instead of the network")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-sleep", type=float, metavar="MS", help=argparse.SUPPRESS)  # the sleeping server
     args = parser.parse_args()
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be at least 1")
+    if args.sleep_engine is not None and not args.sleep_engine > 0:
+        parser.error(f"--sleep-engine {args.sleep_engine}: must be more than 0 ms")
     kinds = args.steps.split(",")
-    bad = [k for k in kinds if k != MIX and not k.isdigit()]
+    bad = [k for k in kinds if k not in (MIX, RANDOM) and not k.isdigit()]
     if bad:
-        parser.error(f"--steps {args.steps}: {bad} not allowed; give step counts and/or {MIX}")
-    args.steps = [k if k == MIX else int(k) for k in kinds]
+        parser.error(f"--steps {args.steps}: {bad} not allowed; give step counts, {MIX} and/or {RANDOM}")
+    args.steps = [k if k in (MIX, RANDOM) else int(k) for k in kinds]
     args.tasks = args.tasks.split(",")
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
@@ -278,20 +315,29 @@ def serve_scenarios(args: argparse.Namespace, ckpt: Path, log: Path, model: dict
     settings = {"CM_MODELS": f"digits={ckpt}", "CM_LOG_LEVEL": args.log_level, "CM_MAX_BATCH": str(args.max_batch),
                 "CM_MAX_IMAGES_PER_REQUEST": str(max(args.n)), "CM_TORCH_THREADS": str(args.torch_threads),
                 "CM_WORKERS": str(args.workers)}
+    if args.devices:
+        settings["CM_DEVICES"] = args.devices
     threads = worker_threads(args.workers, args.torch_threads)
-    print(f"\nservice: python -m service, CM_WORKERS={args.workers}, CM_MAX_BATCH={args.max_batch}, "
-          f"torch threads {threads} per worker, log level {args.log_level} (log: {log})")
+    sleeping = args.sleep_engine is not None
+    engine = (f"every evaluation a sleep of {args.sleep_engine:g} ms" if sleeping
+              else f"torch threads {threads} per worker")
+    devices = f", CM_DEVICES={args.devices}" if args.devices else ""
+    print(f"\nservice: python -m service, CM_WORKERS={args.workers}{devices}, CM_MAX_BATCH={args.max_batch}, "
+          f"{engine}, log level {args.log_level} (log: {log})")
     # A mix needs two connections (one per step count), so it starts at concurrency 2; edits take step counts.
     shape = checkpoint.load(ckpt).meta.config.image_shape
     scenarios = [Scenario(c, n, s, task=t, image_shape=shape) for t in args.tasks for n in args.n for s in args.steps
-                 for c in args.concurrency if (s != MIX or c >= 2) and (t == "generate" or s != MIX)]
-    with service(settings, log) as server:
+                 for c in args.concurrency
+                 if (s != MIX or c >= 2) and (t == "generate" or s not in (MIX, RANDOM))]
+    argv = [sys.executable, "-m", "bench.load", "--serve-sleep", str(args.sleep_engine)] if sleeping else None
+    logged = args.log_level in ("debug", "info")  # latencies by step count come from the access log
+    with service(settings, log, argv=argv) as server:
         warm_up(server.url)
         print(f"{'scenario':<24} {'images/s':>9} {'ceiling':>8} {'ratio':>6} {'img/eval':>8}  "
               "latency ms p50 / p95 / p99 by steps")
         for scenario in scenarios:
-            run_scenario(server.url, scenario, args.duration)
-            print(format_row(scenario, model, http, args.max_batch))
+            run_scenario(server.url, scenario, args.duration, log if logged else None)
+            print(format_row(scenario, model, http, sleep_reach(args) if sleeping else args.max_batch, sleeping))
     return scenarios
 
 
@@ -300,6 +346,8 @@ def main() -> None:
     if args.serve_bare:
         serve_bare(args.serve_bare, args.workers)
         return
+    if args.serve_sleep:
+        sys.exit(serve_sleeping(args.serve_sleep))
     require_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-load-"))
     ckpt, ckpt_note = default_checkpoint(tmp) if args.checkpoint is None else (args.checkpoint, str(args.checkpoint))
@@ -309,8 +357,16 @@ def main() -> None:
 
     # Ceiling 1: the engine alone.
     batches = sorted({1, *(min(c * n, args.max_batch) for c in args.concurrency for n in args.n), args.max_batch})
-    model = model_ceiling(ckpt, batches, workers=args.workers)
-    print_model_ceiling(model, args.workers)
+    sleeping = args.sleep_engine is not None
+    if sleeping:  # each device sleeps once for up to CM_MAX_BATCH images
+        reach = sleep_reach(args)
+        model = sleep_ceiling(sorted({*batches, *(min(c * n, reach) for c in args.concurrency for n in args.n)}),
+                              args.sleep_engine)
+        print(f"model ceiling: a sleep of {args.sleep_engine:g} ms per evaluation of up to {args.max_batch} images "
+              f"on each of {reach // args.max_batch} device(s)")
+    else:
+        model = model_ceiling(ckpt, batches, workers=args.workers)
+        print_model_ceiling(model, args.workers)
 
     # Ceiling 2: a bare FastAPI endpoint, same uvicorn, same number of worker processes, same wrk.
     http = http_ceiling(args.concurrency, min(args.duration, 3.0), args.workers, tmp / "bare.log")
@@ -320,15 +376,17 @@ def main() -> None:
         print(f"  concurrency {c:3d}: {rps:8.0f} requests/s")
 
     scenarios = serve_scenarios(args, ckpt, tmp / "service.log", model, http)
+    reach = sleep_reach(args) if sleeping else args.max_batch
 
     # The machine's speed drifts over a run's minutes: measure the concurrency-64 model ceiling again now, and
     # give those ratios against both measurements.
     again = sorted({min(64 * n, args.max_batch) for n in args.n} & set(batches)) if 64 in args.concurrency else []
+    again = [] if sleeping else again
     model_after = model_ceiling(ckpt, again, workers=args.workers) if again else {}
     for b, m in model_after.items():
         print(f"\nmodel ceiling measured again after the scenarios: batch {b}: {m['images_per_s']:.0f} images/s "
               f"(at the start: {model[b]['images_per_s']:.0f})")
-    report = targets(scenarios, model, http, args.max_batch, model_after)
+    report = targets(scenarios, model, http, reach, model_after, reach // args.max_batch if sleeping else 0)
     print("\ntargets:")
     for line in report:
         print("  " + line)
@@ -336,32 +394,71 @@ def main() -> None:
         write_json(args.json, {
             "workers": args.workers,
             "torch_threads_per_worker": worker_threads(args.workers, args.torch_threads),
+            "sleep_engine_ms": args.sleep_engine,
+            "devices": args.devices,
             "model": {str(b): m for b, m in model.items()},
             "model_after": {str(b): m for b, m in model_after.items()},
             "http_requests_per_s": http,
             "scenarios": [{"concurrency": s.concurrency, "n": s.n, "steps": s.steps, "task": s.task,
                            "images_per_s": s.images_per_s,
                            "images_per_forward": s.images_per_forward,
+                           "server_ms_by_steps": {str(k): {"count": len(v), **{f"p{p}": percentile(v, p)
+                                                                              for p in (50, 95, 99)}}
+                                                  for k, v in s.by_steps.items()},
                            "runs": [{"body": r.body, "connections": r.connections, **r.stats} for r in s.runs]}
                           for s in scenarios],
             "targets": report,
         })
 
 
-def ceiling_of(scenario: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int) -> float:
+def ceiling_of(scenario: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int,
+               sleeping: bool = False) -> float:
+    """The combined ceiling; with the sleeping engine the device's alone (batch ÷ sleep: a sleep takes no CPU)."""
     batch = min(scenario.concurrency * scenario.n, max_batch)
-    return combined(model_images_per_s(model, batch, scenario.mean_steps), http[scenario.concurrency], scenario.n)
+    device = model_images_per_s(model, batch, scenario.mean_steps)
+    return device if sleeping else combined(device, http[scenario.concurrency], scenario.n)
 
 
-def format_row(s: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int) -> str:
-    ceiling = ceiling_of(s, model, http, max_batch)
+def format_row(s: Scenario, model: dict[int, dict[str, float]], http: dict[int, float], max_batch: int,
+               sleeping: bool = False) -> str:
+    ceiling = ceiling_of(s, model, http, max_batch, sleeping)
     latencies = "  ".join(r.latency(50, 95, 99) for r in s.runs)
+    if s.steps == RANDOM:  # wrk's figures mix the step counts: the server's, by step count
+        latencies = "  ".join(f"{k}-step {server_latency(s, k)} (server)" for k in sorted(s.by_steps)) or latencies
     return (f"{s.name:<24} {s.images_per_s:9.0f} {ceiling:8.0f} {s.images_per_s / ceiling:6.2f} "
             f"{s.images_per_forward:8.1f}  {latencies}")
 
 
+def server_latency(s: Scenario, steps: int) -> str:
+    """'p50 / p95 / p99' ms of the scenario's `steps`-step requests by the server's access log."""
+    values = s.by_steps.get(steps, [])
+    return " / ".join(f"{percentile(values, p):.1f}" for p in (50, 95, 99))
+
+
+def sleep_report(scenarios: list[Scenario], model: dict[int, dict[str, float]], http: dict[int, float],
+                 max_batch: int, devices: int) -> list[str]:
+    """With the sleeping engine: at concurrency 64, the share of the device's time the serving path keeps busy."""
+    lines = []
+    for s in scenarios:
+        if s.concurrency != 64 or s.task != "generate" or not isinstance(s.steps, int):
+            continue
+        batch = min(s.concurrency * s.n, max_batch)  # max_batch: what all the devices take per sleep
+        device = ceiling_of(s, model, http, max_batch, sleeping=True)
+        sleep_s = model[batch]["forward_s"]
+        busy = s.images_per_s * s.steps / s.images_per_forward * sleep_s / devices if s.images_per_forward else 0.0
+        lines.append(f"c=64 n={s.n} {s.steps}-step: {s.images_per_s:.0f} images/s ÷ ({batch} ÷ {sleep_s * 1e3:g} ms "
+                     f"= {device:.0f}) = {s.images_per_s / device:.2f} of the device's time hidden; {devices} "
+                     f"device(s) busy {busy:.0%} at {s.images_per_forward:.1f} images per evaluation; HTTP alone "
+                     f"{http[64] * s.n:.0f} images/s")
+    return lines
+
+
 def targets(scenarios: list[Scenario], model: dict[int, dict[str, float]], http: dict[int, float],
-            max_batch: int, model_after: dict[int, dict[str, float]] | None = None) -> list[str]:
+            max_batch: int, model_after: dict[int, dict[str, float]] | None = None,
+            sleep_devices: int = 0) -> list[str]:
+    """The targets' verdicts; with the sleeping engine (on `sleep_devices` devices) its report instead."""
+    if sleep_devices:
+        return sleep_report(scenarios, model, http, max_batch, sleep_devices)
     lines = []
     by_key = {(s.concurrency, s.n, s.steps, s.task): s for s in scenarios}
     for (c, n, steps, task), s in by_key.items():
@@ -385,12 +482,38 @@ def targets(scenarios: list[Scenario], model: dict[int, dict[str, float]], http:
             ok = p50 <= forward_ms + 3
             lines.append(f"c=1 n={n} 1-step: p50 {p50:.2f} ms vs one forward pass {forward_ms:.2f} ms + 3 ms: "
                          f"{'PASS' if ok else 'MISS'}")
+        if steps == RANDOM:
+            lines += random_mix_targets(s, by_key.get((c, n, 1, "generate")), model, http, max_batch, model_after)
         if steps == MIX and (c, n, 1, "generate") in by_key:
             alone = by_key[(c, n, 1, "generate")].runs[0].stats["p99_us"] / 1e3
             mixed = s.runs[0].stats["p99_us"] / 1e3
             ok = mixed <= 1.5 * alone
             lines.append(f"c={c} n={n}: 1-step p99 in the 1/4 mix {mixed:.1f} ms vs alone {alone:.1f} ms "
                          f"(≤ 1.5×): {'PASS' if ok else 'MISS'}")
+    return lines
+
+
+def random_mix_targets(s: Scenario, alone: Scenario | None, model: dict[int, dict[str, float]],
+                       http: dict[int, float], max_batch: int,
+                       model_after: dict[int, dict[str, float]] | None = None) -> list[str]:
+    """The random 1/4-step mix against its ceiling (at concurrency 64) and its 1-step p99 against 1-step alone,
+    both p99s from the server's access log."""
+    lines = []
+    c, n = s.concurrency, s.n
+    if c == 64:
+        ratio = s.images_per_s / ceiling_of(s, model, http, max_batch)
+        verdict = "PASS" if ratio >= 0.8 else "MISS"
+        after = ""
+        if model_after and min(c * n, max_batch) in model_after:
+            later = s.images_per_s / ceiling_of(s, {**model, **model_after}, http, max_batch)
+            after = f"; {later:.2f} × the ceiling measured again at the end"
+        lines.append(f"c=64 n={n} random 1/4-step: {s.images_per_s:.0f} images/s = {ratio:.2f} × combined ceiling "
+                     f"({s.mean_steps:.2f} evaluations per request; target ≥ 0.80): {verdict}{after}")
+    if alone is not None and s.by_steps.get(1) and alone.by_steps.get(1):
+        mixed, single = percentile(s.by_steps[1], 99), percentile(alone.by_steps[1], 99)
+        ok = mixed <= 1.5 * single
+        lines.append(f"c={c} n={n}: 1-step p99 in the random mix {mixed:.1f} ms vs alone {single:.1f} ms (server log, "
+                     f"≤ 1.5×): {'PASS' if ok else 'MISS'}")
     return lines
 
 

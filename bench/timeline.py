@@ -47,10 +47,10 @@ def serve(out: Path) -> int:
     run, submit, end = scheduler.Scheduler._run, scheduler.Scheduler.submit, GenerateHandler.end
     evaluate = engine.Engine.evaluate
 
-    def timed_run(self: Any, lane: Any, runs: Any) -> Any:
+    def timed_run(self: Any, device: Any, lane: Any, runs: Any) -> Any:
         start = time.monotonic()
         try:
-            return run(self, lane, runs)
+            return run(self, device, lane, runs)
         finally:
             evaluations.append((start, time.monotonic(), sum(r.size for r in runs)))
 

@@ -26,10 +26,11 @@ logger = logging.getLogger("cmserve.main")
 
 def check_settings(settings: Settings) -> None:
     """What the settings alone cannot tell: the device exists, the model files are usable."""
-    device = resolve_device(settings.device)
-    if settings.workers > 1 and device.type != "cpu":
+    setting = "CM_DEVICES" if settings.devices else "CM_DEVICE"
+    devices = [resolve_device(name, setting) for name in settings.device_names]
+    if settings.workers > 1 and devices[0].type != "cpu":
         raise SettingsError(f"CM_WORKERS={settings.workers} with CM_DEVICE={settings.device!r} resolves to "
-                            f"{device}: one process owns a GPU; use CM_WORKERS=1 and one replica per GPU")
+                            f"{devices[0]}: one process owns a GPU; use CM_WORKERS=1 and one replica per GPU")
     check_model_files(settings)
 
 

@@ -43,18 +43,27 @@ SLICE_IMAGES = 16
 PAD_SIGMA = 1.0  # σ of padding rows: any valid level works, padding rows never touch the real ones
 
 
-def resolve_device(name: str) -> torch.device:
-    """CM_DEVICE -> a torch device; 'auto' picks the first CUDA device when there is one."""
+def resolve_device(name: str, setting: str = "CM_DEVICE") -> torch.device:
+    """CM_DEVICE (or an item of `setting`) -> a torch device; 'auto' picks the first CUDA device when there is one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"CM_DEVICE={name!r} but this machine has no CUDA device; use cpu or auto")
+            raise ValueError(f"{setting}={name!r} but this machine has no CUDA device; use cpu or auto")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise ValueError(f"CM_DEVICE={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ValueError(f"{setting}={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+
+def device_labels(names: Sequence[str]) -> list[str]:
+    """The metrics' device label of each of CM_DEVICES (or CM_DEVICE): `cpu`, `cuda:N`; a device listed more
+    than once (cpu,cpu: two CPU engines) is told apart by its position, `cpu:0`, `cpu:1`."""
+    plain = ["cuda:0" if name == "cuda" else name for name in names]
+    if "auto" in plain:
+        plain = [("cuda:0" if torch.cuda.is_available() else "cpu") if name == "auto" else name for name in plain]
+    return [f"{name}:{i}" if plain.count(name) > 1 else name for i, name in enumerate(plain)]
 
 
 @dataclass
@@ -83,6 +92,7 @@ class Engine:
         buckets: Sequence[int] = (1,),
         pad: bool | None = None,  # pad batches to the next bucket; default: only when compiling
         cpu_slices: int = 1,  # CPU: evaluate a batch in slices on this many threads (see above)
+        cpu_threads: int = 0,  # CPU without slices: torch threads of the evaluating thread (0: as the process)
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -108,6 +118,7 @@ class Engine:
         self.oom_splits = 0  # how many times a batch was halved after running out of memory
         # Slices on the CPU only, and not compiled (a compiled graph is not called from several threads).
         self.cpu_slices = cpu_slices if self.device.type == "cpu" and not compile else 1
+        self.cpu_threads = cpu_threads if self.device.type == "cpu" else 0
         self._slicers: ThreadPoolExecutor | None = None  # the threads of the slices after the first
 
     def _trace(self) -> tuple[torch.nn.Module, bool]:
@@ -201,6 +212,8 @@ class Engine:
 
     def _evaluate_padded(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if self.cpu_slices == 1:
+            if self.cpu_threads and torch.get_num_threads() != self.cpu_threads:  # its share of the CPU
+                torch.set_num_threads(self.cpu_threads)
             return self._evaluate_batch(x, sigma, labels)
         if torch.get_num_threads() != 1:  # the caller (the engine thread) evaluates its slice with one thread
             torch.set_num_threads(1)

@@ -66,7 +66,8 @@ class ModelMetrics:
 class Metrics(SchedulerObserver):
     """All metric objects of one server; also the scheduler's observer."""
 
-    def __init__(self, model_names: Iterable[str], batch_buckets: Iterable[int]) -> None:
+    def __init__(self, model_names: Iterable[str], batch_buckets: Iterable[int],
+                 devices: Iterable[str] = ("0",)) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
@@ -96,6 +97,16 @@ class Metrics(SchedulerObserver):
             buckets=tuple(float(b) for b in sorted(set(batch_buckets))), registry=r,
         )
         self.forward_passes = Counter("cmserve_forward_passes", "Network evaluations", ["model"], registry=r)
+        # The same two histograms by device (CM_DEVICES; label values from the settings); the ones above keep
+        # their label sets, which dashboards, alerts and scripts match exactly.
+        self.device_forward_duration = Histogram(
+            "cmserve_device_forward_duration_seconds", "One network evaluation of a batch, by device",
+            ["model", "device"], buckets=FORWARD_BUCKETS, registry=r,
+        )
+        self.device_batch_size = Histogram(
+            "cmserve_device_batch_size", "Images per network evaluation, by device", ["model", "device"],
+            buckets=tuple(float(b) for b in sorted(set(batch_buckets))), registry=r,
+        )
         self.images = Counter("cmserve_images_generated", "Images that took their last step", ["model"], registry=r)
         # The same two counts by task (scheduler.TASKS); cmserve_requests and cmserve_images_generated keep their
         # label sets, which dashboards, alerts and scripts match exactly.
@@ -125,11 +136,14 @@ class Metrics(SchedulerObserver):
         self._live: list[tuple[Gauge, Callable[[], float]]] = []  # gauges whose value a callback gives
         self._per_model: dict[str, ModelMetrics] = {}
         self._cache: dict[tuple, Any] = {}  # label children of the request-path metrics (bounded label values)
-        self._memory_tracked = False
+        self._memory: dict[str, Callable[[], tuple[int, int] | None]] = {}  # by device label
         self._stats_lock = threading.Lock()
         self._samples: deque[tuple[float, ...]] = deque()  # (time, requests, images, batch sum, batch count)
         for name in model_names:
             self._children(name)
+            for device in devices:
+                self._child(self.device_forward_duration, name, device)
+                self._child(self.device_batch_size, name, device)
         for name in FORMATS:
             self.encode_duration.labels(name)
         if self.multiprocess:
@@ -164,6 +178,10 @@ class Metrics(SchedulerObserver):
         children.forward_duration.observe(seconds)
         children.batch_size.observe(batch_size)
         children.forward_passes.inc()
+
+    def on_device_evaluation(self, model: str, device: str, batch_size: int, seconds: float) -> None:
+        self._child(self.device_forward_duration, model, device).observe(seconds)
+        self._child(self.device_batch_size, model, device).observe(batch_size)
 
     def on_queue_wait(self, model: str, seconds: float) -> None:
         self._children(model).queue_wait.observe(seconds)
@@ -225,16 +243,22 @@ class Metrics(SchedulerObserver):
             time.sleep(LIVE_REFRESH_S)
             self.refresh()
 
-    def track_device_memory(self, memory: Callable[[], tuple[int, int] | None]) -> None:
-        """cmserve_gpu_memory_*_bytes, registered only for a CUDA device (absent on the CPU)."""
-        if memory() is None or self._memory_tracked:
-            return  # on the CPU, or already tracked (all models share one device)
-        self._memory_tracked = True
-        allocated = Gauge("cmserve_gpu_memory_allocated_bytes", "Device memory held by tensors", registry=self.registry)
-        reserved = Gauge("cmserve_gpu_memory_reserved_bytes", "Device memory reserved by the allocator",
-                         registry=self.registry)
-        allocated.set_function(lambda: (memory() or (0, 0))[0])
-        reserved.set_function(lambda: (memory() or (0, 0))[1])
+    def track_device_memory(self, memory: Callable[[], tuple[int, int] | None], device: str = "0") -> None:
+        """cmserve_gpu_memory_*_bytes, registered only for CUDA devices (absent on the CPU): the sum over the
+        devices, each counted once (all models on a device share its memory)."""
+        if memory() is None or device in self._memory:
+            return
+        if not self._memory:
+            allocated = Gauge("cmserve_gpu_memory_allocated_bytes", "Device memory held by tensors",
+                              registry=self.registry)
+            reserved = Gauge("cmserve_gpu_memory_reserved_bytes", "Device memory reserved by the allocator",
+                             registry=self.registry)
+            allocated.set_function(lambda: self._memory_total(0))
+            reserved.set_function(lambda: self._memory_total(1))
+        self._memory[device] = memory
+
+    def _memory_total(self, which: int) -> int:
+        return sum((memory() or (0, 0))[which] for memory in list(self._memory.values()))
 
     def set_model_info(self, model: str, sha256: str, preset: str | None) -> None:
         self.model_info.labels(model, sha256, preset or "").set(1)

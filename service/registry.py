@@ -7,6 +7,7 @@ here is reachable from an endpoint, so no request can make the server load a fil
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -96,9 +97,11 @@ class ServedModel:
     sha256: str
     max_steps: int
     max_images_per_request: int = 64  # largest n of a request for this model (see `default_max_images`)
+    engines: list[Engine] = field(default_factory=list)  # one per device (CM_DEVICES), the first being `engine`
     schedules: dict[int, list[float]] = field(init=False)  # steps -> σ schedule, 1 … max_steps
 
     def __post_init__(self) -> None:
+        self.engines = self.engines or [self.engine]
         self.schedules = {k: checkpoint.recommended_sigmas(self.meta, k) for k in range(1, self.max_steps + 1)}
 
     @property
@@ -205,24 +208,36 @@ def max_images_for(settings: Settings, image_size: int) -> int:
 
 
 def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactory = Engine) -> ServedModel:
-    """Read a checkpoint or folder (no pickle), build its engine on the configured device and warm it up."""
-    device = resolve_device(settings.device)
+    """Read a checkpoint or folder (no pickle), build an engine on each configured device and warm it up."""
+    setting = "CM_DEVICES" if settings.devices else "CM_DEVICE"
+    devices = [resolve_device(name, setting) for name in settings.device_names]
     loaded = read_model(spec.path)
     check_kind(spec, loaded.meta.config)
-    engine = engine_factory(
-        loaded.model,
-        device=device,
-        dtype=settings.dtype,
-        channels_last=settings.channels_last,
-        compile=settings.compile,
-        trace=settings.trace,
-        buckets=settings.buckets,
-        cpu_slices=settings.cpu_threads if settings.cpu_parallel == "slices" else 1,
-    )
-    engine.warmup()
+    # The CPU's threads are shared among its engines (cpu,cpu: two engines with half each, as slices or torch
+    # threads): OpenMP teams that compete for the same cores stall at their barriers.
+    cpu_engines = sum(device.type == "cpu" for device in devices)
+    threads = max(1, settings.cpu_threads // max(1, cpu_engines))
+    # Each engine its own copy, made before any moves: moving a module to a device moves the module itself.
+    copies = [loaded.model, *(copy.deepcopy(loaded.model) for _ in devices[1:])]
+    engines = []
+    for device, model in zip(devices, copies, strict=True):
+        engine = engine_factory(
+            model,
+            device=device,
+            dtype=settings.dtype,
+            channels_last=settings.channels_last,
+            compile=settings.compile,
+            trace=settings.trace,
+            buckets=settings.buckets,
+            cpu_slices=threads if settings.cpu_parallel == "slices" else 1,
+            cpu_threads=threads if cpu_engines > 1 else 0,
+        )
+        engine.warmup()
+        engines.append(engine)
+    engine = engines[0]
     logger.info(
         "model %s ready: %s (sha256 %s…) on %s, %s, %s, buckets %s%s",
-        spec.name, spec.path, loaded.sha256[:12], device, settings.dtype,
+        spec.name, spec.path, loaded.sha256[:12], ", ".join(str(device) for device in devices), settings.dtype,
         "compiled" if engine.compiled else "traced" if engine.traced else "eager", engine.buckets,
         f", batches sliced over {engine.cpu_slices} threads" if engine.cpu_slices > 1 else "",
     )
@@ -234,4 +249,5 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
         sha256=loaded.sha256,
         max_steps=settings.max_steps,
         max_images_per_request=max_images_for(settings, loaded.meta.config.image_size),
+        engines=engines,
     )

@@ -3,7 +3,7 @@
 A request becomes a `Job` of n images; each image carries its σ schedule, its own seeded noise and its
 current step. Queue entries are `Run`s, consecutive images of one job at the same step, so that
 bookkeeping costs one Python object per request rather than per image. Each model has a `Lane`: its queue
-and its engine. One engine thread loops:
+and its engines, one per device (CM_DEVICES). Each device has one engine thread, and each loops:
 
   collect  pick the next model with images waiting (round robin); wait as long as `batching.batch_wait`
            says (the one rule of when a batch runs); take up to max_batch images from the front of its queue
@@ -12,6 +12,11 @@ and its engine. One engine thread loops:
            images (CM Algorithm 4) then go through their job's projection (models.editing), the one difference
   requeue  images with steps left go back to the FRONT of the queue, in order
   complete a request whose last image finished (or that failed) gets its `on_done` callback
+
+With several devices the threads share the queues and the lock: whichever is free takes the next batch, each
+waits by `batch_wait` on its own view (was it idle, which clients did its latest evaluation answer), and a
+submission wakes the threads that may now run and one idle thread. An image's noise comes from its seed whichever
+thread draws it, and the engines hold copies of the same network, so a seed gives the same image on every device.
 
 The queue's order (CM_SCHEDULE):
   shortest (default)  images wait in classes by evaluations left; a batch takes the class with the fewest
@@ -34,7 +39,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -182,10 +187,13 @@ class Run:
 
 
 class SchedulerObserver:
-    """Hooks the scheduler calls (from the engine thread); the default does nothing. Metrics subclass it."""
+    """Hooks the scheduler calls (from the engine threads); the default does nothing. Metrics subclass it."""
 
     def on_evaluation(self, model: str, batch_size: int, seconds: float) -> None:
         """One network evaluation of `batch_size` images took `seconds`."""
+
+    def on_device_evaluation(self, model: str, device: str, batch_size: int, seconds: float) -> None:
+        """The same evaluation, with the label of the device that ran it."""
 
     def on_queue_wait(self, model: str, seconds: float) -> None:
         """A job's first image reached the device `seconds` after the job was submitted."""
@@ -196,16 +204,21 @@ class SchedulerObserver:
 
 @dataclass
 class Lane:
-    """One model's queue and engine. The queue is a deque per class (evaluations left, or one class for the
-    "started" order). Only its push and pop methods change it, and they keep its two counts."""
+    """One model's queue and engines (one per device). The queue is a deque per class (evaluations left, or one
+    class for the "started" order). Only its push and pop methods change it, and they keep its two counts."""
 
     name: str
-    engine: EngineLike
+    engines: list[EngineLike]  # by device index; copies of one network
     by_steps_left: bool = True  # the "shortest" order: one class per number of evaluations left
     classes: dict[int, deque[Run]] = field(default_factory=dict)
     queued: int = 0  # images in the queue
     evaluations: int = 0  # image-evaluations the queued images still need
     schedules: dict[tuple[float, ...], tuple[list[float], list[float]]] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> EngineLike:
+        """The first device's engine: what every copy shares (shapes, classes, σ range)."""
+        return self.engines[0]
 
     def _class(self, run: Run) -> deque[Run]:
         key = run.steps_left if self.by_steps_left else 0
@@ -294,14 +307,28 @@ class Arrivals:
 
 @dataclass(slots=True)
 class Waiting:
-    """The engine thread asleep on the condition: for any work (lane None), or for a lane's batch since `since`."""
+    """An engine thread asleep on its condition: for any work (lane None), or for a lane's batch since `since`."""
 
     lane: Lane | None
     since: float
 
 
+@dataclass(eq=False)
+class Device:
+    """One engine thread: its engine's index in every lane, and the state its `batch_wait` reads."""
+
+    index: int
+    label: str  # the metrics' device label
+    wake: threading.Condition  # on the scheduler's lock: a submission wakes this thread alone
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    idle: bool = True  # the thread found no work at its latest look
+    waiting: Waiting | None = None  # set while the thread sleeps on `wake`
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))  # reseeded per draw
+    thread: threading.Thread | None = None
+
+
 class Scheduler:
-    """The queue of images of every served model and the one thread that feeds the device."""
+    """The queue of images of every served model and the threads that feed the devices, one per device."""
 
     def __init__(
         self,
@@ -312,6 +339,7 @@ class Scheduler:
         observer: SchedulerObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         schedule: str = "shortest",
+        devices: Sequence[str] = ("0",),  # a label per device; each model then has one engine per device
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -325,22 +353,35 @@ class Scheduler:
         self.images_evaluated = 0  # image-evaluations run (sum of batch sizes)
         self._lanes: dict[str, Lane] = {}  # by model name, in round-robin order
         self._next = 0  # index of the lane whose turn is next
-        self._cond = threading.Condition(threading.Lock())
-        self._arrivals = Arrivals()
-        self._idle = True  # the engine found no work at its latest look
-        self._waiting: Waiting | None = None  # set while the engine thread sleeps on the condition
+        if not devices or len(set(devices)) != len(devices):
+            raise ValueError(f"devices must be distinct labels, at least one, got {list(devices)}")
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # held around every change; also the first device's condition
+        self._devices = [Device(i, label, self._cond if i == 0 else threading.Condition(lock))
+                         for i, label in enumerate(devices)]
+        self._jobs_lock = threading.Lock()  # a job's tensors that two devices' threads may both set up
         self._evaluation_s = 0.0  # moving average of one evaluation's duration
-        self._generator = torch.Generator(device="cpu")  # the engine thread's, reseeded for each image's draws
         self._stopping = False
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ models and jobs
 
-    def add_model(self, name: str, engine: EngineLike) -> None:
+    @property
+    def devices(self) -> list[str]:
+        return [device.label for device in self._devices]
+
+    @property
+    def _waiting(self) -> Waiting | None:
+        """The first device's thread's wait (tests watch it)."""
+        return self._devices[0].waiting
+
+    def add_model(self, name: str, *engines: EngineLike) -> None:
+        """Schedule a model: one engine per device, in the devices' order."""
+        if len(engines) != len(self._devices):
+            raise ValueError(f"model {name!r} has {len(engines)} engine(s) for {len(self._devices)} device(s)")
         with self._cond:
             if name in self._lanes:
                 raise ValueError(f"model {name!r} is already scheduled")
-            self._lanes[name] = Lane(name, engine, by_steps_left=self.schedule == "shortest")
+            self._lanes[name] = Lane(name, list(engines), by_steps_left=self.schedule == "shortest")
 
     def submit(self, job: Job) -> None:
         """Admit a job at the back of its model's queue, or raise QueueFull at once."""
@@ -358,15 +399,33 @@ class Scheduler:
             now = self.clock()
             job.submitted_at = now
             lane.push_back(Run(job, 0, job.n, 0))
-            back = self._arrivals.arrive(lane, job.n, now)
-            # Wake the engine (a system call and a GIL hand-off) only when batch_wait may now say "run": the
-            # batch is full, or the last answered client is back after an evaluation; its other turns are timed.
-            waiting = self._waiting
-            if waiting is not None and (
-                waiting.lane is None
-                or (waiting.lane is lane and (lane.queued >= self.max_batch or (back and not self._idle)))
-            ):
-                self._cond.notify()
+            self._arrive_locked(lane, job.n, now)
+
+    def _arrive_locked(self, lane: Lane, n: int, now: float) -> None:
+        """Count a submission and wake a thread (a system call and a GIL hand-off) only when batch_wait may now
+        say "run": its batch is full, or the last client it answered is back after an evaluation; its other turns
+        are timed. One idle thread wakes too, even while another fills this lane's batch: with several devices
+        the clients then settle into one group per device, each device's batch evaluated while the others'
+        clients send again."""
+        idle = None
+        for device in self._devices:
+            back = device.arrivals.arrive(lane, n, now)
+            waiting = device.waiting
+            if waiting is None:
+                continue
+            if waiting.lane is None:
+                idle = idle or device
+            elif waiting.lane is lane and (lane.queued >= self.max_batch or (back and not device.idle)):
+                device.wake.notify()
+        if idle is not None:
+            idle.wake.notify()
+
+    def _wake_idle_locked(self) -> None:
+        """Wake one thread that sleeps for want of work, if any does."""
+        for device in self._devices:
+            if device.waiting is not None and device.waiting.lane is None:
+                device.wake.notify()
+                return
 
     def cancel(self, job: Job, error: ServiceError) -> bool:
         """End a job with `error` and drop its queued images; False if it had already finished."""
@@ -387,37 +446,43 @@ class Scheduler:
     # ------------------------------------------------------------------ the engine thread
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._loop, name="cmserve-engine", daemon=True)
-        self._thread.start()
+        for device in self._devices:
+            if device.thread is None:
+                name = "cmserve-engine" if len(self._devices) == 1 else f"cmserve-engine-{device.label}"
+                device.thread = threading.Thread(target=self._loop, args=(device.index,), name=name, daemon=True)
+                device.thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop the engine thread after its current evaluation; jobs still queued fail with NotReady."""
+        """Stop the engine threads after their current evaluations; jobs still queued fail with NotReady."""
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
+            for device in self._devices:
+                device.wake.notify_all()
             leftover = [run.job for lane in self._lanes.values() for run in lane.runs()]
-        if self._thread is not None:
-            self._thread.join(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        for device in self._devices:
+            if device.thread is not None:
+                device.thread.join(None if end is None else max(0.0, end - time.monotonic()))
         for job in dict.fromkeys(leftover):
             self.cancel(job, NotReady("the server shut down before this request finished"))
 
-    def _loop(self) -> None:
-        while self.run_once(block=True):
+    def _loop(self, device: int) -> None:
+        while self.run_once(block=True, device=device):
             pass
 
-    def run_once(self, block: bool = True) -> bool:
-        """One collect → run → requeue → complete cycle; False once stopping (or, unblocked, when idle)."""
-        picked = self._collect(block)
+    def run_once(self, block: bool = True, device: int = 0) -> bool:
+        """One collect → run → requeue → complete cycle on a device's engines; False once stopping (or,
+        unblocked, when idle)."""
+        this = self._devices[device]
+        picked = self._collect(this, block)
         if picked is None:
             return not self._stopping and block
         lane, runs = picked
         try:
             with torch.no_grad():
-                done = self._run(lane, runs)
+                done = self._run(this, lane, runs)
         except Exception as e:  # a bug or a device fault: fail this batch's requests, keep serving
-            logger.exception("network evaluation failed for model %s", lane.name)
+            logger.exception("network evaluation failed for model %s on device %s", lane.name, this.label)
             done = self._fail_runs(lane, runs, EngineFailure(f"the network evaluation failed ({type(e).__name__})"))
         for job in done:
             job.on_done(job)
@@ -425,23 +490,25 @@ class Scheduler:
 
     # collect ------------------------------------------------------------
 
-    def _collect(self, block: bool) -> tuple[Lane, list[Run]] | None:
+    def _collect(self, device: Device, block: bool) -> tuple[Lane, list[Run]] | None:
         expired: list[Job] = []
         try:
             with self._cond:
                 while not self._stopping:
                     lane = self._next_lane_locked()
                     if lane is None:
-                        self._idle = True
+                        device.idle = True
                         if not block:
                             return None
-                        self._sleep_locked(Waiting(None, self.clock()), None)
+                        self._sleep_locked(device, Waiting(None, self.clock()), None)
                         continue
                     if block:
-                        self._wait_for_batch_locked(lane)
-                    self._idle = False
+                        self._wait_for_batch_locked(device, lane)
+                    device.idle = False
                     runs = self._take_locked(lane, expired)
                     if runs:
+                        if len(self._devices) > 1 and any(other.queued for other in self._lanes.values()):
+                            self._wake_idle_locked()  # the rest is the next free device's
                         return lane, runs
                 return None
         finally:
@@ -457,31 +524,32 @@ class Scheduler:
                 return lane
         return None
 
-    def _wait_for_batch_locked(self, lane: Lane) -> None:
-        """Sleep until batch_wait says to run the lane's batch (or the scheduler stops)."""
+    def _wait_for_batch_locked(self, device: Device, lane: Lane) -> None:
+        """Sleep until batch_wait says to run the lane's batch, another device took it, or the scheduler stops."""
         waiting = Waiting(lane, self.clock())
-        while not self._stopping:
-            left = self._wait_left_locked(waiting)
+        while not self._stopping and lane.queued:
+            left = self._wait_left_locked(device, waiting)
             if left <= 0:
                 return
-            self._sleep_locked(waiting, left)
+            self._sleep_locked(device, waiting, left)
 
-    def _wait_left_locked(self, waiting: Waiting) -> float:
+    def _wait_left_locked(self, device: Device, waiting: Waiting) -> float:
         assert waiting.lane is not None
-        now, arrivals = self.clock(), self._arrivals
+        now, arrivals = self.clock(), device.arrivals
         answered, returned = arrivals.of(waiting.lane)
         return batch_wait(
-            queued=waiting.lane.queued, max_batch=self.max_batch, idle=self._idle, answered=answered,
+            queued=waiting.lane.queued, max_batch=self.max_batch, idle=device.idle, answered=answered,
             returned=returned, gap=arrivals.gap, since_arrival=now - arrivals.last, evaluation_s=self._evaluation_s,
             waited=now - waiting.since, max_wait=self.max_wait_s,
         )
 
-    def _sleep_locked(self, waiting: Waiting, timeout: float | None) -> None:
-        self._waiting = waiting
+    @staticmethod
+    def _sleep_locked(device: Device, waiting: Waiting, timeout: float | None) -> None:
+        device.waiting = waiting
         try:
-            self._cond.wait(timeout)
+            device.wake.wait(timeout)
         finally:
-            self._waiting = None
+            device.waiting = None
 
     def _take_locked(self, lane: Lane, expired: list[Job]) -> list[Run]:
         """Pop up to max_batch images from the lane's front, splitting the last run if needed."""
@@ -511,21 +579,35 @@ class Scheduler:
 
     # run ----------------------------------------------------------------
 
-    def _run(self, lane: Lane, runs: list[Run]) -> list[Job]:
+    def _run(self, device: Device, lane: Lane, runs: list[Run]) -> list[Job]:
         """Evaluate the batch, store each image's estimate, requeue unfinished images; return ended jobs."""
         started = self.clock()
+        refused: dict[Job, ServiceError] = {}
         for run in runs:
             job = run.job
-            if not job.prepared:
-                job.prepare(lane.engine, lane.schedule(job.sigmas), self._generator)
             if job.started_at is None:
-                job.started_at = started
-                self.observer.on_queue_wait(lane.name, started - job.submitted_at)
+                with self._jobs_lock:  # another device may hold the job's other images
+                    if not job.prepared:
+                        try:
+                            job.prepare(lane.engine, lane.schedule(job.sigmas), device.generator)
+                        except ServiceError as e:  # an edit's image that does not decode: that request alone fails
+                            refused[job] = e
+                            continue
+                    first = job.started_at is None
+                    if first:
+                        job.started_at = started
+                if first:
+                    self.observer.on_queue_wait(lane.name, started - job.submitted_at)
+        if refused:
+            ended = self._fail_jobs(lane, refused)
+            runs = [run for run in runs if run.job not in refused]
+            return ended + (self._run(device, lane, runs) if runs else [])
         x, sigma, labels = _batch_inputs(runs)
-        evaluation = lane.engine.evaluate(x, sigma, labels)
+        evaluation = lane.engines[device.index].evaluate(x, sigma, labels)
         seconds = self.clock() - started
         size = x.shape[0]
         self.observer.on_evaluation(lane.name, size, seconds)
+        self.observer.on_device_evaluation(lane.name, device.label, size, seconds)
         self._evaluation_s = seconds if not self.evaluations else 0.9 * self._evaluation_s + 0.1 * seconds
 
         out, row = _projected(runs, evaluation.out), 0
@@ -536,16 +618,19 @@ class Scheduler:
             if run.size == job.n:  # the whole job: its estimates are these rows of `out` (a new tensor each time)
                 job.x = out[row : row + run.size]
             else:
-                if job.x is None:  # the other images' estimates: the start, or zeros
-                    start = job.start
-                    job.x = torch.zeros(job.n, *out.shape[1:]) if start is None else start.repeat(job.n, 1, 1, 1)
-                job.x[run.start : run.stop] = out[row : row + run.size]
+                with self._jobs_lock:  # another device may be storing the job's other images
+                    if job.x is None:  # the other images' estimates: the start, or zeros
+                        start = job.start
+                        job.x = torch.zeros(job.n, *out.shape[1:]) if start is None else start.repeat(job.n, 1, 1, 1)
+                    elif job.x.is_inference():  # rows of an earlier `out` (the job was whole then): a copy to write in
+                        job.x = job.x.clone()
+                    job.x[run.start : run.stop] = out[row : row + run.size]
             if pixels is not None and run.step + 1 == job.steps:
                 job.images[run.start : run.stop] = pixels[row : row + run.size]
             row += run.size
-        return self._after_evaluation(lane, runs, evaluation.failed)
+        return self._after_evaluation(device, lane, runs, evaluation.failed)
 
-    def _after_evaluation(self, lane: Lane, runs: list[Run], failed_rows: list[int]) -> list[Job]:
+    def _after_evaluation(self, device: Device, lane: Lane, runs: list[Run], failed_rows: list[int]) -> list[Job]:
         failed_jobs = _jobs_of_rows(runs, failed_rows)
         ended: list[Job] = []
         finished_images: dict[str, int] = {}  # by task
@@ -570,15 +655,18 @@ class Scheduler:
                     ended.append(job)
             for run in reversed(again):  # back to the front (of their class), in their order
                 lane.push_front(run)
-            self._arrivals.evaluated(lane, sum(job.n for job in ended))
+            device.arrivals.evaluated(lane, sum(job.n for job in ended))
         for task, count in finished_images.items():
             self.observer.on_images_finished(lane.name, count, task)
         return ended
 
     def _fail_runs(self, lane: Lane, runs: list[Run], error: ServiceError) -> list[Job]:
+        return self._fail_jobs(lane, dict.fromkeys((run.job for run in runs), error))
+
+    def _fail_jobs(self, lane: Lane, errors: dict[Job, ServiceError]) -> list[Job]:
         ended = []
         with self._cond:
-            for job in dict.fromkeys(run.job for run in runs):
+            for job, error in errors.items():
                 if self._finish_locked(job, error):
                     lane.remove(job)
                     ended.append(job)
@@ -595,8 +683,8 @@ class Scheduler:
         return True
 
     def _retry_after_locked(self) -> int:
-        """Seconds until the queued work is likely done: its image-evaluations / batch × evaluation time."""
-        evaluations = sum(lane.evaluations for lane in self._lanes.values()) / self.max_batch
+        """Seconds until the queued work is likely done: its image-evaluations / batch / devices × evaluation time."""
+        evaluations = sum(lane.evaluations for lane in self._lanes.values()) / self.max_batch / len(self._devices)
         return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(evaluations * self._evaluation_s))))
 
 

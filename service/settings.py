@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "CM_"
 DEFAULT_MODEL_NAME = "digits"  # the name the embedded default checkpoint is served under
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DEVICES_ITEM_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+)$")  # an item of CM_DEVICES: a device, never `auto`
+MAX_DEVICES = 64  # items of CM_DEVICES (each is an engine thread and a value of the metrics' device label)
 SETTING_NAME_PATTERN = re.compile(r"^CM_[A-Z0-9_]{1,64}$")  # names a config file error may quote
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -48,6 +50,12 @@ class Settings(BaseSettings):
     )
     default_model: str = Field("", description="Model for requests that name none; empty = the first of CM_MODELS")
     device: str = Field("auto", description="`auto` (first CUDA device, else CPU), `cpu`, `cuda` or `cuda:N`")
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Several devices, comma-separated (`cuda:0,cuda:1`; `cpu,cpu` runs two engines on the CPU): each "
+        "holds its own copy of every model and has its own engine thread, and a model's batches go to whichever "
+        "device is free next, from the model's one queue; empty = CM_DEVICE alone",
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Network dtype on the device")
     channels_last: bool = Field(False, description="NHWC activations (faster convolutions on recent GPUs)")
     compile: bool = Field(False, description="torch.compile the network, one graph per batch bucket")
@@ -207,6 +215,28 @@ class Settings(BaseSettings):
             raise ValueError(f"CM_DEVICE={value!r} is not one of auto, cpu, cuda, cuda:N")
         return value
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _parse_devices(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: list[str]) -> list[str]:
+        bad = [item for item in value if not DEVICES_ITEM_PATTERN.match(item)]
+        if bad:
+            raise ValueError(f"CM_DEVICES items {bad} are not one of cpu, cuda, cuda:N")
+        if len(value) > MAX_DEVICES:
+            raise ValueError(f"CM_DEVICES lists {len(value)} devices; at most {MAX_DEVICES} are allowed")
+        if len({item.startswith("cuda") for item in value}) > 1:
+            raise ValueError(f"CM_DEVICES mixes the CPU and CUDA devices ({','.join(value)}); the next free device "
+                             "takes the next batch, so a CPU would slow a GPU's requests: list one kind")
+        gpus = ["cuda:0" if item == "cuda" else item for item in value if item.startswith("cuda")]
+        twice = sorted({gpu for gpu in gpus if gpus.count(gpu) > 1})
+        if twice:
+            raise ValueError(f"CM_DEVICES names {twice} more than once (cuda means cuda:0); list each GPU once")
+        return value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.max_batch > self.batch_buckets[-1]:
@@ -219,6 +249,12 @@ class Settings(BaseSettings):
                 f"CM_WORKERS={self.workers} needs CM_DEVICE=cpu (or auto on a machine without CUDA): one process "
                 "owns a GPU; run one replica per GPU instead"
             )
+        if self.devices and "device" in self.model_fields_set:
+            raise ValueError(f"CM_DEVICE={self.device!r} and CM_DEVICES={','.join(self.devices)!r} are both set; "
+                             "set one (CM_DEVICES for several devices)")
+        if self.workers > 1 and (len(self.devices) > 1 or any(d.startswith("cuda") for d in self.devices)):
+            raise ValueError(f"CM_WORKERS={self.workers} with CM_DEVICES={','.join(self.devices)!r}: one process "
+                             "owns the devices; use CM_WORKERS=1 with CM_DEVICES")
         names = self.model_names
         if self.default_model and self.default_model not in names:
             raise ValueError(f"CM_DEFAULT_MODEL={self.default_model!r} is not one of the served models {names}")
@@ -228,6 +264,11 @@ class Settings(BaseSettings):
     def model_names(self) -> list[str]:
         """Names of the served models, in CM_MODELS order (the embedded default alone when it is empty)."""
         return list(self.models) if self.models else [DEFAULT_MODEL_NAME]
+
+    @property
+    def device_names(self) -> list[str]:
+        """The devices to serve on: CM_DEVICES, or CM_DEVICE alone."""
+        return self.devices or [self.device]
 
     @property
     def default_model_name(self) -> str:

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from .encode import Encoder
+from .engine import device_labels
 from .errors import Draining, NotReady
 from .metrics import Metrics
 from .registry import EngineFactory, Registry, check_model_files, load_model
@@ -24,7 +25,8 @@ class ServiceState:
     def __init__(self, settings: Settings, engine_factory: EngineFactory) -> None:
         self.settings = settings
         self.engine_factory = engine_factory
-        self.metrics = Metrics(settings.model_names, settings.buckets)
+        devices = device_labels(settings.device_names)
+        self.metrics = Metrics(settings.model_names, settings.buckets, devices)
         self.registry = Registry(settings.default_model_name)
         self.scheduler = Scheduler(
             max_batch=settings.max_batch,
@@ -32,6 +34,7 @@ class ServiceState:
             max_queue=settings.max_queue,
             observer=self.metrics,
             schedule=settings.schedule,
+            devices=devices,
         )
         self.encoder: Encoder | None = None
         self._ready = False
@@ -129,10 +132,11 @@ class ServiceState:
                 logger.error("model %s not served: %s", spec.name, e)
                 continue
             self.registry.add(served)
-            self.scheduler.add_model(served.name, served.engine)
+            self.scheduler.add_model(served.name, *served.engines)
             self.metrics.set_model_info(served.name, served.sha256, served.meta.preset)
             self.metrics.track_queue_depth(served.name, lambda name=served.name: self.scheduler.queue_depth(name))
-            self.metrics.track_device_memory(served.engine.memory_bytes)
+            for device, engine in zip(self.scheduler.devices, served.engines, strict=True):
+                self.metrics.track_device_memory(engine.memory_bytes, device)
         if not len(self.registry):
             self.failure = "no model could be loaded (see the errors above)"
             logger.critical("start-up failed: %s", self.failure)
