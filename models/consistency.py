@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import nn
 
@@ -30,20 +32,25 @@ def noise_conditioning(sigma: torch.Tensor, embedding: str) -> torch.Tensor:
     return 1000 * 0.25 * (sigma + 1e-44).log()  # ADM / CM ImageNet 64
 
 
-class ConsistencyModel(nn.Module):
-    """f(x, σ, class_labels) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), class_labels)."""
+class Preconditioned(nn.Module):
+    """c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), class_labels) around any backbone F (EDM eq. 7's form);
+    a subclass says which scalings: the consistency model's σ_min-shifted ones, or the EDM denoiser's."""
 
     def __init__(self, backbone: nn.Module, cfg: ModelConfig) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone = backbone  # the same attribute in every subclass: their state dicts match
         self.cfg = cfg
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max
         self.sigma_data = cfg.sigma_data
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> ConsistencyModel:
+    def from_config(cls, cfg: ModelConfig) -> Self:
         return cls(BACKBONES[cfg.backbone](cfg), cfg)
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """c_skip, c_out, c_in, each (B,), for σ (B,) in fp32."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -58,11 +65,17 @@ class ConsistencyModel(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-        scalings = boundary_scalings(sigma, self.sigma_min, self.sigma_data)
-        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in scalings)  # each (B, 1, 1, 1)
+        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in self.scalings(sigma))  # each (B, 1, 1, 1)
         c_noise = noise_conditioning(sigma, self.cfg.embedding)
         f_x = self.backbone((c_in * x).to(x.dtype), c_noise, class_labels, augment_labels)
         return (c_skip * x + c_out * f_x.to(torch.float32)).to(x.dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class ConsistencyModel(Preconditioned):
+    """f(x, σ, class_labels) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), class_labels), f(x, σ_min) = x."""
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return boundary_scalings(sigma, self.sigma_min, self.sigma_data)

@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .consistency import BACKBONES, noise_conditioning
+from .consistency import Preconditioned
 from .sampling import image_class_label, image_noise, karras_sigmas
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # D(x, σ, labels)
@@ -26,40 +25,11 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, 
     return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt()
 
 
-class Denoiser(nn.Module):
+class Denoiser(Preconditioned):
     """D(x, σ, class_labels) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), class_labels) (EDM eq. 7)."""
 
-    def __init__(self, backbone: nn.Module, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.backbone = backbone  # the same attribute name as ConsistencyModel's: the state dicts match
-        self.cfg = cfg
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max
-        self.sigma_data = cfg.sigma_data
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> Denoiser:
-        return cls(BACKBONES[cfg.backbone](cfg), cfg)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor | float,
-        class_labels: torch.Tensor | None = None,
-        augment_labels: torch.Tensor | None = None,  # (B, augment_dim) in training; None when sampling
-    ) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        if sigma.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-        c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in edm_scalings(sigma, self.sigma_data))  # (B, 1, 1, 1)
-        c_noise = noise_conditioning(sigma, self.cfg.embedding)
-        f_x = self.backbone((c_in * x).to(x.dtype), c_noise, class_labels, augment_labels)
-        return (c_skip * x + c_out * f_x.to(torch.float32)).to(x.dtype)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return edm_scalings(sigma, self.sigma_data)
 
 
 # --- EDM Algorithm 1: the deterministic Heun sampler ------------------------------------------------------------
