@@ -57,6 +57,7 @@ TUPLE_FIELDS: dict[str, tuple[int, int, int]] = {  # field -> (least entries, mo
     "channel_mult": (1, MAX_LEVELS, MAX_CHANNELS),
     "attn_resolutions": (0, MAX_LEVELS, MAX_IMAGE_SIZE),
 }
+LATER_FIELDS: dict[str, Any] = {"augment_dim": 0, "kind": "consistency"}  # field -> its default (see to_dict)
 CHOICE_FIELDS: dict[str, tuple[str, ...]] = {"backbone": BACKBONES, "embedding": EMBEDDINGS, "kind": KINDS}
 
 
@@ -207,7 +208,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON values; a field added since the first release is left out at its default, so that a
+        file written now still loads in a cmserve that predates the field."""
+        data = dataclasses.asdict(self)
+        for key, default in LATER_FIELDS.items():
+            if data[key] == default:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -65,6 +65,15 @@ def test_config_round_trip_and_unknown_keys() -> None:
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
+def test_fields_added_later_are_left_out_at_their_defaults_so_older_readers_load_the_file() -> None:
+    cfg = preset("digits")
+    assert not {"kind", "augment_dim"} & set(cfg.to_dict())  # what a cmserve before them wrote and can read
+    for later in (cfg.replace(kind="denoiser"), cfg.replace(augment_dim=9)):
+        data = later.to_dict()
+        assert ModelConfig.from_dict(data) == later
+        assert set(data) - set(cfg.to_dict()) == ({"kind"} if later.kind == "denoiser" else {"augment_dim"})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
