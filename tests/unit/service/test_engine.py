@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -183,6 +184,9 @@ def test_trace_runs_without_the_gil(tiny_model: ConsistencyModel) -> None:
         rounds.append(seconds)
         if seconds["eager"] > 3 * seconds["traced"]:
             return
+    if os.getloadavg()[0] >= (os.cpu_count() or 1):
+        pytest.skip(f"every core is busy (load {os.getloadavg()[0]:.1f}): the spinning thread seldom runs, so the GIL "
+                    f"is not contended; rounds {rounds}")
     raise AssertionError(f"eager was never 3× the trace's wall time beside a spinning thread: {rounds}")
 
 
