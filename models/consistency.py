@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Self
 
 import torch
@@ -32,7 +33,7 @@ def noise_conditioning(sigma: torch.Tensor, embedding: str) -> torch.Tensor:
     return 1000 * 0.25 * (sigma + 1e-44).log()  # ADM / CM ImageNet 64
 
 
-class Preconditioned(nn.Module):
+class Preconditioned(nn.Module, metaclass=abc.ABCMeta):
     """c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), class_labels) around any backbone F (EDM eq. 7's form);
     a subclass says which scalings: the consistency model's σ_min-shifted ones, or the EDM denoiser's."""
 
@@ -48,9 +49,9 @@ class Preconditioned(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> Self:
         return cls(BACKBONES[cfg.backbone](cfg), cfg)
 
+    @abc.abstractmethod
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """c_skip, c_out, c_in, each (B,), for σ (B,) in fp32."""
-        raise NotImplementedError
 
     def forward(
         self,
