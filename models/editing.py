@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 luma weights, as in the paper's colorization
@@ -53,6 +54,31 @@ class Projection:
         return back.movedim(-1, 1)
 
 
+def project_rows(x0: torch.Tensor, parts: list[tuple[Projection | None, int]]) -> torch.Tensor:
+    """A batch's estimates x0 (B, C, H, W) with each part's rows (`size` of them, in order) through its projection,
+    or left as they are (None). When every projection is inpainting's (A = I) the batch takes one product and one
+    sum, kept + x0 ⊙ Ω, with Ω = 1 and kept = 0 on unprojected rows (exact: Ω is 0 or 1), rather than one per part.
+    """
+    if all(projection is None for projection, _ in parts):
+        return x0
+    shape = x0.shape[1:]
+    if all(projection is None or projection.matrix is None for projection, _ in parts):
+        ones, zeros = x0.new_ones(1, *shape), x0.new_zeros(1, *shape)
+        omega = torch.cat([_rows(ones if p is None else p.omega, size, shape) for p, size in parts])
+        kept = torch.cat([_rows(zeros if p is None else p.kept, size, shape) for p, size in parts])
+        return torch.addcmul(kept, x0, omega)
+    rows, at = [], 0
+    for projection, size in parts:
+        part = x0[at : at + size]
+        rows.append(part if projection is None else projection(part))
+        at += size
+    return torch.cat(rows)
+
+
+def _rows(t: torch.Tensor, size: int, shape: torch.Size) -> torch.Tensor:
+    return t if size == 1 and t.shape[1:] == shape else t.expand(size, *shape)
+
+
 def orthogonal_with_first(v: torch.Tensor) -> torch.Tensor:
     """An orthogonal (k, k) matrix whose first column is v / ‖v‖ (QR of [v, e₂, …, e_k]), float64."""
     k = v.numel()
@@ -74,13 +100,16 @@ def from_patches(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, c, hp, wp, p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hp * p, wp * p)
 
 
-def inpainting(y: torch.Tensor, mask: torch.Tensor) -> Projection:
+def inpainting(y: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor) -> Projection:
     """A = I, Ω = the mask (1: regenerate): known pixels are kept exactly (CM Algorithm 4, inpainting).
 
-    y (C, H, W) in [-1, 1]; mask (H, W) of 0/1 (any nonzero counts as 1).
+    y (C, H, W) in [-1, 1]; mask (H, W) of 0/1 (any nonzero counts as 1); CPU tensors or numpy arrays. Built in
+    numpy: a server builds one per request on its engine thread, where each torch call hands the GIL over.
     """
-    omega = (mask != 0).to(torch.float32).expand(y.shape).unsqueeze(0)  # (1, C, H, W)
-    return Projection(None, y.float() * (1 - omega), omega)
+    y = np.asarray(y, dtype=np.float32)[None]  # (1, C, H, W)
+    omega = np.empty_like(y)
+    omega[:] = np.asarray(mask) != 0  # over every channel
+    return Projection(None, torch.from_numpy(y * (1 - omega)), torch.from_numpy(omega))
 
 
 def super_resolution(low: torch.Tensor, p: int) -> Projection:

@@ -46,7 +46,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models.editing import Projection
+from models.editing import Projection, project_rows
 from models.sampling import image_class_label, image_noise, interpolation_noise, noise_scales, renoise, to_uint8
 
 from .batching import batch_wait
@@ -610,7 +610,7 @@ class Scheduler:
         self.observer.on_device_evaluation(lane.name, device.label, size, seconds)
         self._evaluation_s = seconds if not self.evaluations else 0.9 * self._evaluation_s + 0.1 * seconds
 
-        out, row = _projected(runs, evaluation.out), 0
+        out, row = project_rows(evaluation.out, [(run.job.projection, run.size) for run in runs]), 0
         finishing = any(run.step + 1 == run.job.steps for run in runs)
         pixels = to_uint8(out) if finishing else None  # (B, H, W, C): one conversion for the whole batch
         for run in runs:
@@ -719,20 +719,10 @@ def _estimates(run: Run) -> torch.Tensor | None:
     job = run.job
     if job.x is not None:
         return job.x[run.start : run.stop]
-    return None if job.start is None else job.start.expand(run.size, *job.start.shape[1:])  # (B, C, H, W)
-
-
-def _projected(runs: list[Run], out: torch.Tensor) -> torch.Tensor:
-    """`out` with each edit's rows replaced by their projection x₀ ← A⁻¹[(A y)⊙(1 − Ω) + (A x₀)⊙Ω] (CM Algorithm 4),
-    one call per run (the engine's output may be an inference tensor: a new tensor, not an update in place)."""
-    if all(run.job.projection is None for run in runs):
-        return out
-    parts, row = [], 0
-    for run in runs:
-        rows = out[row : row + run.size]  # (size, C, H, W)
-        parts.append(rows if run.job.projection is None else run.job.projection(rows))
-        row += run.size
-    return torch.cat(parts)
+    start = job.start
+    if start is None or run.size == len(start):
+        return start
+    return start.expand(run.size, *start.shape[1:])  # (B, C, H, W)
 
 
 def _jobs_of_rows(runs: list[Run], rows: list[int]) -> list[Job]:

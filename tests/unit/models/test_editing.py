@@ -11,6 +11,7 @@ from models.editing import (
     from_patches,
     inpainting,
     orthogonal_with_first,
+    project_rows,
     super_resolution,
     to_patches,
     upsample,
@@ -76,6 +77,24 @@ def test_projections_are_idempotent() -> None:
                        inpainting(x0[0], torch.eye(8))):
         once = projection(x0)
         assert torch.allclose(projection(once), once, atol=1e-6)
+
+
+def test_project_rows_passes_each_part_through_its_own_projection_bit_for_bit() -> None:
+    """The batched path (every projection inpainting's) and the per-part path (a super-resolution among them) both
+    give each part's rows what its projection alone gives, and leave unprojected rows as they are."""
+    x0 = uniform(7, 1, 8, 8, seed=9)
+    lower, box = torch.zeros(8, 8), torch.zeros(8, 8)
+    lower[4:], box[2:5, 1:7] = 1, 1
+    a, b = inpainting(uniform(1, 8, 8, seed=10), lower), inpainting(uniform(1, 8, 8, seed=11).numpy(), box.numpy())
+    for parts in ([(None, 1), (a, 2), (b, 1), (None, 2), (a, 1)],
+                  [(a, 1), (super_resolution(uniform(1, 4, 4, seed=12), 2), 2), (None, 3), (b, 1)]):
+        expected, at = [], 0
+        for projection, size in parts:
+            rows = x0[at : at + size]
+            expected.append(rows if projection is None else projection(rows))
+            at += size
+        assert torch.equal(project_rows(x0, parts), torch.cat(expected))
+    assert project_rows(x0, [(None, 7)]) is x0
 
 
 def test_slerp_at_zero_and_one_returns_the_seeds_own_noise() -> None:
