@@ -101,7 +101,8 @@ class Job:
     projection: Projection | None = None  # editing: applied to each evaluation's estimates of the job's images
     start: torch.Tensor | None = None  # (1, C, H, W) the estimate before the first step; None: zeros
     noised_start: bool = True  # False: `start` is x_T itself, not re-noised (denoising: one f(y, σ))
-    edit: Callable[[], tuple[Projection | None, torch.Tensor]] | None = None  # makes (projection, start) in prepare
+    # makes (projection, start) in prepare: api/edit.py's Edit, data that can cross to an engine process
+    edit: Callable[[], tuple[Projection | None, torch.Tensor]] | None = None
     interpolation: tuple[int, list[float]] | None = None  # (seed b, α_i): image i's x_T is slerp(seed's, b's, α_i)
     # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
     noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
@@ -491,29 +492,38 @@ class Scheduler:
     # collect ------------------------------------------------------------
 
     def _collect(self, device: Device, block: bool) -> tuple[Lane, list[Run]] | None:
-        expired: list[Job] = []
-        try:
-            with self._cond:
-                while not self._stopping:
-                    lane = self._next_lane_locked()
-                    if lane is None:
-                        device.idle = True
-                        if not block:
-                            return None
-                        self._sleep_locked(device, Waiting(None, self.clock()), None)
-                        continue
-                    if block:
-                        self._wait_for_batch_locked(device, lane)
-                    device.idle = False
-                    runs = self._take_locked(lane, expired)
-                    if runs:
-                        if len(self._devices) > 1 and any(other.queued for other in self._lanes.values()):
-                            self._wake_idle_locked()  # the rest is the next free device's
-                        return lane, runs
-                return None
-        finally:
-            for job in expired:
-                job.on_done(job)
+        """The next batch, after answering (outside the lock) the jobs whose deadline passed in the queue."""
+        while True:
+            expired: list[Job] = []
+            try:
+                picked = self._collect_locked(device, block, expired)
+            finally:
+                for job in expired:
+                    job.on_done(job)
+            if picked is not None or not expired:
+                return picked
+
+    def _collect_locked(self, device: Device, block: bool, expired: list[Job]) -> tuple[Lane, list[Run]] | None:
+        """A batch, or None when idle or stopping, or when jobs expired and nothing else was left to take (they are
+        answered before the thread sleeps)."""
+        with self._cond:
+            while not self._stopping:
+                lane = self._next_lane_locked()
+                if lane is None:
+                    device.idle = True
+                    if not block or expired:
+                        return None
+                    self._sleep_locked(device, Waiting(None, self.clock()), None)
+                    continue
+                if block:
+                    self._wait_for_batch_locked(device, lane)
+                device.idle = False
+                runs = self._take_locked(lane, expired)
+                if runs:
+                    if len(self._devices) > 1 and any(other.queued for other in self._lanes.values()):
+                        self._wake_idle_locked()  # the rest is the next free device's
+                    return lane, runs
+            return None
 
     def _next_lane_locked(self) -> Lane | None:
         lanes = list(self._lanes.values())

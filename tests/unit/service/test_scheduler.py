@@ -347,6 +347,34 @@ def test_expired_images_are_dropped_before_compute() -> None:
     assert_counts(scheduler)
 
 
+def test_a_job_that_expires_alone_in_the_queue_is_answered_before_the_engine_thread_sleeps() -> None:
+    """The engine thread drops it when it takes the queue; with nothing else to take it must still call on_done
+    before it sleeps for more work (not when the next request arrives)."""
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine)
+    answered = threading.Event()
+    scheduler.start()
+    try:
+        assert idle(scheduler)
+        late = make_job(1, 1, ONE, deadline=0.0, on_done=lambda _: answered.set())
+        scheduler.submit(late)
+        assert answered.wait(10) and isinstance(late.error, DeadlineExceeded)
+    finally:
+        scheduler.stop()
+    assert engine.calls == []
+
+
+def idle(scheduler: Scheduler) -> bool:
+    """Wait until the engine thread sleeps for want of work; whether it does."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with scheduler._cond:
+            if scheduler._waiting is not None and scheduler._waiting.lane is None:
+                return True
+        time.sleep(0.001)
+    return False
+
+
 def test_a_deadline_in_mid_flight_drops_the_remaining_steps() -> None:
     clock = FakeClock()
     engine = FakeEngine()
