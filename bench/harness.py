@@ -189,7 +189,8 @@ def service(settings: Mapping[str, str], log: Path, *, cwd: Path = REPO, argv: l
     env["CM_PORT"] = str(port)
     url = f"http://127.0.0.1:{port}"
     with process(argv or [sys.executable, "-m", "service"], env, url + "/readyz", log, cwd, timeout) as proc:
-        wait_workers(log, int(env.get("CM_WORKERS", "1")), env.get("CM_LOG_LEVEL", "info"))
+        processes = max(int(env.get("CM_WORKERS", "1")), int(env.get("CM_FRONTENDS", "1")))
+        wait_workers(log, processes, env.get("CM_LOG_LEVEL", "info"))
         yield Server(url, proc, log)
 
 

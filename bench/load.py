@@ -279,6 +279,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", default="generate",
                         help=f"scenario kinds, comma-separated, of {', '.join(TASKS)} (edits: step counts, not {MIX})")
     parser.add_argument("--max-batch", type=int, default=256, help="CM_MAX_BATCH of the server")
+    parser.add_argument("--frontends", type=int, default=1,
+                        help="CM_FRONTENDS of the server: N HTTP processes feeding one engine process (the HTTP "
+                        "ceiling then takes N processes too)")
     parser.add_argument("--workers", type=int, default=1,
                         help="CM_WORKERS of the server; the bare HTTP endpoint and the model ceiling use as many")
     parser.add_argument("--torch-threads", type=int, default=0,
@@ -314,7 +317,7 @@ def serve_scenarios(args: argparse.Namespace, ckpt: Path, log: Path, model: dict
     """Every scenario against one `python -m service`, each row printed as it finishes."""
     settings = {"CM_MODELS": f"digits={ckpt}", "CM_LOG_LEVEL": args.log_level, "CM_MAX_BATCH": str(args.max_batch),
                 "CM_MAX_IMAGES_PER_REQUEST": str(max(args.n)), "CM_TORCH_THREADS": str(args.torch_threads),
-                "CM_WORKERS": str(args.workers)}
+                "CM_WORKERS": str(args.workers), "CM_FRONTENDS": str(args.frontends)}
     if args.devices:
         settings["CM_DEVICES"] = args.devices
     threads = worker_threads(args.workers, args.torch_threads)
@@ -322,7 +325,8 @@ def serve_scenarios(args: argparse.Namespace, ckpt: Path, log: Path, model: dict
     engine = (f"every evaluation a sleep of {args.sleep_engine:g} ms" if sleeping
               else f"torch threads {threads} per worker")
     devices = f", CM_DEVICES={args.devices}" if args.devices else ""
-    print(f"\nservice: python -m service, CM_WORKERS={args.workers}{devices}, CM_MAX_BATCH={args.max_batch}, "
+    print(f"\nservice: python -m service, CM_WORKERS={args.workers}, CM_FRONTENDS={args.frontends}{devices}, "
+          f"CM_MAX_BATCH={args.max_batch}, "
           f"{engine}, log level {args.log_level} (log: {log})")
     # A mix needs two connections (one per step count), so it starts at concurrency 2; edits take step counts.
     shape = checkpoint.load(ckpt).meta.config.image_shape
@@ -369,9 +373,10 @@ def main() -> None:
         print_model_ceiling(model, args.workers)
 
     # Ceiling 2: a bare FastAPI endpoint, same uvicorn, same number of worker processes, same wrk.
-    http = http_ceiling(args.concurrency, min(args.duration, 3.0), args.workers, tmp / "bare.log")
-    print(f"\nHTTP ceiling (bare FastAPI endpoint returning a fixed PNG, {args.workers} uvicorn worker process"
-          f"{'es' if args.workers > 1 else ''}, wrk):")
+    processes = max(args.workers, args.frontends)
+    http = http_ceiling(args.concurrency, min(args.duration, 3.0), processes, tmp / "bare.log")
+    print(f"\nHTTP ceiling (bare FastAPI endpoint returning a fixed PNG, {processes} uvicorn worker process"
+          f"{'es' if processes > 1 else ''}, wrk):")
     for c, rps in http.items():
         print(f"  concurrency {c:3d}: {rps:8.0f} requests/s")
 

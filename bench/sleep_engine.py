@@ -11,12 +11,14 @@ network is some 480 operators, a few µs of launch each, flat in the batch size 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 import torch
 
 DEFAULT_SLEEP_MS = 2.0
+ENV = "CMSERVE_SLEEP_ENGINE_MS"  # not CM_: the service's settings are never given it
 
 
 def sleeping_evaluate(ms: float) -> Callable[..., object]:
@@ -32,10 +34,22 @@ def sleeping_evaluate(ms: float) -> Callable[..., object]:
     return evaluate
 
 
-def serve(ms: float) -> int:
-    """`python -m service` (settings from the environment) with every engine's evaluation a sleep of `ms`."""
+def patch(ms: float) -> None:
     from service import engine
-    from service.__main__ import main
 
     engine.Engine.evaluate = sleeping_evaluate(ms)  # type: ignore[method-assign]
+
+
+def serve(ms: float) -> int:
+    """`python -m service` (settings from the environment) with every engine's evaluation a sleep of `ms`."""
+    from service.__main__ import main
+
+    os.environ[ENV] = str(ms)
+    patch(ms)
     return main([])
+
+
+# The processes the server spawns (CM_FRONTENDS' engine process) import their parent's main module, and with it
+# this one, afresh: the variable set by `serve` makes their engines sleep too.
+if os.environ.get(ENV):
+    patch(float(os.environ[ENV]))

@@ -2,7 +2,8 @@
 
 SIGTERM (or Ctrl+C) drains: /readyz turns 503 and new requests get 503 while the listener stays open,
 in-flight requests finish within CM_DRAIN_S, then the process exits 0. A second signal stops at once.
-With CM_WORKERS > 1 (CPU) several worker processes share the port (service/server.py).
+With CM_WORKERS > 1 (CPU) several worker processes share the port; with CM_FRONTENDS > 1 several front-end
+processes share it, in front of one engine process (service/server.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ received = hold_signals() if __name__ == "__main__" else []
 from .engine import resolve_device  # noqa: E402
 from .logs import configure_logging  # noqa: E402
 from .registry import ModelFilesError, check_model_files  # noqa: E402
-from .server import EXIT_CONFIG, Supervisor, exit_now, serve  # noqa: E402
+from .server import EXIT_CONFIG, FrontendSupervisor, Supervisor, exit_now, serve  # noqa: E402
 from .settings import Settings, SettingsError, load_settings, settings_table  # noqa: E402
 
 logger = logging.getLogger("cmserve.main")
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ModelFilesError, ValueError) as e:
         logger.error("cannot start: %s", e)
         return EXIT_CONFIG
+    if settings.frontends > 1:
+        return FrontendSupervisor(settings, received).run()
     if settings.workers > 1:
         return Supervisor(settings, received).run()
     return serve(settings, received=received)

@@ -17,6 +17,7 @@ from .api.middleware import RequestContext
 from .api.routes import STATIC_DIR, install_routes
 from .api.security import ApiKeys, RateLimiter
 from .engine import Engine
+from .frontend import FrontendState
 from .metrics import VERSION
 from .registry import EngineFactory
 from .settings import Settings
@@ -27,20 +28,23 @@ time: images of every request share each batch, so a 1-step request never waits 
 ones. Errors are JSON `{"error": {"type", "message", "field"}}`."""
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory = Engine) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory = Engine,
+               engine_address: str | None = None) -> FastAPI:
     """The ASGI app. The lifespan starts the engine thread and loads, then warms up, the models.
 
     One process answers /healthz (and /readyz 503) while it loads. A worker of several (CM_WORKERS > 1)
     instead finishes loading before uvicorn starts accepting on its socket, so it takes no connection
-    before it is ready.
+    before it is ready; so does a front end (CM_FRONTENDS > 1, `engine_address` set: the engine process's
+    socket), until the engine process has described its loaded models.
     """
     settings = settings or Settings()
-    state = ServiceState(settings, engine_factory)
+    state = ServiceState(settings, engine_factory) if engine_address is None else FrontendState(settings,
+                                                                                               engine_address)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.start()
-        if settings.workers > 1:
+        if settings.workers > 1 or engine_address is not None:
             await state.wait_settled()
         try:
             yield

@@ -1,9 +1,9 @@
 """The engine owns the device: one network evaluation f(x, σ) of a batch, with one σ and label per image.
 
-Options: device, dtype, channels_last, torch.compile with a fixed set of batch-size buckets (a batch is
-padded up to the next bucket, so each bucket compiles once), a TorchScript trace (below), warm-up of
-every bucket, and out-of-memory recovery: when the device runs out of memory the batch is halved and
-retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU
+Options: device, dtype, channels_last, torch.compile in one of its modes with a fixed set of batch-size
+buckets (a batch is padded up to the next bucket, so each bucket compiles once), a TorchScript trace
+(below), warm-up of every bucket, and out-of-memory recovery: when the device runs out of memory the batch
+is halved and retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU
 tensors; the device stays in here.
 
 On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into slices of
@@ -18,6 +18,12 @@ Why trace: eager PyTorch takes Python's GIL back between every one of the networ
 while the event loop runs Python (parsing, answering) each operator waits for it (BENCHMARKS.md). A trace
 runs the whole graph in C++ without the GIL. It is the same operators in the same order (no graph
 optimisation), and it is checked bit for bit against eager at load; on any difference the engine stays eager.
+
+Why CUDA graphs (compile mode reduce-overhead or max-autotune): a small batch on a GPU is bound by the launches
+of the network's kernels, not by their work; a graph replays all of them with one launch. torch keeps the
+recorded graphs per thread (torch._inductor.cudagraph_trees), and the service warms up on its loader thread but
+evaluates on the scheduler's, so in those modes every call of the network runs on one thread of the engine's own:
+the graphs recorded at warm-up are the ones replayed.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # image in batches of 16 as in larger ones (bench/cpu_parallel.py), and small slices share out evenly.
 SLICE_IMAGES = 16
 PAD_SIGMA = 1.0  # σ of padding rows: any valid level works, padding rows never touch the real ones
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs (see above)
+GRAPH_WARMUP_RUNS = 3  # a graph's first call runs it plain, the second records it, the third replays it
 
 
 def resolve_device(name: str, setting: str = "CM_DEVICE") -> torch.device:
@@ -88,6 +97,7 @@ class Engine:
         dtype: str = "fp32",
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: str | None = None,  # torch.compile's mode (COMPILE_MODES); None: its default
         trace: bool = False,
         buckets: Sequence[int] = (1,),
         pad: bool | None = None,  # pad batches to the next bucket; default: only when compiling
@@ -96,6 +106,10 @@ class Engine:
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)} or None, got {compile_mode!r}")
+        if compile_mode not in (None, "default") and not compile:
+            raise ValueError(f"compile_mode={compile_mode!r} needs compile=True")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         if self.device.type == "cuda" and dtype == "fp32":
@@ -111,8 +125,12 @@ class Engine:
         self.buckets = sorted(set(buckets))
         self.pad = compile if pad is None else pad
         self.compiled = compile
+        self.compile_mode = (compile_mode or "default") if compile else None
         self.traced = False
-        self._net = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._net = torch.compile(self.model, dynamic=False, mode=compile_mode) if compile else self.model
+        # Graph modes: the thread every network call runs on (CUDA graphs are kept per thread; see above).
+        self._graph_thread = (ThreadPoolExecutor(1, thread_name_prefix="cmserve-graphs")
+                              if self.compile_mode in GRAPH_MODES else None)
         if trace and not compile:
             self._net, self.traced = self._trace()
         self.oom_splits = 0  # how many times a batch was halved after running out of memory
@@ -176,12 +194,15 @@ class Engine:
         return next((b for b in self.buckets if b >= size), size)
 
     def warmup(self) -> None:
-        """Run every bucket once (compiling it when torch.compile is on), so no request pays for it."""
+        """Run every bucket once (compiling it when torch.compile is on; in a graph mode until its CUDA graph is
+        recorded and replayed), so no request pays for it."""
+        runs = GRAPH_WARMUP_RUNS if self._graph_thread else 1
         for size in self.buckets:
             x = torch.zeros(size, *self.image_shape)
             sigma = torch.full((size,), self.sigma_max)
             labels = torch.zeros(size, dtype=torch.long) if self.num_classes else None
-            self.evaluate(x, sigma, labels)
+            for _ in range(runs):
+                self.evaluate(x, sigma, labels)
         self.synchronize()
 
     def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
@@ -256,7 +277,15 @@ class Engine:
         sigma = sigma.to(device=self.device, dtype=torch.float32, non_blocking=True)
         if labels is not None:
             labels = labels.to(device=self.device, non_blocking=True)
+        if self._graph_thread is not None:  # the thread whose CUDA graphs were recorded at warm-up
+            return self._graph_thread.submit(self._run, x, sigma, labels, size).result()
+        return self._run(x, sigma, labels, size)
+
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, size: int) -> torch.Tensor:
+        """The network on a padded device batch, its first `size` rows clamped and copied to the CPU."""
         with torch.inference_mode():
+            if self._graph_thread is not None:  # the last call's outputs were copied out: its graph memory is free
+                torch.compiler.cudagraph_mark_step_begin()
             out = self._forward(x, sigma, labels)[:size].clamp(-1, 1)  # (B, C, H, W), CM Algorithm 1 clamp
             return out.to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
 

@@ -91,7 +91,7 @@ class ServedModel:
     """A loaded checkpoint ready to serve: its engine, metadata and per-step schedules."""
 
     name: str
-    engine: Engine
+    engine: Engine | None  # None in a front-end process (CM_FRONTENDS > 1): the engine process holds it
     meta: CheckpointMeta
     path: Path
     sha256: str
@@ -101,7 +101,7 @@ class ServedModel:
     schedules: dict[int, list[float]] = field(init=False)  # steps -> σ schedule, 1 … max_steps
 
     def __post_init__(self) -> None:
-        self.engines = self.engines or [self.engine]
+        self.engines = self.engines or ([self.engine] if self.engine is not None else [])
         self.schedules = {k: checkpoint.recommended_sigmas(self.meta, k) for k in range(1, self.max_steps + 1)}
 
     @property
@@ -227,6 +227,7 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
             dtype=settings.dtype,
             channels_last=settings.channels_last,
             compile=settings.compile,
+            compile_mode=settings.compile_mode,
             trace=settings.trace,
             buckets=settings.buckets,
             cpu_slices=threads if settings.cpu_parallel == "slices" else 1,

@@ -108,8 +108,9 @@ class DrainingServer(uvicorn.Server):
                 logger.info("listening", extra={"fields": {"host": host, "port": port}})
 
 
-def build_server(settings: Settings, received: Sequence[int] = ()) -> tuple[DrainingServer, ServiceState]:
-    app = create_app(settings)
+def build_server(settings: Settings, received: Sequence[int] = (),
+                 engine_address: str | None = None) -> tuple[DrainingServer, ServiceState]:
+    app = create_app(settings, engine_address=engine_address)
     state: ServiceState = app.state.service
     config = uvicorn.Config(
         app,
@@ -148,11 +149,12 @@ def http_protocol(settings: Settings, app: FastAPI) -> Any:
     return functools.partial(GenerateProtocol, limits=limits, handlers=handlers)
 
 
-def serve(settings: Settings, sockets: list[socket.socket] | None = None, received: Sequence[int] = ()) -> int:
+def serve(settings: Settings, sockets: list[socket.socket] | None = None, received: Sequence[int] = (),
+          engine_address: str | None = None) -> int:
     """Run one server process until it is stopped; its exit status. `received`: signals held before (it drains
-    at once)."""
-    torch.set_num_threads(settings.cpu_threads)
-    server, state = build_server(settings, received)
+    at once); `engine_address`: a front end's engine process (CM_FRONTENDS)."""
+    torch.set_num_threads(1 if engine_address else settings.cpu_threads)
+    server, state = build_server(settings, received, engine_address)
     server.run(sockets)
     if state.failure:
         logger.error("exiting: %s", state.failure)
@@ -174,14 +176,21 @@ def exit_now(code: int) -> None:
 # ---------------------------------------------------------------------- several workers
 
 
-def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: int) -> None:
-    """A worker process: its own process group (the parent relays Ctrl+C once), gone with its parent."""
+def _child_setup(parent: int) -> list[int]:
+    """A child process: its own process group (the parent relays Ctrl+C once), gone with its parent; the
+    signals held since it started."""
     received = hold_signals()
     os.setpgrp()
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the parent dies, even by SIGKILL
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl took effect
         raise SystemExit(0)
+    return received
+
+
+def _worker_main(settings: Settings, sock: socket.socket, index: int, parent: int) -> None:
+    """A worker process of CM_WORKERS."""
+    received = _child_setup(parent)
     configure_logging(settings.log_level, worker=index)
     cpus = worker_cpus(index, settings.workers) if settings.cpu_affinity else None
     if cpus is not None:
@@ -236,6 +245,10 @@ class Supervisor:
     def _start(self, index: int, sock: socket.socket) -> _Worker:
         process = self._ctx.Process(target=_worker_main, args=(self.settings, sock, index, os.getpid()),
                                     name=f"cmserve-worker-{index}")
+        return self._started(index, process)
+
+    @staticmethod
+    def _started(index: int, process: BaseProcess) -> _Worker:
         process.start()
         logger.info("worker started", extra={"fields": {"worker": index, "pid": process.pid}})
         return _Worker(index, process)
@@ -243,22 +256,28 @@ class Supervisor:
     def _supervise(self, workers: list[_Worker], sockets: list[socket.socket]) -> None:
         while any(w.process.is_alive() for w in workers) or not self._stopping:
             time.sleep(0.1)
-            while self._signals:  # each signal is passed on: the first drains, a second stops at once
-                sig = self._signals.pop(0)
-                logger.info("%s: passing it on to the workers", signal.Signals(sig).name)
-                self._stopping = True
-                self._terminate(workers)
-            for i, worker in enumerate(workers):
-                if worker.reaped or worker.process.is_alive() or worker.process.exitcode is None:
-                    continue
-                worker.reaped = True
-                code = worker.process.exitcode
-                _mark_dead(worker.process.pid)
-                if self._stopping:
-                    if code and not self._status:  # a worker that did not drain cleanly (< 0: killed by a signal)
-                        self._status = code if code > 0 else 1
-                    continue
-                workers[i] = self._after_death(worker, code, workers, sockets[i])
+            self._relay_signals(workers)
+            self._reap(workers, sockets)
+
+    def _relay_signals(self, workers: list[_Worker]) -> None:
+        while self._signals:  # each signal is passed on: the first drains, a second stops at once
+            sig = self._signals.pop(0)
+            logger.info("%s: passing it on to the workers", signal.Signals(sig).name)
+            self._stopping = True
+            self._terminate(workers)
+
+    def _reap(self, workers: list[_Worker], sockets: list[socket.socket]) -> None:
+        for i, worker in enumerate(workers):
+            if worker.reaped or worker.process.is_alive() or worker.process.exitcode is None:
+                continue
+            worker.reaped = True
+            code = worker.process.exitcode
+            _mark_dead(worker.process.pid)
+            if self._stopping:
+                if code and not self._status:  # a worker that did not drain cleanly (< 0: killed by a signal)
+                    self._status = code if code > 0 else 1
+                continue
+            workers[i] = self._after_death(worker, code, workers, sockets[i])
 
     def _after_death(self, worker: _Worker, code: int, workers: list[_Worker], sock: socket.socket) -> _Worker:
         """Replace a worker that died while serving; stop all when it could not start or keeps dying."""
@@ -280,6 +299,102 @@ class Supervisor:
             if worker.process.is_alive() and worker.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------- front ends and one engine process
+
+
+def _frontend_main(settings: Settings, sock: socket.socket, index: int, parent: int, address: str) -> None:
+    """A front-end process of CM_FRONTENDS: uvicorn on its socket, jobs to the engine process at `address`."""
+    received = _child_setup(parent)
+    configure_logging(settings.log_level, worker=index)
+    exit_now(serve(settings, [sock], received, engine_address=address))
+
+
+def _engine_main(settings: Settings, address: str, parent: int) -> None:
+    """The engine process of CM_FRONTENDS (service/enginehost.py)."""
+    received = _child_setup(parent)
+    configure_logging(settings.log_level)
+    from .enginehost import run_engine
+
+    exit_now(run_engine(settings, address, received))
+
+
+class FrontendSupervisor(Supervisor):
+    """CM_FRONTENDS > 1: one engine process (models, queue, devices) and CM_FRONTENDS front ends on the port.
+
+    A signal drains the front ends first (each finishes its in-flight requests within CM_DRAIN_S), then stops the
+    engine process. A front end that dies is replaced; the engine process dying stops the server (exit 1).
+    """
+
+    def __init__(self, settings: Settings, received: Sequence[int] = ()) -> None:
+        super().__init__(settings, received)
+        self._address = ""
+        self._engine: BaseProcess | None = None
+        self._engine_signalled = False
+
+    def run(self) -> int:
+        sockets = bind_sockets(self.settings.host, self.settings.port, self.settings.frontends)
+        host, port = sockets[0].getsockname()[:2]
+        metrics_dir, own_dir = _multiprocess_dir()
+        ipc_dir = tempfile.mkdtemp(prefix="cmserve-ipc-")  # private (0700): only this user reaches the socket
+        self._address = f"ipc://{ipc_dir}/engine"
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        self._signals.extend(self._received)
+        try:
+            logger.info("listening", extra={"fields": {"host": host, "port": port,
+                                                       "frontends": self.settings.frontends}})
+            self._engine = self._ctx.Process(target=_engine_main, args=(self.settings, self._address, os.getpid()),
+                                             name="cmserve-engine")
+            self._engine.start()
+            logger.info("engine process started", extra={"fields": {"pid": self._engine.pid}})
+            workers = [self._start(i, sockets[i]) for i in range(self.settings.frontends)]
+            self._supervise(workers, sockets)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sock in sockets:
+                sock.close()
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+            if own_dir:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        return self._status
+
+    def _start(self, index: int, sock: socket.socket) -> _Worker:
+        process = self._ctx.Process(target=_frontend_main,
+                                    args=(self.settings, sock, index, os.getpid(), self._address),
+                                    name=f"cmserve-frontend-{index}")
+        return self._started(index, process)
+
+    def _supervise(self, workers: list[_Worker], sockets: list[socket.socket]) -> None:
+        engine = self._engine
+        assert engine is not None
+        while True:
+            time.sleep(0.1)
+            self._relay_signals(workers)
+            self._reap(workers, sockets)
+            if not engine.is_alive():
+                self._engine_ended(engine, workers)
+                if not any(w.process.is_alive() for w in workers):
+                    return
+            elif self._stopping and not any(w.process.is_alive() for w in workers) and not self._engine_signalled:
+                self._engine_signalled = True  # the front ends have drained: the engine holds no more work
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(engine.pid, signal.SIGTERM)  # type: ignore[arg-type]
+
+    def _engine_ended(self, engine: BaseProcess, workers: list[_Worker]) -> None:
+        code = engine.exitcode
+        if self._engine_signalled and code == 0:
+            return
+        if not self._status:
+            logger.critical("the engine process ended; stopping the server",
+                            extra={"fields": {"pid": engine.pid, "exit_code": code}})
+            self._status = code if code in (EXIT_STARTUP, EXIT_CONFIG) else EXIT_STARTUP
+        self._stopping = True
+        for worker in workers:  # nothing can answer their requests now
+            if worker.process.is_alive() and worker.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGKILL)
 
 
 def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:

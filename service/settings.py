@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Network dtype on the device")
     channels_last: bool = Field(False, description="NHWC activations (faster convolutions on recent GPUs)")
     compile: bool = Field(False, description="torch.compile the network, one graph per batch bucket")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile's mode with CM_COMPILE: reduce-overhead (and max-autotune) record a CUDA graph per "
+        "batch bucket and replay it with one launch, so that small batches are not bound by kernel launches",
+    )
     trace: bool = Field(
         True,
         description="Run the network as a TorchScript trace, checked bit for bit against eager at load (eager if "
@@ -124,6 +129,12 @@ class Settings(BaseSettings):
         1, ge=1, le=64,
         description="Server processes sharing the port, each with its own copy of the models, engine thread and "
         "event loop (CPU only: more throughput when HTTP work, not the network, limits a single process)",
+    )
+    frontends: int = Field(
+        1, ge=1, le=64,
+        description="Front-end processes sharing the port, doing HTTP, validation, encoding and replies, in front of "
+        "one engine process that holds the models, the queue and the devices (so every request shares the same "
+        "batches); for GPU servers whose HTTP work, not the device, is the bottleneck. 1 = one process does all",
     )
     torch_threads: int = Field(
         0, ge=0, le=1024,
@@ -249,6 +260,11 @@ class Settings(BaseSettings):
                 f"CM_WORKERS={self.workers} needs CM_DEVICE=cpu (or auto on a machine without CUDA): one process "
                 "owns a GPU; run one replica per GPU instead"
             )
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"CM_COMPILE_MODE={self.compile_mode} needs CM_COMPILE=true")
+        if self.frontends > 1 and self.workers > 1:
+            raise ValueError(f"CM_FRONTENDS={self.frontends} and CM_WORKERS={self.workers} are both above 1; set one "
+                             "(CM_FRONTENDS keeps one engine process, and one queue, behind every front end)")
         if self.devices and "device" in self.model_fields_set:
             raise ValueError(f"CM_DEVICE={self.device!r} and CM_DEVICES={','.join(self.devices)!r} are both set; "
                              "set one (CM_DEVICES for several devices)")

@@ -124,6 +124,12 @@ class ServiceState:
     # ------------------------------------------------------------------ loading (background thread)
 
     def _load_all(self) -> None:
+        self.load_models()
+        assert self._loop is not None and self._settled is not None
+        self._loop.call_soon_threadsafe(self._settled.set)
+
+    def load_models(self) -> bool:
+        """Load and warm up every model (a broken file is logged and skipped); whether any is served."""
         specs = check_model_files(self.settings)
         for spec in specs:
             try:
@@ -152,5 +158,4 @@ class ServiceState:
             gc.freeze()
             self.ready = not self.draining
             logger.info("ready: serving %s (default %s)", self.registry.names(), self.registry.default)
-        assert self._loop is not None and self._settled is not None
-        self._loop.call_soon_threadsafe(self._settled.set)
+        return bool(len(self.registry))

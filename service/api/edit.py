@@ -113,37 +113,61 @@ def reference(body: EditRequest, served: ServedModel, scale: int = 1, grey: bool
     return encoded_image(body.image, "image", w // scale, h // scale, "L" if grey or c == 1 else "RGB")
 
 
-def regenerated(body: EditRequest, served: ServedModel) -> Callable[[], np.ndarray]:
-    """Ω of inpainting, made by the engine thread: (H, W), 1 where pixels are regenerated, from `mask` (white) or
-    `box` (checked now)."""
+def regenerated(body: EditRequest, served: ServedModel) -> tuple[EncodedImage | None, tuple[int, int, int, int] | None]:
+    """Ω of inpainting as data: the `mask` (white = regenerate, decoded by the engine thread) or the `box` (checked
+    now)."""
     _, h, w = served.config.image_shape
     if (body.mask is None) == (body.box is None):
         raise InvalidRequest("inpaint needs either mask (a PNG, white = regenerate) or box [x0, y0, x1, y1]",
                              field="mask" if body.mask is None else "box")
     if body.mask is not None:
-        mask = encoded_image(body.mask, "mask", w, h, "L")
-        return lambda: mask.pixels()[..., 0] > 127
+        return encoded_image(body.mask, "mask", w, h, "L"), None
     assert body.box is not None
     x0, y0, x1, y1 = body.box
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise InvalidRequest(f"box {body.box} must satisfy 0 ≤ x0 < x1 ≤ {w} and 0 ≤ y0 < y1 ≤ {h} (pixels, end "
                              "exclusive)", field="box")
-    omega = np.zeros((h, w), dtype=bool)
-    omega[y0:y1, x0:x1] = True
-    return lambda: omega
+    return None, (x0, y0, x1, y1)
 
 
-def projected(build: Callable[[], Projection]) -> Callable[[], tuple[Projection, torch.Tensor]]:
-    """The Job's `edit`: the projection and the start it implies, made when the engine thread prepares the job."""
-    def edit() -> tuple[Projection, torch.Tensor]:
-        projection = build()
+@dataclass(frozen=True)
+class Edit:
+    """The Job's `edit` as data, not a closure, so that it can cross to an engine process (service/wire.py):
+    calling it makes (projection, start) when the engine thread prepares the job (decoding is host work there)."""
+
+    task: str  # inpaint, superres, colorize, denoise
+    image: EncodedImage
+    mask: EncodedImage | None = None  # inpaint: white = regenerate
+    box: tuple[int, int, int, int] | None = None  # inpaint: x0, y0, x1, y1 regenerated (end exclusive)
+    factor: int = 1  # superres: the image is the model's size / factor
+
+    def __call__(self) -> tuple[Projection | None, torch.Tensor]:
+        if self.task == "denoise":  # x_T is the input itself, (1, C, H, W); no projection
+            return None, to_tensor(self.image.pixels())[None]
+        projection = PROJECTIONS[self.task](self)
         return projection, projection.start
-    return edit
+
+    def omega(self) -> np.ndarray:
+        """Ω of inpainting: (H, W), True where pixels are regenerated."""
+        if self.mask is not None:
+            return self.mask.pixels()[..., 0] > 127
+        assert self.box is not None
+        x0, y0, x1, y1 = self.box
+        omega = np.zeros((self.image.height, self.image.width), dtype=bool)
+        omega[y0:y1, x0:x1] = True
+        return omega
+
+
+PROJECTIONS: dict[str, Callable[[Edit], Projection]] = {
+    "inpaint": lambda e: inpainting(signed(e.image.pixels()), e.omega()),
+    "superres": lambda e: super_resolution(to_tensor(e.image.pixels()), e.factor),
+    "colorize": lambda e: colorization(to_tensor(e.image.pixels())),
+}
 
 
 def plan_inpaint(body: EditRequest, served: ServedModel) -> Plan:
-    omega, image = regenerated(body, served), reference(body, served)
-    edit = projected(lambda: inpainting(signed(image.pixels()), omega()))
+    mask, box = regenerated(body, served)
+    edit = Edit("inpaint", reference(body, served), mask=mask, box=box)
     return Plan("inpaint", body.n, body.seed, how={"edit": edit})
 
 
@@ -154,8 +178,7 @@ def plan_superres(body: EditRequest, served: ServedModel) -> Plan:
         raise InvalidRequest("superres needs factor (the image is then the model's size / factor)", field="factor")
     if h % p or w % p:
         raise InvalidRequest(f"factor {p} must divide the model's size {w}×{h}", field="factor")
-    low = reference(body, served, scale=p)
-    edit = projected(lambda: super_resolution(to_tensor(low.pixels()), p))
+    edit = Edit("superres", reference(body, served, scale=p), factor=p)
     return Plan("superres", body.n, body.seed, how={"edit": edit})
 
 
@@ -164,8 +187,7 @@ def plan_colorize(body: EditRequest, served: ServedModel) -> Plan:
     if channels != 3:
         raise InvalidRequest(f"model {served.name!r} has {channels} channel(s); colorize needs an RGB model",
                              field="task")
-    grey = reference(body, served, grey=True)
-    return Plan("colorize", body.n, body.seed, how={"edit": projected(lambda: colorization(to_tensor(grey.pixels())))})
+    return Plan("colorize", body.n, body.seed, how={"edit": Edit("colorize", reference(body, served, grey=True))})
 
 
 def plan_denoise(body: EditRequest, served: ServedModel) -> Plan:
@@ -179,11 +201,7 @@ def plan_denoise(body: EditRequest, served: ServedModel) -> Plan:
     for name in ("steps", "sigmas"):
         if name in body.model_fields_set:
             raise InvalidRequest(f"denoise is one evaluation at sigma; omit {name}", field=name)
-    image = reference(body, served)
-
-    def edit() -> tuple[None, torch.Tensor]:  # x_T is the input itself, (1, C, H, W)
-        return None, to_tensor(image.pixels())[None]
-
+    edit = Edit("denoise", reference(body, served))
     return Plan("denoise", body.n, body.seed, sigmas=[body.sigma], how={"edit": edit, "noised_start": False})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import threading
@@ -272,6 +273,95 @@ def test_compiled_buckets_match_eager(tiny_model: ConsistencyModel) -> None:
     x, sigma, labels = batch(3)
     eager = Engine(tiny_model).evaluate(x, sigma, labels).out
     np.testing.assert_array_equal(to_uint8(compiled.evaluate(x, sigma, labels).out), to_uint8(eager))
+
+
+def test_compile_mode_is_one_of_torch_compiles_and_needs_compile(tiny_model: ConsistencyModel) -> None:
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        Engine(tiny_model, compile=True, compile_mode="fastest")
+    with pytest.raises(ValueError, match="needs compile=True"):
+        Engine(tiny_model, compile_mode="reduce-overhead")
+    assert Engine(tiny_model, compile_mode="default").compile_mode is None  # torch's default: nothing to compile
+
+
+class CompileSpy:
+    """Stands in for torch.compile: records its keyword arguments and, per call of the network, the thread and
+    whether inference mode was on."""
+
+    def __init__(self) -> None:
+        self.kwargs: dict[str, Any] = {}
+        self.calls: list[tuple[int, int, bool]] = []  # (batch size, thread id, inference mode)
+
+    def __call__(self, model: torch.nn.Module, **kwargs: Any) -> Callable[..., torch.Tensor]:
+        self.kwargs = kwargs
+
+        def net(*args: torch.Tensor) -> torch.Tensor:
+            self.calls.append((args[0].shape[0], threading.get_ident(), torch.is_inference_mode_enabled()))
+            return model(*args)
+
+        return net
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs", None])
+def test_compile_mode_is_passed_to_torch_compile(
+    tiny_model: ConsistencyModel, monkeypatch: pytest.MonkeyPatch, mode: str | None
+) -> None:
+    spy = CompileSpy()
+    monkeypatch.setattr(torch, "compile", spy)
+    engine = Engine(tiny_model, compile=True, compile_mode=mode, buckets=[1, 4])
+    assert spy.kwargs == {"dynamic": False, "mode": mode}
+    assert engine.compiled and engine.compile_mode == (mode or "default")
+
+
+def test_graph_modes_call_the_network_on_one_thread_of_the_engine(
+    tiny_model: ConsistencyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA graphs are kept per thread: those recorded during warm-up (the loader's thread) must be the ones the
+    scheduler's thread replays, so every call runs on the engine's own thread, in inference mode."""
+    spy = CompileSpy()
+    monkeypatch.setattr(torch, "compile", spy)
+    engine = Engine(tiny_model, compile=True, compile_mode="reduce-overhead", buckets=[1, 4])
+    engine.warmup()
+    assert [size for size, _, _ in spy.calls] == [1, 1, 1, 4, 4, 4]  # each bucket until its graph replays
+    x, sigma, labels = batch(3)
+    out = on_own_thread(lambda: engine.evaluate(x, sigma, labels)).out  # as the scheduler's thread calls it
+    threads = {thread for _, thread, _ in spy.calls}
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    assert all(inference for _, _, inference in spy.calls)
+    torch.testing.assert_close(out, Engine(tiny_model).evaluate(x, sigma, labels).out, rtol=0, atol=1e-6)
+
+
+def test_out_of_memory_on_the_graph_thread_still_halves_the_batch(
+    tiny_model: ConsistencyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch, "compile", CompileSpy())
+    engine = OOMAbove(tiny_model, compile=True, compile_mode="reduce-overhead", buckets=[1, 2, 4], limit=2)
+    x, sigma, labels = batch(4)
+    result = engine.evaluate(x, sigma, labels)
+    assert engine.sizes == [4, 2, 2] and result.failed == [] and engine.oom_splits == 1
+
+
+@pytest.mark.slow
+def test_reduce_overhead_on_the_cpu_matches_eager(tiny_model: ConsistencyModel) -> None:
+    compiled = Engine(tiny_model, compile=True, compile_mode="reduce-overhead", buckets=[1, 4])
+    compiled.warmup()
+    x, sigma, labels = batch(3)
+    eager = Engine(tiny_model).evaluate(x, sigma, labels).out
+    out = on_own_thread(lambda: compiled.evaluate(x, sigma, labels)).out
+    np.testing.assert_array_equal(to_uint8(out), to_uint8(eager))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_warmed_up_on_one_thread_serve_another(tiny_model: ConsistencyModel) -> None:
+    """reduce-overhead on CUDA: warm-up here, evaluations from another thread (as the service does), close to
+    eager on the same device."""
+    compiled = Engine(tiny_model, device="cuda", compile=True, compile_mode="reduce-overhead", buckets=[1, 4])
+    compiled.warmup()
+    eager = Engine(copy.deepcopy(tiny_model), device="cuda")
+    for seed, size in ((0, 3), (1, 1), (2, 4)):
+        x, sigma, labels = batch(size, seed)
+        out = on_own_thread(lambda: compiled.evaluate(x, sigma, labels)).out  # noqa: B023 (called at once)
+        torch.testing.assert_close(out, eager.evaluate(x, sigma, labels).out, rtol=0, atol=1e-3)
 
 
 # ---------------------------------------------------------------------- CPU slices

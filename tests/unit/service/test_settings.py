@@ -174,3 +174,11 @@ def test_a_key_that_runs_onto_another_line_of_a_config_file_is_never_quoted(tmp_
     message = str(e.value)
     assert "first-key" not in message and "second-key" not in message.lower() and "SECONDKEY" not in message
     assert f"{config}:" in message  # the line is named by its number
+
+
+def test_frontends_must_be_at_least_one_and_exclude_workers() -> None:
+    with pytest.raises(SettingsError, match="CM_FRONTENDS"):
+        load_settings(frontends=0)
+    with pytest.raises(SettingsError, match=r"CM_FRONTENDS=2 and CM_WORKERS=3"):
+        load_settings(frontends=2, workers=3)
+    assert load_settings(frontends=4).frontends == 4 and load_settings().frontends == 1
