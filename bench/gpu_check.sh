@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one short script, for a machine with one NVIDIA GPU.
-# Writes its results under $OUT (default ./artifacts/gpu) and prints a summary; about 6-8 minutes on an H100.
+# Writes its results under $OUT (default ./artifacts/gpu) and prints a summary; about 12-14 minutes on an H100.
 #   OUT=/tmp/gpu bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log() { echo "=== $* ($(date +%T))"; }
-SECTIONS=${SECTIONS:-tests sample train serve public}  # a subset reruns part of the check; "compile" is extra (~2 min)
+SECTIONS=${SECTIONS:-tests sample train serve public frontends}  # a subset reruns part; "compile" is extra (~2 min)
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # The web stack and diffusers are not in the GPU image: wheels for them travel in .whl/ (see the device tool's README).
 if [ -d .whl ] && ! $PY -c 'import fastapi' 2>/dev/null; then
@@ -63,5 +63,21 @@ if want public; then
   log "full-size ImageNet-64 served in bf16 at concurrency 64"
   $PY -m bench.gpu_serve --checkpoint "$OUT/imagenet64_random.safetensors" --dtype bf16 --concurrency 64 --n 1 \
     --steps 1,2 --duration 8 --json "$OUT/serve_imagenet64_bf16.json"
+fi
+if want frontends; then
+  # About 5 minutes on an H100: the traced matrix (16 scenarios of 0.8 + 3 s, the engine alone, the load generator
+  # against the bare endpoint, a server start) ~2 min; CM_FRONTENDS=4 (4 scenarios) ~1 min; reduce-overhead ~2 min,
+  # most of it compiling buckets 1 and 16 in the engine-alone process and 1-16 in the server (a shape compiled once
+  # comes from inductor's cache the second time). Cut CM_BATCH_BUCKETS to 1,4,16 if compiling runs long.
+  log "serving at the network's speed (issue 18): served against the engine alone and the load generator alone"
+  $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --concurrency 1,16,64,256 --n 1,8 --steps 1,2 --duration 3 \
+    --engine-seconds 0.5 --json "$OUT/serve_frontends_cifar10_bf16.json"
+  log "the same with CM_FRONTENDS=4, concurrency 64 and 256"
+  $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --concurrency 64,256 --n 1,8 --steps 1 --duration 3 \
+    --engine-seconds 0.5 --frontends 4 --json "$OUT/serve_frontends4_cifar10_bf16.json"
+  log "CUDA graphs for the small buckets (CM_COMPILE_MODE=reduce-overhead), concurrency 1 and 16"
+  CM_BATCH_BUCKETS=1,2,4,8,16 CM_MAX_BATCH=16 $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 \
+    --compile-mode reduce-overhead --concurrency 1,16 --n 1 --steps 1,2 --duration 3 --engine-seconds 0.5 \
+    --json "$OUT/serve_reduce_overhead_cifar10_bf16.json"
 fi
 } 2>&1 | tee "$OUT/gpu_check.log"
