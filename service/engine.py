@@ -6,9 +6,10 @@ buckets (a batch is padded up to the next bucket, so each bucket compiles once),
 is halved and retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU
 tensors; the device stays in here.
 
-On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into slices of
-at most SLICE_IMAGES images, at least one per thread, and `cpu_slices` threads each take the next slice as
-they become free and evaluate it with one torch thread. torch's intra-op parallelism instead splits every
+On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into near-equal
+slices of at most SLICE_IMAGES images, as many as a whole number of rounds of one per thread (46 images on
+two threads: four slices, not three of which one thread would take two alone), and `cpu_slices` threads
+each take the next slice as they become free and evaluate it with one torch thread. torch's intra-op parallelism instead splits every
 one of the network's operators across its OpenMP team, whose threads meet at a barrier after each:
 whenever the event loop or the client takes one of the cores, the whole team waits for the thread that lost
 it. Slices never wait for each other until the end of the evaluation, and a thread that shares its core
@@ -239,7 +240,8 @@ class Engine:
         if torch.get_num_threads() != 1:  # the caller (the engine thread) evaluates its slice with one thread
             torch.set_num_threads(1)
         size = x.shape[0]
-        count = min(size, max(self.cpu_slices, math.ceil(size / SLICE_IMAGES)))
+        rounds = math.ceil(size / SLICE_IMAGES / self.cpu_slices)  # a slice each per round: no thread idles
+        count = min(size, rounds * self.cpu_slices)
         if count == 1:
             return self._evaluate_batch(x, sigma, labels)
         if self._slicers is None:
