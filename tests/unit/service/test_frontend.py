@@ -19,7 +19,15 @@ from models.config import preset
 from service import wire
 from service.api.edit import Edit, EncodedImage
 from service.enginehost import EngineHost
-from service.errors import Cancelled, DeadlineExceeded, EngineFailure, InvalidRequest, QueueFull, ServiceError
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EngineFailure,
+    InvalidRequest,
+    OutOfMemory,
+    QueueFull,
+    ServiceError,
+)
 from service.frontend import RemoteScheduler
 from service.scheduler import Job, Scheduler
 from tests.unit.service.api.test_edit import png
@@ -212,3 +220,27 @@ def test_a_full_queue_a_deadline_and_a_cancel_cross_back(engine_host: tuple[str,
 
     remote_run(address, body)
 
+
+
+def test_an_image_out_of_memory_fails_its_request_alone_across_the_boundary(
+        engine_host: tuple[str, Scheduler, Engine]) -> None:
+    """The engine process halves and retries a batch that runs out of memory (service/engine.py); an image that
+    fails even alone fails its request with OutOfMemory (503, reason oom), and the others in its batches finish."""
+    address, _, engine = engine_host
+    engine.fail_label = 9
+
+    async def body(remote: RemoteScheduler, described: wire.Description) -> None:
+        loop = asyncio.get_running_loop()
+        jobs = [Job("m", list(TWO), 1, 2, 9, 1e12), Job("m", list(TWO), 2, 2, 3, 1e12)]
+        waits = []
+        for job in jobs:
+            done = loop.create_future()
+            job.on_done = done.set_result
+            remote.submit(job)
+            waits.append(done)
+        await asyncio.wait_for(asyncio.gather(*waits), 10)
+        failed, fine = jobs
+        assert isinstance(failed.error, OutOfMemory) and failed.error.reason == "oom"
+        assert fine.error is None and fine.images.shape[0] == 2
+
+    remote_run(address, body)
