@@ -9,11 +9,11 @@ tensors; the device stays in here.
 On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into near-equal
 slices of at most SLICE_IMAGES images, as many as a whole number of rounds of one per thread (46 images on
 two threads: four slices, not three of which one thread would take two alone), and `cpu_slices` threads
-each take the next slice as they become free and evaluate it with one torch thread. torch's intra-op parallelism instead splits every
-one of the network's operators across its OpenMP team, whose threads meet at a barrier after each:
-whenever the event loop or the client takes one of the cores, the whole team waits for the thread that lost
-it. Slices never wait for each other until the end of the evaluation, and a thread that shares its core
-takes fewer of them (measured under HTTP load: BENCHMARKS.md).
+each take the next slice as they become free and evaluate it with one torch thread. torch's intra-op
+parallelism instead splits every one of the network's operators across its OpenMP team, whose threads meet
+at a barrier after each: whenever the event loop or the client takes one of the cores, the whole team waits
+for the thread that lost it. Slices never wait for each other until the end of the evaluation, and a thread
+that shares its core takes fewer of them (measured under HTTP load: BENCHMARKS.md).
 
 Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
 while the event loop runs Python (parsing, answering) each operator waits for it (BENCHMARKS.md). A trace

@@ -220,24 +220,39 @@ class Supervisor:
         self._status = 0
 
     def run(self) -> int:
-        sockets = bind_sockets(self.settings.host, self.settings.port, self.settings.workers)
+        count = self._processes()
+        sockets = bind_sockets(self.settings.host, self.settings.port, count)
         host, port = sockets[0].getsockname()[:2]
         metrics_dir, own_dir = _multiprocess_dir()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
         self._signals.extend(self._received)
         try:
-            logger.info("listening", extra={"fields": {"host": host, "port": port, "workers": self.settings.workers,
-                                                       "torch_threads": self.settings.cpu_threads}})
-            workers = [self._start(i, sockets[i]) for i in range(self.settings.workers)]
+            logger.info("listening", extra={"fields": {"host": host, "port": port, **self._listening_fields()}})
+            self._before_start()
+            workers = [self._start(i, sockets[i]) for i in range(count)]
             self._supervise(workers, sockets)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for sock in sockets:
                 sock.close()
+            self._after_stop()
             if own_dir:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
         return self._status
+
+    def _processes(self) -> int:
+        """How many processes share the port."""
+        return self.settings.workers
+
+    def _listening_fields(self) -> dict[str, int]:
+        return {"workers": self.settings.workers, "torch_threads": self.settings.cpu_threads}
+
+    def _before_start(self) -> None:
+        """Runs once before the processes on the port start."""
+
+    def _after_stop(self) -> None:
+        """Runs once they have all ended."""
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._signals.append(sig)
@@ -329,36 +344,29 @@ class FrontendSupervisor(Supervisor):
 
     def __init__(self, settings: Settings, received: Sequence[int] = ()) -> None:
         super().__init__(settings, received)
+        self._ipc_dir = ""
         self._address = ""
         self._engine: BaseProcess | None = None
         self._engine_signalled = False
 
-    def run(self) -> int:
-        sockets = bind_sockets(self.settings.host, self.settings.port, self.settings.frontends)
-        host, port = sockets[0].getsockname()[:2]
-        metrics_dir, own_dir = _multiprocess_dir()
-        ipc_dir = tempfile.mkdtemp(prefix="cmserve-ipc-")  # private (0700): only this user reaches the socket
-        self._address = f"ipc://{ipc_dir}/engine"
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
-        self._signals.extend(self._received)
-        try:
-            logger.info("listening", extra={"fields": {"host": host, "port": port,
-                                                       "frontends": self.settings.frontends}})
-            self._engine = self._ctx.Process(target=_engine_main, args=(self.settings, self._address, os.getpid()),
-                                             name="cmserve-engine")
-            self._engine.start()
-            logger.info("engine process started", extra={"fields": {"pid": self._engine.pid}})
-            workers = [self._start(i, sockets[i]) for i in range(self.settings.frontends)]
-            self._supervise(workers, sockets)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            for sock in sockets:
-                sock.close()
-            shutil.rmtree(ipc_dir, ignore_errors=True)
-            if own_dir:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
-        return self._status
+    def _processes(self) -> int:
+        return self.settings.frontends
+
+    def _listening_fields(self) -> dict[str, int]:
+        return {"frontends": self.settings.frontends}
+
+    def _before_start(self) -> None:
+        """A private (0700) folder for the engine's socket, then the engine process."""
+        self._ipc_dir = tempfile.mkdtemp(prefix="cmserve-ipc-")
+        self._address = f"ipc://{self._ipc_dir}/engine"
+        self._engine = self._ctx.Process(target=_engine_main, args=(self.settings, self._address, os.getpid()),
+                                         name="cmserve-engine")
+        self._engine.start()
+        logger.info("engine process started", extra={"fields": {"pid": self._engine.pid}})
+
+    def _after_stop(self) -> None:
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     def _start(self, index: int, sock: socket.socket) -> _Worker:
         process = self._ctx.Process(target=_frontend_main,
