@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one short script, for a machine with one NVIDIA GPU.
-# Writes its results under $OUT (default ./artifacts/gpu) and prints a summary; about 12-14 minutes on an H100.
+# Writes its results under $OUT (default ./artifacts/gpu) and prints a summary. The default sections are those
+# with no GPU figures yet (about 8-10 minutes on an H100, to fit a 15-minute device budget with the machine's
+# start); sample, train and serve were measured before (BENCHMARKS.md) and rerun with SECTIONS="sample train serve".
 #   OUT=/tmp/gpu bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +11,7 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log() { echo "=== $* ($(date +%T))"; }
-SECTIONS=${SECTIONS:-tests sample train serve public frontends}  # a subset reruns part; "compile" is extra (~2 min)
+SECTIONS=${SECTIONS:-tests frontends public}  # any subset of: tests sample train serve compile public frontends
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # The web stack and diffusers are not in the GPU image: wheels for them travel in .whl/ (see the device tool's README).
 if [ -d .whl ] && ! $PY -c 'import fastapi' 2>/dev/null; then
