@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+import msgspec
 import torch
 import zmq
 
@@ -76,7 +77,11 @@ class EngineHost:
         os.close(self._wake_w)
 
     def _handle(self, peer: bytes, data: bytes) -> None:
-        message = wire.decode_to_engine(data)
+        try:
+            message = wire.decode_to_engine(data)
+        except msgspec.DecodeError as e:  # a front end of another version, or a bug: its message alone is lost
+            logger.error("a front end's message could not be decoded: %s", e)
+            return
         if isinstance(message, wire.Describe):
             self._socket.send_multipart([peer, wire.encode(self.describe())])
         elif isinstance(message, wire.Submit):

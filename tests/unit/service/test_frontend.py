@@ -244,3 +244,22 @@ def test_an_image_out_of_memory_fails_its_request_alone_across_the_boundary(
         assert fine.error is None and fine.images.shape[0] == 2
 
     remote_run(address, body)
+
+
+def test_a_message_that_does_not_decode_is_logged_and_the_engine_goes_on(
+        engine_host: tuple[str, Scheduler, Engine], caplog: pytest.LogCaptureFixture) -> None:
+    address, _, _ = engine_host
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(address)
+    try:
+        sock.send(b"\xc1 not msgpack")
+        sock.send(wire.encode(wire.Submit(1, "m", [80.0], 1, 1, None, "soon", "generate")))  # type: ignore[arg-type]
+        sock.send(wire.encode(wire.Describe()))
+        assert sock.poll(10_000), "no answer"
+        assert isinstance(wire.decode_to_frontend(sock.recv()), wire.Description)
+    finally:
+        sock.close(0)
+        context.term()
+    assert sum("could not be decoded" in r.getMessage() for r in caplog.records) == 2
