@@ -167,7 +167,7 @@ class Settings(BaseSettings):
     rate_limit_per_key: float = Field(
         0.0, ge=0,
         description="Requests per second per API key (bursts of max(1, rate); without CM_API_KEYS all clients "
-        "share one budget; each of CM_WORKERS keeps its own), beyond it 429; 0 = off",
+        "share one budget; each of CM_WORKERS or CM_FRONTENDS keeps its own), beyond it 429; 0 = off",
     )
 
     @field_validator("models", mode="before")
