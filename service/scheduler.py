@@ -34,6 +34,7 @@ No web framework here: the API layer turns the domain errors into HTTP and the c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -57,6 +58,7 @@ logger = logging.getLogger("cmserve.scheduler")
 
 MAX_RETRY_AFTER_S = 60
 SCHEDULE_CACHE = 256  # distinct σ schedules remembered per model
+PREPARE_AHEAD = 2  # jobs submitted within this many batches of the queue's front are prepared ahead (memory bound)
 SCHEDULES = ("shortest", "started")  # queue orders (module docstring)
 STARVATION_EVALUATIONS = 10  # "shortest": a request older than this many evaluations' time goes first
 
@@ -363,6 +365,11 @@ class Scheduler:
         self._jobs_lock = threading.Lock()  # a job's tensors that two devices' threads may both set up
         self._evaluation_s = 0.0  # moving average of one evaluation's duration
         self._stopping = False
+        # Jobs the preparing thread draws the noise of while a device evaluates (see _prepare_ahead).
+        self._ahead = threading.Condition(threading.Lock())
+        self._unprepared: deque[Job] = deque()  # submitted within PREPARE_AHEAD batches of the queue's front
+        self._evaluating = 0  # devices in an evaluation now
+        self._preparer: threading.Thread | None = None
 
     # ------------------------------------------------------------------ models and jobs
 
@@ -401,6 +408,11 @@ class Scheduler:
             job.submitted_at = now
             lane.push_back(Run(job, 0, job.n, 0))
             self._arrive_locked(lane, job.n, now)
+        if self._preparer is not None and queued + job.n <= PREPARE_AHEAD * self.max_batch:  # else the engine's
+            with self._ahead:
+                self._unprepared.append(job)
+                if self._evaluating:
+                    self._ahead.notify()
 
     def _arrive_locked(self, lane: Lane, n: int, now: float) -> None:
         """Count a submission and wake a thread (a system call and a GIL hand-off) only when batch_wait may now
@@ -447,6 +459,9 @@ class Scheduler:
     # ------------------------------------------------------------------ the engine thread
 
     def start(self) -> None:
+        if self._preparer is None:
+            self._preparer = threading.Thread(target=self._prepare_ahead, name="cmserve-prepare", daemon=True)
+            self._preparer.start()
         for device in self._devices:
             if device.thread is None:
                 name = "cmserve-engine" if len(self._devices) == 1 else f"cmserve-engine-{device.label}"
@@ -464,8 +479,41 @@ class Scheduler:
         for device in self._devices:
             if device.thread is not None:
                 device.thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        if self._preparer is not None:
+            with self._ahead:
+                self._ahead.notify()
+            self._preparer.join(None if end is None else max(0.0, end - time.monotonic()))
         for job in dict.fromkeys(leftover):
             self.cancel(job, NotReady("the server shut down before this request finished"))
+
+    def _prepare_ahead(self) -> None:
+        """Overlap a batch's host work with the device: while an engine thread waits for its device's evaluation,
+        this thread prepares the jobs submitted meanwhile (noise, labels, an edit's image and projection), so the
+        next batch is ready when the device is free. Only then: while no device evaluates, the engine thread
+        prepares its batch itself, and this thread would only compete with the event loop for the GIL. A job is
+        prepared once, by whichever thread comes first (under the jobs' lock)."""
+        generator = torch.Generator(device="cpu")
+        while True:
+            with self._ahead:
+                while not self._stopping and not (self._evaluating and self._unprepared):
+                    self._ahead.wait()
+                if self._stopping:
+                    return
+                job = self._unprepared.popleft()
+            if job.prepared or job.finished:
+                continue
+            lane = self._lanes[job.model]
+            with self._jobs_lock:
+                if not job.prepared:
+                    with contextlib.suppress(Exception):  # the engine thread meets it again and fails it there
+                        job.prepare(lane.engine, lane.schedule(job.sigmas), generator)
+
+    def _evaluation(self, started: bool) -> None:
+        """Count a device's evaluation in or out, waking the preparing thread when there is work for it."""
+        with self._ahead:
+            self._evaluating += 1 if started else -1
+            if started and self._unprepared:
+                self._ahead.notify()
 
     def _loop(self, device: int) -> None:
         while self.run_once(block=True, device=device):
@@ -613,7 +661,11 @@ class Scheduler:
             runs = [run for run in runs if run.job not in refused]
             return ended + (self._run(device, lane, runs) if runs else [])
         x, sigma, labels = _batch_inputs(runs)
-        evaluation = lane.engines[device.index].evaluate(x, sigma, labels)
+        self._evaluation(started=True)
+        try:
+            evaluation = lane.engines[device.index].evaluate(x, sigma, labels)
+        finally:
+            self._evaluation(started=False)
         seconds = self.clock() - started
         size = x.shape[0]
         self.observer.on_evaluation(lane.name, size, seconds)

@@ -24,7 +24,7 @@ from service.errors import (
     OutOfMemory,
     QueueFull,
 )
-from service.scheduler import STARVATION_EVALUATIONS, EngineLike, Job, Scheduler, SchedulerObserver
+from service.scheduler import PREPARE_AHEAD, STARVATION_EVALUATIONS, EngineLike, Job, Scheduler, SchedulerObserver
 
 ONE = [80.0]
 TWO = [80.0, 0.821]
@@ -543,6 +543,49 @@ def test_engine_thread_batches_what_arrived_while_the_device_was_busy() -> None:
     finally:
         scheduler.stop()
     assert engine.sizes == [1, 6]  # the three waiting requests shared one evaluation
+
+
+def test_jobs_submitted_during_an_evaluation_are_prepared_before_the_device_is_free() -> None:
+    """The preparing thread draws their noise while the device evaluates, for the jobs within PREPARE_AHEAD
+    batches of the queue's front; the others are prepared by the engine thread as before, and every image is the
+    same either way."""
+    engine = FakeEngine()
+    scheduler = scheduler_for(engine, max_batch=4)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_first() -> None:
+        engine.during = lambda: None
+        entered.set()
+        assert release.wait(30)
+
+    engine.during = hold_first
+    finished = threading.Semaphore(0)
+    first = make_job(0, 1, TWO, on_done=lambda _: finished.release())
+    waiting = [make_job(seed, 2, TWO, on_done=lambda _: finished.release()) for seed in range(10, 70, 10)]
+    scheduler.start()
+    try:
+        scheduler.submit(first)
+        assert entered.wait(30)
+        for job in waiting:
+            scheduler.submit(job)
+        ahead = waiting[: PREPARE_AHEAD * 4 // 2]  # 2 images each; the queue was empty (the first is evaluated)
+        deadline = time.monotonic() + 10
+        while not all(job.prepared for job in ahead):
+            assert time.monotonic() < deadline, "not prepared while the device evaluated"
+            time.sleep(0.001)
+        time.sleep(0.05)
+        assert not any(job.prepared for job in waiting[len(ahead):])  # beyond the bound: the engine's to prepare
+        release.set()
+        for _ in range(1 + len(waiting)):
+            assert finished.acquire(timeout=30)
+    finally:
+        scheduler.stop()
+    for job in waiting:
+        alone = scheduler_for(FakeEngine())
+        again = make_job(job.seed, 2, TWO)
+        alone.submit(again)
+        drain(alone)
+        assert job.error is None and np.array_equal(job.images, again.images)
 
 
 def engine_cycle(scheduler: Scheduler) -> threading.Thread:
