@@ -13,6 +13,10 @@ and its engines, one per device (CM_DEVICES). Each device has one engine thread,
   requeue  images with steps left go back to the FRONT of the queue, in order
   complete a request whose last image finished (or that failed) gets its `on_done` callback
 
+One more thread prepares ahead: while a device evaluates, it draws the noise (and decodes an edit's image) of the
+jobs submitted meanwhile, so the next batch's host work overlaps the device's; an engine thread prepares any job
+it reaches first.
+
 With several devices the threads share the queues and the lock: whichever is free takes the next batch, each
 waits by `batch_wait` on its own view (was it idle, which clients did its latest evaluation answer), and a
 submission wakes the threads that may now run and one idle thread. An image's noise comes from its seed whichever
