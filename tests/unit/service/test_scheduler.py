@@ -517,9 +517,9 @@ def test_stop_fails_what_is_still_queued() -> None:
 # ---------------------------------------------------------------------- the engine thread and when a batch runs
 
 
-def test_engine_thread_batches_what_arrived_while_the_device_was_busy() -> None:
+def held_first_evaluation() -> tuple[FakeEngine, threading.Event, threading.Event]:
+    """A fake engine whose first evaluation sets `entered` and waits for `release`."""
     engine = FakeEngine()
-    scheduler = scheduler_for(engine)
     entered, release = threading.Event(), threading.Event()
 
     def hold_first() -> None:
@@ -528,6 +528,12 @@ def test_engine_thread_batches_what_arrived_while_the_device_was_busy() -> None:
         assert release.wait(30)
 
     engine.during = hold_first
+    return engine, entered, release
+
+
+def test_engine_thread_batches_what_arrived_while_the_device_was_busy() -> None:
+    engine, entered, release = held_first_evaluation()
+    scheduler = scheduler_for(engine)
     finished = threading.Semaphore(0)
     jobs = [make_job(0, 1, ONE, on_done=lambda _: finished.release())]
     scheduler.start()
@@ -549,16 +555,8 @@ def test_jobs_submitted_during_an_evaluation_are_prepared_before_the_device_is_f
     """The preparing thread draws their noise while the device evaluates, for the jobs within PREPARE_AHEAD
     batches of the queue's front; the others are prepared by the engine thread as before, and every image is the
     same either way."""
-    engine = FakeEngine()
+    engine, entered, release = held_first_evaluation()
     scheduler = scheduler_for(engine, max_batch=4)
-    entered, release = threading.Event(), threading.Event()
-
-    def hold_first() -> None:
-        engine.during = lambda: None
-        entered.set()
-        assert release.wait(30)
-
-    engine.during = hold_first
     finished = threading.Semaphore(0)
     first = make_job(0, 1, TWO, on_done=lambda _: finished.release())
     waiting = [make_job(seed, 2, TWO, on_done=lambda _: finished.release()) for seed in range(10, 70, 10)]
