@@ -165,11 +165,13 @@ def engine_alone(settings: dict[str, str], reach: list[tuple[int, int]], seconds
         labels = torch.zeros(b, dtype=torch.long) if engine.num_classes else None
         for _ in range(5):  # compiles the bucket; in a graph mode also records and replays its CUDA graph
             engine.evaluate(x, sigma, labels)
+        engine.synchronize()
         times = []
         start = time.perf_counter()
         while time.perf_counter() < start + seconds or len(times) < 5:
             t = time.perf_counter()
             engine.evaluate(x, sigma, labels)
+            engine.synchronize()  # the output stays on the device: wait for it
             times.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - start
         figures[b] = {"bucket": engine.bucket(b), "evaluation_ms": 1e3 * statistics.median(times),

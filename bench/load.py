@@ -293,6 +293,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sleep-engine", type=float, nargs="?", const=DEFAULT_SLEEP_MS, metavar="MS",
                         help="serve with every evaluation a sleep of MS per batch (default when given without a "
                         f"value: {DEFAULT_SLEEP_MS:g}; bench/sleep_engine.py) instead of the network")
+    parser.add_argument("--sleep-sync", action="store_true",
+                        help="with --sleep-engine: a synchronous device (evaluate sleeps; no pipelining), the A/B of "
+                        "the default asynchronous one")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--serve-sleep", type=float, metavar="MS", help=argparse.SUPPRESS)  # the sleeping server
     args = parser.parse_args()
@@ -300,6 +303,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--workers {args.workers}: must be at least 1")
     if args.sleep_engine is not None and not args.sleep_engine > 0:
         parser.error(f"--sleep-engine {args.sleep_engine}: must be more than 0 ms")
+    if args.sleep_sync and args.sleep_engine is None and args.serve_sleep is None:
+        parser.error("--sleep-sync needs --sleep-engine")
     kinds = args.steps.split(",")
     bad = [k for k in kinds if k not in (MIX, RANDOM) and not k.isdigit()]
     if bad:
@@ -322,7 +327,8 @@ def serve_scenarios(args: argparse.Namespace, ckpt: Path, log: Path, model: dict
         settings["CM_DEVICES"] = args.devices
     threads = worker_threads(args.workers, args.torch_threads)
     sleeping = args.sleep_engine is not None
-    engine = (f"every evaluation a sleep of {args.sleep_engine:g} ms" if sleeping
+    engine = (f"every evaluation a sleep of {args.sleep_engine:g} ms "
+              f"({'synchronous' if args.sleep_sync else 'asynchronous'})" if sleeping
               else f"torch threads {threads} per worker")
     devices = f", CM_DEVICES={args.devices}" if args.devices else ""
     print(f"\nservice: python -m service, CM_WORKERS={args.workers}, CM_FRONTENDS={args.frontends}{devices}, "
@@ -333,7 +339,8 @@ def serve_scenarios(args: argparse.Namespace, ckpt: Path, log: Path, model: dict
     scenarios = [Scenario(c, n, s, task=t, image_shape=shape) for t in args.tasks for n in args.n for s in args.steps
                  for c in args.concurrency
                  if (s != MIX or c >= 2) and (t == "generate" or s not in (MIX, RANDOM))]
-    argv = [sys.executable, "-m", "bench.load", "--serve-sleep", str(args.sleep_engine)] if sleeping else None
+    argv = ([sys.executable, "-m", "bench.load", "--serve-sleep", str(args.sleep_engine),
+             *(["--sleep-sync"] if args.sleep_sync else [])] if sleeping else None)
     logged = args.log_level in ("debug", "info")  # latencies by step count come from the access log
     with service(settings, log, argv=argv) as server:
         warm_up(server.url)
@@ -351,7 +358,7 @@ def main() -> None:
         serve_bare(args.serve_bare, args.workers)
         return
     if args.serve_sleep:
-        sys.exit(serve_sleeping(args.serve_sleep))
+        sys.exit(serve_sleeping(args.serve_sleep, args.sleep_sync))
     require_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-load-"))
     ckpt, ckpt_note = default_checkpoint(tmp) if args.checkpoint is None else (args.checkpoint, str(args.checkpoint))

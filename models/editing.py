@@ -8,7 +8,7 @@ A `Projection` is data (A as a matrix over one axis, A y, Ω); one small functio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,6 +32,13 @@ class Projection:
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         return self._inverse(self.kept + self._forward(x0) * self.omega)
+
+    def to(self, device: torch.device) -> Projection:
+        """The same projection with its tensors on `device` (itself when they are there already)."""
+        if self.kept.device == device:
+            return self
+        matrix = None if self.matrix is None else self.matrix.to(device)
+        return replace(self, matrix=matrix, kept=self.kept.to(device), omega=self.omega.to(device))
 
     @property
     def start(self) -> torch.Tensor:
@@ -58,19 +65,21 @@ def project_rows(x0: torch.Tensor, parts: list[tuple[Projection | None, int]]) -
     """A batch's estimates x0 (B, C, H, W) with each part's rows (`size` of them, in order) through its projection,
     or left as they are (None). When every projection is inpainting's (A = I) the batch takes one product and one
     sum, kept + x0 ⊙ Ω, with Ω = 1 and kept = 0 on unprojected rows (exact: Ω is 0 or 1), rather than one per part.
+    The projections' tensors may be in host memory and x0 on a device: they go to it (one copy each of Ω and kept).
     """
     if all(projection is None for projection, _ in parts):
         return x0
     shape = x0.shape[1:]
     if all(projection is None or projection.matrix is None for projection, _ in parts):
-        ones, zeros = x0.new_ones(1, *shape), x0.new_zeros(1, *shape)
+        host = next(p for p, _ in parts if p is not None).kept.device
+        ones, zeros = torch.ones(1, *shape, device=host), torch.zeros(1, *shape, device=host)
         omega = torch.cat([_rows(ones if p is None else p.omega, size, shape) for p, size in parts])
         kept = torch.cat([_rows(zeros if p is None else p.kept, size, shape) for p, size in parts])
-        return torch.addcmul(kept, x0, omega)
+        return torch.addcmul(kept.to(x0.device), x0, omega.to(x0.device))
     rows, at = [], 0
     for projection, size in parts:
         part = x0[at : at + size]
-        rows.append(part if projection is None else projection(part))
+        rows.append(part if projection is None else projection.to(x0.device)(part))
         at += size
     return torch.cat(rows)
 

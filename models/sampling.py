@@ -178,7 +178,12 @@ def sample(
     return multistep_sample(model, x_T, sigmas, list(noise[1:]), labels, projection)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """A batch in [-1, 1], (B, C, H, W), as uint8 images (B, H, W, C)."""
+def uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """A batch in [-1, 1], (B, C, H, W), as uint8 images (B, H, W, C) on its own device (a permuted view)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return x.permute(0, 2, 3, 1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """A batch in [-1, 1], (B, C, H, W), as uint8 images (B, H, W, C) in host memory."""
+    return uint8_images(x).cpu().numpy()

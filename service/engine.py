@@ -3,8 +3,14 @@
 Options: device, dtype, channels_last, torch.compile in one of its modes with a fixed set of batch-size
 buckets (a batch is padded up to the next bucket, so each bucket compiles once), a TorchScript trace
 (below), warm-up of every bucket, and out-of-memory recovery: when the device runs out of memory the batch
-is halved and retried; only an image that fails even alone is reported failed. Inputs and outputs are float32 CPU
-tensors; the device stays in here.
+is halved and retried; only an image that fails even alone is reported failed. Inputs are float32 tensors on the
+CPU or the device; outputs stay on the device, so that an image's estimate between steps never makes a round trip
+through the host.
+
+On a GPU the engine is asynchronous: `evaluate` returns once the work is queued on the device, `stage` copies a
+host tensor in through pinned memory on a second stream (the copy of batch k+1's noise overlaps batch k's
+kernels), `to_host` copies a result out into pinned memory without waiting, and `fence` returns what waits for
+everything queued so far. On the CPU those are plain calls and `fence` waits for nothing.
 
 On the CPU with several threads the service by default (CM_CPU_PARALLEL) cuts each batch into near-equal
 slices of at most SLICE_IMAGES images, as many as a whole number of rounds of one per thread (46 images on
@@ -32,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import pairwise
@@ -51,6 +57,10 @@ PAD_SIGMA = 1.0  # σ of padding rows: any valid level works, padding rows never
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs (see above)
 GRAPH_WARMUP_RUNS = 3  # a graph's first call runs it plain, the second records it, the third replays it
+
+
+def _nothing() -> None:
+    """The fence of a synchronous device: its work is done when `evaluate` returns."""
 
 
 def resolve_device(name: str, setting: str = "CM_DEVICE") -> torch.device:
@@ -80,7 +90,7 @@ def device_labels(names: Sequence[str]) -> list[str]:
 class Evaluation:
     """The result of one evaluation: f(x, σ) clamped to [-1, 1], and the rows that could not be computed."""
 
-    out: torch.Tensor  # (B, C, H, W) float32 on the CPU
+    out: torch.Tensor  # (B, C, H, W) float32 on the engine's device
     failed: list[int]  # rows that ran out of device memory even in a batch of one (their `out` rows are 0)
 
 
@@ -139,6 +149,8 @@ class Engine:
         self.cpu_slices = cpu_slices if self.device.type == "cpu" and not compile else 1
         self.cpu_threads = cpu_threads if self.device.type == "cpu" else 0
         self._slicers: ThreadPoolExecutor | None = None  # the threads of the slices after the first
+        # GPU: copies in run on their own stream, so that they overlap the kernels of the batch before.
+        self._copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _trace(self) -> tuple[torch.nn.Module, bool]:
         """(the network as a TorchScript trace, True), or (the eager network, False) when the trace cannot be
@@ -188,6 +200,40 @@ class Engine:
     def sigma_max(self) -> float:
         return self.cfg.sigma_max
 
+    @property
+    def asynchronous(self) -> bool:
+        """True when `evaluate` returns before the device has finished (a GPU): see `fence`."""
+        return self._copies is not None
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device: on a GPU copied from pinned memory on the copy stream, which the compute
+        stream then waits for; the call returns at once."""
+        if self._copies is None:
+            return t.to(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copies):
+            staged = t.pin_memory().to(self.device, non_blocking=True)
+        compute.wait_stream(self._copies)
+        staged.record_stream(compute)  # its memory is reused only after the compute stream is done with it
+        return staged
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A device tensor's copy in host memory, valid once `fence`'s wait returns (a GPU copies into pinned
+        memory without waiting)."""
+        if self._copies is None:
+            return t.cpu()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def fence(self) -> Callable[[], None]:
+        """What waits until the device has done everything queued on it so far (its thread sleeps meanwhile)."""
+        if self._copies is None:
+            return _nothing
+        event = torch.cuda.Event(blocking=True)  # blocking: the waiting thread sleeps rather than spins
+        event.record(torch.cuda.current_stream(self.device))
+        return event.synchronize
+
     def bucket(self, size: int) -> int:
         """The batch size a batch of `size` images runs at: the next bucket up when padding, else itself."""
         if not self.pad:
@@ -207,7 +253,8 @@ class Engine:
         self.synchronize()
 
     def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
-        """f(x, σ) clamped to [-1, 1] for a CPU batch (B, C, H, W) with σ (B,) and labels (B,) or None."""
+        """f(x, σ) clamped to [-1, 1] on the device for a batch (B, C, H, W) with σ (B,) and labels (B,) or None,
+        on the CPU or the device."""
         failed: list[int] = []
         out = self._evaluate_or_split(x, sigma, labels, failed, offset=0)
         return Evaluation(out=out, failed=failed)
@@ -224,7 +271,7 @@ class Engine:
         if size == 1:
             logger.error("out of device memory for a batch of one image; failing it")
             failed.append(offset)
-            return torch.zeros_like(x)
+            return torch.zeros(x.shape, device=self.device)
         self.oom_splits += 1
         half = (size + 1) // 2
         logger.warning("out of device memory for a batch of %d images; retrying as %d + %d", size, half, size - half)
@@ -284,12 +331,13 @@ class Engine:
         return self._run(x, sigma, labels, size)
 
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, size: int) -> torch.Tensor:
-        """The network on a padded device batch, its first `size` rows clamped and copied to the CPU."""
+        """The network on a padded device batch, its first `size` rows clamped, as float32 (a tensor of its own:
+        a CUDA graph's output memory is overwritten by its next replay)."""
         with torch.inference_mode():
             if self._graph_thread is not None:  # the last call's outputs were copied out: its graph memory is free
                 torch.compiler.cudagraph_mark_step_begin()
             out = self._forward(x, sigma, labels)[:size].clamp(-1, 1)  # (B, C, H, W), CM Algorithm 1 clamp
-            return out.to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
+            return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """One call of the network on the device (the seam where tests inject failures)."""

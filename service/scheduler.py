@@ -11,11 +11,18 @@ and its engines, one per device (CM_DEVICES). Each device has one engine thread,
   run      build each image's step input (CM Algorithm 1, models.sampling) and evaluate the batch once; an edit's
            images (CM Algorithm 4) then go through their job's projection (models.editing), the one difference
   requeue  images with steps left go back to the FRONT of the queue, in order
-  complete a request whose last image finished (or that failed) gets its `on_done` callback
+  complete once the device is done: finished images' pixels go to their requests; a request whose last image
+           finished (or that failed) gets its `on_done` callback
 
 One more thread prepares ahead: while a device evaluates, it draws the noise (and decodes an edit's image) of the
 jobs submitted meanwhile, so the next batch's host work overlaps the device's; an engine thread prepares any job
-it reaches first.
+it reaches first. The estimates stay on the device between steps (only finished images come back, as uint8).
+
+An asynchronous device (a GPU: `evaluate` returns before the work is done) splits the cycle in two: the engine
+thread launches the batch, requeues its unfinished images at once (the device's queue orders their next step
+after this one) and goes on; the device's finishing thread waits for the batch and completes its requests. The
+engine thread launches the next batch at once when it is full (at most MAX_IN_FLIGHT on the device), else once
+the batch in flight is done, and then by `batch_wait` as before.
 
 With several devices the threads share the queues and the lock: whichever is free takes the next batch, each
 waits by `batch_wait` on its own view (was it idle, which clients did its latest evaluation answer), and a
@@ -52,7 +59,7 @@ import numpy as np
 import torch
 
 from models.editing import Projection, project_rows
-from models.sampling import image_class_label, image_noise, interpolation_noise, noise_scales, renoise, to_uint8
+from models.sampling import image_class_label, image_noise, interpolation_noise, noise_scales, renoise, uint8_images
 
 from .batching import batch_wait
 from .engine import Evaluation
@@ -63,6 +70,7 @@ logger = logging.getLogger("cmserve.scheduler")
 MAX_RETRY_AFTER_S = 60
 SCHEDULE_CACHE = 256  # distinct σ schedules remembered per model
 PREPARE_AHEAD = 2  # jobs submitted within this many batches of the queue's front are prepared ahead (memory bound)
+MAX_IN_FLIGHT = 2  # batches queued on an asynchronous device at once: the one it runs and the next
 SCHEDULES = ("shortest", "started")  # queue orders (module docstring)
 STARVATION_EVALUATIONS = 10  # "shortest": a request older than this many evaluations' time goes first
 
@@ -79,8 +87,23 @@ class EngineLike(Protocol):
     @property
     def sigma_min(self) -> float: ...
 
+    @property
+    def asynchronous(self) -> bool: ...  # evaluate returns before the device is done (a GPU)
+
     def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
-        """f(x, σ) clamped to [-1, 1] for a CPU batch (B, C, H, W), σ (B,), labels (B,) or None."""
+        """f(x, σ) clamped to [-1, 1] on the device for a batch (B, C, H, W), σ (B,), labels (B,) or None."""
+        ...
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device."""
+        ...
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A device tensor's copy in host memory, valid once `fence`'s wait returns."""
+        ...
+
+    def fence(self) -> Callable[[], None]:
+        """What waits until the device has done everything queued on it so far."""
         ...
 
 
@@ -105,7 +128,7 @@ class Job:
     on_done: Callable[[Job], None] = lambda job: None  # called once, from the engine thread or a canceller
     task: str = "generate"  # one of TASKS
     projection: Projection | None = None  # editing: applied to each evaluation's estimates of the job's images
-    start: torch.Tensor | None = None  # (1, C, H, W) the estimate before the first step; None: zeros
+    start: torch.Tensor | None = None  # (1, C, H, W) the estimate before the first step (host memory); None: zeros
     noised_start: bool = True  # False: `start` is x_T itself, not re-noised (denoising: one f(y, σ))
     # makes (projection, start) in prepare: api/edit.py's Edit, data that can cross to an engine process
     edit: Callable[[], tuple[Projection | None, torch.Tensor]] | None = None
@@ -113,7 +136,7 @@ class Job:
     # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
     noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
     labels: list[int] | None = field(init=False, default=None, repr=False)  # image i's class label
-    # (n, C, H, W) current estimates; None before the first evaluation (the estimates are zeros then)
+    # (n, C, H, W) current estimates, on the device that made them; None before the first evaluation
     x: torch.Tensor | None = field(init=False, default=None, repr=False)
     sigma32: list[float] = field(init=False, repr=False)  # σ per step, rounded to float32
     scales: list[float] = field(init=False, repr=False)  # noise scale per step (noise_scales)
@@ -136,7 +159,7 @@ class Job:
 
     @property
     def result(self) -> torch.Tensor:
-        """(n, C, H, W) images in [-1, 1] once the job finished without error."""
+        """(n, C, H, W) images in [-1, 1] on the device, once the job finished without error."""
         assert self.x is not None, "the job has not been evaluated"
         return self.x
 
@@ -314,10 +337,12 @@ class Arrivals:
 
 @dataclass(slots=True)
 class Waiting:
-    """An engine thread asleep on its condition: for any work (lane None), or for a lane's batch since `since`."""
+    """An engine thread asleep on its condition: for any work (lane None), for a lane's batch since `since`, or
+    (held) for its device to finish a batch in flight, unless a full batch is queued first."""
 
     lane: Lane | None
     since: float
+    held: bool = False
 
 
 @dataclass(eq=False)
@@ -332,6 +357,28 @@ class Device:
     waiting: Waiting | None = None  # set while the thread sleeps on `wake`
     generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))  # reseeded per draw
     thread: threading.Thread | None = None
+    # An asynchronous device's batches in flight, and the thread that finishes them (see _finishing).
+    in_flight: int = 0  # under the scheduler's lock
+    launched: deque[Launched] = field(default_factory=deque)
+    handoff: threading.Condition = field(default_factory=threading.Condition)  # guards `launched`, `closing`
+    finisher: threading.Thread | None = None
+    closing: bool = False
+    last_ready: float = -math.inf  # when its latest batch was done
+
+
+@dataclass(eq=False)
+class Launched:
+    """A batch queued on a device, and what finishing it needs once the device is done."""
+
+    lane: Lane
+    runs: list[Run]
+    pixels: torch.Tensor | None  # (B, H, W, C) uint8 in host memory, valid after `ready`; None: none finishes
+    ready: Callable[[], None]  # waits for the device (EngineLike.fence)
+    started: float
+
+    @property
+    def size(self) -> int:
+        return sum(run.size for run in self.runs)
 
 
 class Scheduler:
@@ -423,14 +470,17 @@ class Scheduler:
         say "run": its batch is full, or the last client it answered is back after an evaluation; its other turns
         are timed. One idle thread wakes too, even while another fills this lane's batch: with several devices
         the clients then settle into one group per device, each device's batch evaluated while the others'
-        clients send again."""
+        clients send again. A thread held by its device's batch in flight wakes only for a full batch."""
         idle = None
         for device in self._devices:
             back = device.arrivals.arrive(lane, n, now)
             waiting = device.waiting
             if waiting is None:
                 continue
-            if waiting.lane is None:
+            if waiting.held:
+                if lane.queued >= self.max_batch:
+                    device.wake.notify()
+            elif waiting.lane is None:
                 idle = idle or device
             elif waiting.lane is lane and (lane.queued >= self.max_batch or (back and not device.idle)):
                 device.wake.notify()
@@ -440,7 +490,7 @@ class Scheduler:
     def _wake_idle_locked(self) -> None:
         """Wake one thread that sleeps for want of work, if any does."""
         for device in self._devices:
-            if device.waiting is not None and device.waiting.lane is None:
+            if device.waiting is not None and device.waiting.lane is None and not device.waiting.held:
                 device.wake.notify()
                 return
 
@@ -473,7 +523,8 @@ class Scheduler:
                 device.thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop the engine threads after their current evaluations; jobs still queued fail with NotReady."""
+        """Stop the engine threads after their current evaluations (those in flight are finished); jobs still
+        queued fail with NotReady."""
         with self._cond:
             self._stopping = True
             for device in self._devices:
@@ -483,6 +534,12 @@ class Scheduler:
         for device in self._devices:
             if device.thread is not None:
                 device.thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        for device in self._devices:  # after the engine threads: no batch is launched any more
+            with device.handoff:
+                device.closing = True
+                device.handoff.notify()
+            if device.finisher is not None:
+                device.finisher.join(None if end is None else max(0.0, end - time.monotonic()))
         if self._preparer is not None:
             with self._ahead:
                 self._ahead.notify()
@@ -525,7 +582,8 @@ class Scheduler:
 
     def run_once(self, block: bool = True, device: int = 0) -> bool:
         """One collect → run → requeue → complete cycle on a device's engines; False once stopping (or,
-        unblocked, when idle)."""
+        unblocked, when idle). Blocking, an asynchronous device's batch is completed by the device's finishing
+        thread; unblocked, always here."""
         this = self._devices[device]
         picked = self._collect(this, block)
         if picked is None:
@@ -533,7 +591,7 @@ class Scheduler:
         lane, runs = picked
         try:
             with torch.no_grad():
-                done = self._run(this, lane, runs)
+                done = self._run(this, lane, runs, pipelined=block)
         except Exception as e:  # a bug or a device fault: fail this batch's requests, keep serving
             logger.exception("network evaluation failed for model %s on device %s", lane.name, this.label)
             done = self._fail_runs(lane, runs, EngineFailure(f"the network evaluation failed ({type(e).__name__})"))
@@ -560,6 +618,9 @@ class Scheduler:
         answered before the thread sleeps)."""
         with self._cond:
             while not self._stopping:
+                if self._held_locked(device):
+                    self._sleep_locked(device, Waiting(None, self.clock(), held=True), None)
+                    continue
                 lane = self._next_lane_locked()
                 if lane is None:
                     device.idle = True
@@ -576,6 +637,14 @@ class Scheduler:
                         self._wake_idle_locked()  # the rest is the next free device's
                     return lane, runs
             return None
+
+    def _held_locked(self, device: Device) -> bool:
+        """Whether the device's next batch waits for its batch in flight to finish: always at MAX_IN_FLIGHT, and
+        else unless a full batch is queued (launched early, a partial batch would take fewer of the clients that
+        the batch in flight is about to answer; a full one loses nothing and keeps the device busy)."""
+        if not device.in_flight:
+            return False
+        return device.in_flight >= MAX_IN_FLIGHT or all(lane.queued < self.max_batch for lane in self._lanes.values())
 
     def _next_lane_locked(self) -> Lane | None:
         lanes = list(self._lanes.values())
@@ -641,8 +710,10 @@ class Scheduler:
 
     # run ----------------------------------------------------------------
 
-    def _run(self, device: Device, lane: Lane, runs: list[Run]) -> list[Job]:
-        """Evaluate the batch, store each image's estimate, requeue unfinished images; return ended jobs."""
+    def _run(self, device: Device, lane: Lane, runs: list[Run], pipelined: bool = False) -> list[Job]:
+        """Launch the batch's evaluation, store each image's estimate (on the device), requeue unfinished images,
+        and finish the batch: here, or on an asynchronous device when `pipelined`, in the device's finishing thread
+        while this thread goes on to the next batch. Returns the jobs that ended here."""
         started = self.clock()
         refused: dict[Job, ServiceError] = {}
         for run in runs:
@@ -663,22 +734,28 @@ class Scheduler:
         if refused:
             ended = self._fail_jobs(lane, refused)
             runs = [run for run in runs if run.job not in refused]
-            return ended + (self._run(device, lane, runs) if runs else [])
-        x, sigma, labels = _batch_inputs(runs)
+            return ended + (self._run(device, lane, runs, pipelined) if runs else [])
+        engine = lane.engines[device.index]
+        x, sigma, labels = _batch_inputs(runs, engine)
         self._evaluation(started=True)
         try:
-            evaluation = lane.engines[device.index].evaluate(x, sigma, labels)
-        finally:
+            evaluation = engine.evaluate(x, sigma, labels)
+            launched = self._store(lane, runs, evaluation.out, engine, started)
+            ended = self._after_launch(lane, runs, evaluation.failed)
+        except BaseException:
             self._evaluation(started=False)
-        seconds = self.clock() - started
-        size = x.shape[0]
-        self.observer.on_evaluation(lane.name, size, seconds)
-        self.observer.on_device_evaluation(lane.name, device.label, size, seconds)
-        self._evaluation_s = seconds if not self.evaluations else 0.9 * self._evaluation_s + 0.1 * seconds
+            raise
+        if pipelined and engine.asynchronous:
+            self._hand_over(device, launched)
+            return ended
+        return ended + self._finish(device, launched)
 
-        out, row = project_rows(evaluation.out, [(run.job.projection, run.size) for run in runs]), 0
+    def _store(self, lane: Lane, runs: list[Run], out: torch.Tensor, engine: EngineLike, started: float) -> Launched:
+        """Each image's estimate (projected, for an edit) into its job, the finishing images' pixels on their way
+        to host memory, and the fence that says when both are done."""
+        out, row = project_rows(out, [(run.job.projection, run.size) for run in runs]), 0
         finishing = any(run.step + 1 == run.job.steps for run in runs)
-        pixels = to_uint8(out) if finishing else None  # (B, H, W, C): one conversion for the whole batch
+        pixels = engine.to_host(uint8_images(out)) if finishing else None  # one conversion for the whole batch
         for run in runs:
             job = run.job
             if run.size == job.n:  # the whole job: its estimates are these rows of `out` (a new tensor each time)
@@ -687,44 +764,104 @@ class Scheduler:
                 with self._jobs_lock:  # another device may be storing the job's other images
                     if job.x is None:  # the other images' estimates: the start, or zeros
                         start = job.start
-                        job.x = torch.zeros(job.n, *out.shape[1:]) if start is None else start.repeat(job.n, 1, 1, 1)
+                        job.x = (torch.zeros(job.n, *out.shape[1:], device=out.device) if start is None
+                                 else engine.stage(start).repeat(job.n, 1, 1, 1))
                     elif job.x.is_inference():  # rows of an earlier `out` (the job was whole then): a copy to write in
                         job.x = job.x.clone()
                     job.x[run.start : run.stop] = out[row : row + run.size]
-            if pixels is not None and run.step + 1 == job.steps:
-                job.images[run.start : run.stop] = pixels[row : row + run.size]
             row += run.size
-        return self._after_evaluation(device, lane, runs, evaluation.failed)
+        return Launched(lane, runs, pixels, engine.fence(), started)
 
-    def _after_evaluation(self, device: Device, lane: Lane, runs: list[Run], failed_rows: list[int]) -> list[Job]:
+    def _after_launch(self, lane: Lane, runs: list[Run], failed_rows: list[int]) -> list[Job]:
+        """Fail the jobs of rows the device had no memory for; requeue the other images with steps left, at once
+        (their estimates are on the device, whose queue orders their next evaluation after this one)."""
         failed_jobs = _jobs_of_rows(runs, failed_rows)
         ended: list[Job] = []
-        finished_images: dict[str, int] = {}  # by task
         again: list[Run] = []
         with self._cond:
-            self.evaluations += 1
-            self.images_evaluated += sum(run.size for run in runs)
             for job in failed_jobs:
                 if self._finish_locked(job, OutOfMemory("the device ran out of memory even for one image")):
                     lane.remove(job)
                     ended.append(job)
             for run in runs:
                 job = run.job
-                if job.finished:  # failed above, or cancelled during the evaluation: drop its later steps
-                    continue
-                if run.step + 1 < job.steps:
+                if not job.finished and run.step + 1 < job.steps:  # finished: failed, or cancelled meanwhile
                     again.append(Run(job, run.start, run.stop, run.step + 1))
-                    continue
-                finished_images[job.task] = finished_images.get(job.task, 0) + run.size
-                job.remaining -= run.size
-                if job.remaining == 0 and self._finish_locked(job, None):
-                    ended.append(job)
             for run in reversed(again):  # back to the front (of their class), in their order
                 lane.push_front(run)
+        return ended
+
+    def _finish(self, device: Device, launched: Launched) -> list[Job]:
+        """Once the device is done with a batch: its timing, its finished images' pixels into their jobs, and the
+        jobs whose last image that was; returns them."""
+        lane, runs = launched.lane, launched.runs
+        try:
+            launched.ready()
+        except Exception as e:  # a device fault reported late: fail the batch's requests, keep serving
+            logger.exception("network evaluation failed for model %s on device %s", lane.name, device.label)
+            return self._fail_runs(lane, runs, EngineFailure(f"the network evaluation failed ({type(e).__name__})"))
+        finally:
+            self._evaluation(started=False)
+        now = self.clock()
+        seconds = now - max(launched.started, device.last_ready)  # queued behind another batch: from its end
+        device.last_ready = now
+        size = launched.size
+        self.observer.on_evaluation(lane.name, size, seconds)
+        self.observer.on_device_evaluation(lane.name, device.label, size, seconds)
+        self._evaluation_s = seconds if not self.evaluations else 0.9 * self._evaluation_s + 0.1 * seconds
+        pixels = None if launched.pixels is None else launched.pixels.numpy()
+        ended: list[Job] = []
+        finished_images: dict[str, int] = {}  # by task
+        with self._cond:
+            self.evaluations += 1
+            self.images_evaluated += size
+            row = 0
+            for run in runs:
+                job = run.job
+                if pixels is not None and run.step + 1 == job.steps and not job.finished:
+                    job.images[run.start : run.stop] = pixels[row : row + run.size]
+                    finished_images[job.task] = finished_images.get(job.task, 0) + run.size
+                    job.remaining -= run.size
+                    if job.remaining == 0 and self._finish_locked(job, None):
+                        ended.append(job)
+                row += run.size
             device.arrivals.evaluated(lane, sum(job.n for job in ended))
         for task, count in finished_images.items():
             self.observer.on_images_finished(lane.name, count, task)
         return ended
+
+    def _hand_over(self, device: Device, launched: Launched) -> None:
+        """Queue a launched batch for the device's finishing thread (started at the first)."""
+        with self._cond:
+            device.in_flight += 1
+        with device.handoff:
+            device.launched.append(launched)
+            device.handoff.notify()
+            if device.finisher is None:
+                name = "cmserve-finish" if len(self._devices) == 1 else f"cmserve-finish-{device.label}"
+                device.finisher = threading.Thread(target=self._finishing, args=(device,), name=name, daemon=True)
+                device.finisher.start()
+
+    def _finishing(self, device: Device) -> None:
+        """An asynchronous device's finishing thread: waits for each launched batch in order and completes it, while
+        the engine thread prepares and launches the next; exits once closing with none left."""
+        while True:
+            with device.handoff:
+                while not device.launched and not device.closing:
+                    device.handoff.wait()
+                if not device.launched:
+                    return
+                launched = device.launched.popleft()
+            try:
+                ended = self._finish(device, launched)
+            except Exception as e:  # a bug: fail the batch's requests, keep finishing
+                logger.exception("finishing a batch of model %s failed", launched.lane.name)
+                ended = self._fail_runs(launched.lane, launched.runs, EngineFailure(f"finishing failed ({e!r})"))
+            with self._cond:
+                device.in_flight -= 1
+                device.wake.notify()  # its engine thread may be held until now
+            for job in ended:  # after the wake: the next batch's launch goes first
+                job.on_done(job)
 
     def _fail_runs(self, lane: Lane, runs: list[Run], error: ServiceError) -> list[Job]:
         return self._fail_jobs(lane, dict.fromkeys((run.job for run in runs), error))
@@ -754,25 +891,31 @@ class Scheduler:
         return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(evaluations * self._evaluation_s))))
 
 
-def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Step inputs (B, C, H, W), σ (B,) and labels (B,) for a batch: x + scale·z (models.sampling.renoise)."""
+def _batch_inputs(runs: list[Run], engine: EngineLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Step inputs (B, C, H, W) on the engine's device, σ (B,) and labels (B,) for a batch: x + scale·z
+    (models.sampling.renoise). The noise term scale·z is made in host memory, where the noise was drawn, and goes
+    to the device in one copy; the estimates are there already. The same operations as renoise's, so the same
+    bits."""
     if len(runs) == 1:
         run = runs[0]
         job, a, b, j = run.job, run.start, run.stop, run.step
-        x = renoise(_estimates(run), job.scales[j], job.noise[a:b, j])  # (B, C, H, W)
+        noise = engine.stage(renoise(None, job.scales[j], job.noise[a:b, j]))  # (B, C, H, W)
+        estimates = _estimates(run, engine)
+        x = noise if estimates is None else estimates + noise
         sigma = torch.full((b - a,), job.sigma32[j])
         labels = None if job.labels is None else torch.tensor(job.labels[a:b], dtype=torch.long)
         return x, sigma, labels
     scale = torch.tensor([run.job.scales[run.step] for run in runs for _ in range(run.size)])
     sigma = torch.tensor([run.job.sigma32[run.step] for run in runs for _ in range(run.size)])
-    noise = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
+    z = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
+    noise = engine.stage(renoise(None, scale, z))
     # the estimates: at their first step an edit's start, else zeros, and none at all when no image has either
-    estimates = [_estimates(run) for run in runs]
+    estimates = [_estimates(run, engine) for run in runs]
     if any(e is not None for e in estimates):
-        x = renoise(torch.cat([torch.zeros(run.size, *noise.shape[1:]) if e is None else e
-                               for run, e in zip(runs, estimates, strict=True)]), scale, noise)
+        x = torch.cat([torch.zeros(run.size, *z.shape[1:], device=noise.device) if e is None else e
+                       for run, e in zip(runs, estimates, strict=True)]) + noise
     else:
-        x = renoise(None, scale, noise)
+        x = noise
     labels = None
     if runs[0].job.labels is not None:  # one tensor for the batch (a model's jobs are all (un)conditional)
         labels = torch.tensor([label for run in runs for label in run.job.labels[run.start : run.stop]],
@@ -780,15 +923,17 @@ def _batch_inputs(runs: list[Run]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return x, sigma, labels
 
 
-def _estimates(run: Run) -> torch.Tensor | None:
-    """The run's images' current estimates: before the first step the job's start (editing), or None (zeros)."""
+def _estimates(run: Run, engine: EngineLike) -> torch.Tensor | None:
+    """The run's images' current estimates on the device: before the first step the job's start (editing), or
+    None (zeros)."""
     job = run.job
     if job.x is not None:
         return job.x[run.start : run.stop]
     start = job.start
-    if start is None or run.size == len(start):
-        return start
-    return start.expand(run.size, *start.shape[1:])  # (B, C, H, W)
+    if start is None:
+        return None
+    start = engine.stage(start)
+    return start if run.size == len(start) else start.expand(run.size, *start.shape[1:])  # (B, C, H, W)
 
 
 def _jobs_of_rows(runs: list[Run], rows: list[int]) -> list[Job]:

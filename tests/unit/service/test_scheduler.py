@@ -24,7 +24,15 @@ from service.errors import (
     OutOfMemory,
     QueueFull,
 )
-from service.scheduler import PREPARE_AHEAD, STARVATION_EVALUATIONS, EngineLike, Job, Scheduler, SchedulerObserver
+from service.scheduler import (
+    MAX_IN_FLIGHT,
+    PREPARE_AHEAD,
+    STARVATION_EVALUATIONS,
+    EngineLike,
+    Job,
+    Scheduler,
+    SchedulerObserver,
+)
 
 ONE = [80.0]
 TWO = [80.0, 0.821]
@@ -33,16 +41,41 @@ FOUR = [80.0, 17.5, 2.5, 0.17]
 
 class FakeEngine(EngineLike):
     """f(x, σ) = x / (1 + σ), image by image; records each evaluation's σ and labels; rows labelled `fail_label`
-    fail as if out of memory; `during` runs inside each evaluation."""
+    fail as if out of memory; `during` runs inside each evaluation. Asynchronous, it is a device whose batches
+    are done only when the test says so (`done`), in order."""
 
     image_shape = (1, 2, 2)
     num_classes = 10
     sigma_min = 0.002
 
-    def __init__(self, fail_label: int | None = None) -> None:
+    def __init__(self, fail_label: int | None = None, asynchronous: bool = False) -> None:
         self.calls: list[tuple[list[float], list[int]]] = []  # (σ per image, label per image)
         self.during = lambda: None
         self.fail_label = fail_label
+        self._asynchronous = asynchronous
+        self.fences: list[threading.Event] = []  # asynchronous: one per launched batch, set when it is done
+
+    @property
+    def asynchronous(self) -> bool:
+        return self._asynchronous
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    def fence(self) -> Any:
+        if not self._asynchronous:
+            return lambda: None
+        event = threading.Event()
+        self.fences.append(event)
+        return lambda: event.wait(10)
+
+    def done(self, batches: int = 1) -> None:
+        """Asynchronous: the device finishes its next `batches` launched batches."""
+        for event in [e for e in self.fences if not e.is_set()][:batches]:
+            event.set()
 
     def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
         self.calls.append((sigma.tolist(), [] if labels is None else labels.tolist()))
@@ -549,6 +582,132 @@ def test_engine_thread_batches_what_arrived_while_the_device_was_busy() -> None:
     finally:
         scheduler.stop()
     assert engine.sizes == [1, 6]  # the three waiting requests shared one evaluation
+
+
+def wait_until(condition: Any, what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_an_asynchronous_device_takes_the_next_full_batch_while_one_is_in_flight() -> None:
+    """A GPU: the engine thread launches a full batch behind the one in flight (MAX_IN_FLIGHT = 2), then waits;
+    each batch's requests are answered once the device is done with it, by the finishing thread."""
+    engine = FakeEngine(asynchronous=True)
+    scheduler = scheduler_for(engine, max_batch=2)
+    done = Finished()
+    jobs = [make_job(seed, 2, ONE, on_done=done) for seed in (1, 2, 3)]
+    scheduler.start()
+    try:
+        for job in jobs:
+            scheduler.submit(job)
+        wait_until(lambda: len(engine.calls) == MAX_IN_FLIGHT, "the second full batch was not launched")
+        time.sleep(0.05)
+        assert len(engine.calls) == MAX_IN_FLIGHT and not done.jobs  # the third waits; none answered yet
+        engine.done(1)
+        wait_until(lambda: len(engine.calls) == 3 and done.jobs == jobs[:1], "the first batch did not finish")
+        engine.done(2)
+        wait_until(lambda: len(done.jobs) == 3, "the last batches did not finish")
+    finally:
+        scheduler.stop()
+    for job in jobs:
+        assert job.error is None
+        torch.testing.assert_close(job.result, alone(job.seed, 2, ONE), rtol=0, atol=0)
+        np.testing.assert_array_equal(job.images, to_uint8(job.result))
+
+
+def test_an_asynchronous_device_holds_a_partial_batch_until_the_one_in_flight_is_done() -> None:
+    engine = FakeEngine(asynchronous=True)
+    scheduler = scheduler_for(engine, max_batch=4)
+    done = Finished()
+    first, second = make_job(1, 4, ONE, on_done=done), make_job(2, 1, ONE, on_done=done)
+    scheduler.start()
+    try:
+        scheduler.submit(first)
+        wait_until(lambda: len(engine.calls) == 1, "the first batch was not launched")
+        scheduler.submit(second)
+        time.sleep(0.05)
+        assert engine.sizes == [4]  # one image would take a batch from the clients the first is about to answer
+        engine.done(1)
+        wait_until(lambda: engine.sizes == [4, 1], "the partial batch was not launched after the first")
+        engine.done(1)
+        wait_until(lambda: done.jobs == [first, second], "the second batch did not finish")
+    finally:
+        scheduler.stop()
+
+
+def test_multistep_images_on_an_asynchronous_device_are_the_same_as_alone() -> None:
+    """Images with steps left are requeued at launch, their estimates taken from the batch still in flight."""
+    engine = FakeEngine(asynchronous=True)
+    scheduler = scheduler_for(engine, max_batch=5)
+    specs = [(7, 3, FOUR), (1000, 1, ONE), (42, 4, TWO), (9, 2, ONE), (77, 3, FOUR)]
+    finished = threading.Semaphore(0)
+    jobs = [make_job(seed, n, sig, on_done=lambda _: finished.release()) for seed, n, sig in specs]
+    stop = threading.Event()
+
+    def device() -> None:  # finishes each batch soon after its launch
+        while not stop.is_set():
+            engine.done(1)
+            time.sleep(0.001)
+
+    runner = threading.Thread(target=device, daemon=True)
+    runner.start()
+    scheduler.start()
+    try:
+        for job in jobs:
+            scheduler.submit(job)
+        for _ in jobs:
+            assert finished.acquire(timeout=30)
+    finally:
+        scheduler.stop()
+        stop.set()
+        runner.join()
+    assert sum(engine.sizes) == sum(n * len(sig) for _, n, sig in specs)
+    for job, (seed, n, sig) in zip(jobs, specs, strict=True):
+        assert job.error is None
+        torch.testing.assert_close(job.result, alone(seed, n, sig), rtol=0, atol=0)
+
+
+def test_stop_finishes_the_batches_in_flight() -> None:
+    engine = FakeEngine(asynchronous=True)
+    scheduler = scheduler_for(engine, max_batch=1)
+    done = Finished()
+    launched = make_job(1, 1, ONE, on_done=done)
+    scheduler.start()
+    scheduler.submit(launched)
+    wait_until(lambda: len(engine.calls) == 1, "the batch was not launched")
+    threading.Timer(0.1, engine.done).start()
+    scheduler.stop()
+    assert done.jobs == [launched] and launched.error is None  # answered before stop returned
+
+
+def test_a_device_fault_reported_at_the_fence_fails_that_batch_and_the_server_keeps_serving() -> None:
+    engine = FakeEngine(asynchronous=True)
+    faults = iter([True])
+
+    def fence() -> Any:
+        if next(faults, False):
+            def fault() -> None:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return fault
+        return lambda: None
+
+    engine.fence = fence  # type: ignore[method-assign]
+    scheduler = scheduler_for(engine, max_batch=2)
+    finished = threading.Semaphore(0)
+    first = make_job(1, 2, TWO, on_done=lambda _: finished.release())
+    later = make_job(2, 1, ONE, on_done=lambda _: finished.release())
+    scheduler.start()
+    try:
+        scheduler.submit(first)
+        assert finished.acquire(timeout=30)
+        scheduler.submit(later)
+        assert finished.acquire(timeout=30)
+    finally:
+        scheduler.stop()
+    assert isinstance(first.error, EngineFailure) and scheduler.queue_depth() == 0  # its later step dropped
+    assert later.error is None
 
 
 def test_jobs_submitted_during_an_evaluation_are_prepared_before_the_device_is_free() -> None:
