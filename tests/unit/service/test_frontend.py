@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,10 @@ import zmq.asyncio
 
 from models.checkpoint import CheckpointMeta
 from models.config import preset
+from models.consistency import ConsistencyModel
 from service import wire
 from service.api.edit import Edit, EncodedImage
+from service.engine import Engine as RealEngine
 from service.enginehost import EngineHost
 from service.errors import (
     Cancelled,
@@ -29,7 +32,7 @@ from service.errors import (
     ServiceError,
 )
 from service.frontend import RemoteScheduler
-from service.scheduler import Job, Scheduler
+from service.scheduler import EngineLike, Job, Scheduler
 from tests.unit.service.api.test_edit import png
 from tests.unit.service.test_scheduler import TWO, FakeEngine, drain, make_job, scheduler_for
 
@@ -121,13 +124,13 @@ class Engine(FakeEngine):
         self.during = during
 
 
-@pytest.fixture
-def engine_host(tmp_path: Path) -> Iterator[tuple[str, Scheduler, Engine]]:
-    engine = Engine()
-    scheduler = Scheduler(max_batch=64, max_wait_s=0.0, max_queue=6)
+@contextlib.contextmanager
+def hosting(engine: EngineLike, folder: Path, max_queue: int = 6) -> Iterator[tuple[str, Scheduler]]:
+    """An EngineHost serving model m on `engine` (a started Scheduler) at an ipc address in `folder`."""
+    scheduler = Scheduler(max_batch=64, max_wait_s=0.0, max_queue=max_queue)
     scheduler.add_model("m", engine)
     scheduler.start()
-    address = f"ipc://{tmp_path}/engine"
+    address = f"ipc://{folder}/engine"
     context = zmq.Context()
     meta = CheckpointMeta.from_json(TINY_META)
     host = EngineHost(scheduler, lambda: wire.Description(
@@ -135,13 +138,22 @@ def engine_host(tmp_path: Path) -> Iterator[tuple[str, Scheduler, Engine]]:
     stop = threading.Event()
     thread = threading.Thread(target=host.serve, args=(stop.is_set,), daemon=True)
     thread.start()
-    yield address, scheduler, engine
-    engine.gate.set()
-    stop.set()
-    thread.join(10)
-    scheduler.stop()
-    host.close()
-    context.term()
+    try:
+        yield address, scheduler
+    finally:
+        stop.set()
+        thread.join(10)
+        scheduler.stop()
+        host.close()
+        context.term()
+
+
+@pytest.fixture
+def engine_host(tmp_path: Path) -> Iterator[tuple[str, Scheduler, Engine]]:
+    engine = Engine()
+    with hosting(engine, tmp_path) as (address, scheduler):
+        yield address, scheduler, engine
+        engine.gate.set()
 
 
 def remote_run(address: str, body: object) -> object:
@@ -244,6 +256,42 @@ def test_an_image_out_of_memory_fails_its_request_alone_across_the_boundary(
         assert fine.error is None and fine.images.shape[0] == 2
 
     remote_run(address, body)
+
+
+def test_out_of_memory_above_two_images_halves_the_batches_and_every_request_succeeds(tmp_path: Path) -> None:
+    """Reliability acceptance test 10 across the front end's boundary: the real engine in the engine process runs
+    out of memory above two images, halves its batches, and every request's images are those of a plain run."""
+    class OOMAboveTwo(RealEngine):
+        def _forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            if x.shape[0] > 2:
+                raise torch.OutOfMemoryError("injected: out of memory above two images")
+            return super()._forward(x, sigma, labels)
+
+    model = ConsistencyModel.from_config(CheckpointMeta.from_json(TINY_META).config)
+    engine = OOMAboveTwo(model)
+    specs = [(3, 3, TWO), (30, 1, TWO), (300, 4, TWO)]
+    local = scheduler_for(RealEngine(model))
+    expected = [make_job(seed, n, sigmas) for seed, n, sigmas in specs]
+    for job in expected:
+        local.submit(job)
+    drain(local)
+
+    async def body(remote: RemoteScheduler, described: wire.Description) -> None:
+        jobs = [Job("m", list(sigmas), seed, n, None, 1e12) for seed, n, sigmas in specs]
+        waits = []
+        for job in jobs:
+            done = asyncio.get_running_loop().create_future()
+            job.on_done = done.set_result
+            remote.submit(job)
+            waits.append(done)
+        await asyncio.wait_for(asyncio.gather(*waits), 30)
+        for job, want in zip(jobs, expected, strict=True):
+            assert job.error is None
+            np.testing.assert_array_equal(job.images, want.images)
+
+    with hosting(engine, tmp_path, max_queue=64) as (address, _):
+        remote_run(address, body)
+    assert engine.oom_splits > 0
 
 
 def test_a_message_that_does_not_decode_is_logged_and_the_engine_goes_on(
