@@ -206,9 +206,12 @@ class Engine:
         return self._copies is not None
 
     def stage(self, t: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device: on a GPU copied from pinned memory on the copy stream, which the compute
-        stream then waits for; the call returns at once."""
-        if self._copies is None:
+        """A tensor on the device: itself when it is there; from the host on a GPU, copied from pinned memory on the
+        copy stream, which the compute stream then waits for (the call returns at once); from another device (an
+        estimate another engine of CM_DEVICES made), copied after that device's work on it."""
+        if t.device == self.device:
+            return t
+        if self._copies is None or t.device.type != "cpu":
             return t.to(self.device)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._copies):

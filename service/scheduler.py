@@ -927,8 +927,8 @@ def _estimates(run: Run, engine: EngineLike) -> torch.Tensor | None:
     """The run's images' current estimates on the device: before the first step the job's start (editing), or
     None (zeros)."""
     job = run.job
-    if job.x is not None:
-        return job.x[run.start : run.stop]
+    if job.x is not None:  # on the device that made them, which with CM_DEVICES may be another
+        return engine.stage(job.x[run.start : run.stop])
     start = job.start
     if start is None:
         return None

@@ -103,36 +103,54 @@ def test_real_out_of_memory_halves_the_batch_on_cuda(trace: bool) -> None:
     torch.testing.assert_close(result.out, reference, atol=1e-3, rtol=1e-3)
 
 
+MIXED_SPECS = [(7, 3, [80.0, 17.5, 2.5, 0.17]), (1000, 1, [80.0]), (42, 4, [80.0, 0.821]), (9, 2, [80.0])]
+
+
+def _scheduled_images(engines: list, specs: list[tuple[int, int, list[float]]], max_batch: int) -> list[np.ndarray]:
+    """Each job's uint8 images from a started Scheduler with one engine per device."""
+    import threading
+
+    from service.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(max_batch=max_batch, max_wait_s=0.0, max_queue=1000,
+                          devices=[str(engine.device) for engine in engines])
+    scheduler.add_model("m", *engines)
+    finished = threading.Semaphore(0)
+    jobs = [Job("m", sigmas, seed, n, None, 1e12, lambda _: finished.release()) for seed, n, sigmas in specs]
+    scheduler.start()
+    try:
+        for job in jobs:
+            scheduler.submit(job)
+        for _ in jobs:
+            assert finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert all(job.error is None for job in jobs)
+    return [job.images.copy() for job in jobs]
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_pipelined_scheduler_on_cuda_gives_each_seed_its_image_alone_or_in_batches(dtype: str) -> None:
     """The asynchronous engine (pinned staging on a copy stream, estimates on the device, a fence per batch) under
     the scheduler's threads: a request's images are the same bits alone and in mixed batches of several steps."""
-    import threading
+    from service.engine import Engine
+
+    engine = Engine(randomize(ConsistencyModel.from_config(preset("digits"))), device="cuda", dtype=dtype)
+    assert engine.asynchronous
+    together = _scheduled_images([engine], MIXED_SPECS, max_batch=5)
+    for spec, mixed in zip(MIXED_SPECS, together, strict=True):
+        np.testing.assert_array_equal(_scheduled_images([engine], [spec], max_batch=64)[0], mixed)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_cuda_devices_continue_each_others_images() -> None:
+    """CM_DEVICES=cuda:0,cuda:1: an image's next step may run on the other device, its estimate copied there."""
+    import copy
 
     from service.engine import Engine
-    from service.scheduler import Job, Scheduler
 
     model = randomize(ConsistencyModel.from_config(preset("digits")))
-    engine = Engine(model, device="cuda", dtype=dtype)
-    assert engine.asynchronous
-
-    def images(specs: list[tuple[int, int, list[float]]], max_batch: int) -> list[np.ndarray]:
-        scheduler = Scheduler(max_batch=max_batch, max_wait_s=0.0, max_queue=1000)
-        scheduler.add_model("m", engine)
-        finished = threading.Semaphore(0)
-        jobs = [Job("m", sigmas, seed, n, None, 1e12, lambda _: finished.release()) for seed, n, sigmas in specs]
-        scheduler.start()
-        try:
-            for job in jobs:
-                scheduler.submit(job)
-            for _ in jobs:
-                assert finished.acquire(timeout=60)
-        finally:
-            scheduler.stop()
-        assert all(job.error is None for job in jobs)
-        return [job.images.copy() for job in jobs]
-
-    specs = [(7, 3, [80.0, 17.5, 2.5, 0.17]), (1000, 1, [80.0]), (42, 4, [80.0, 0.821]), (9, 2, [80.0])]
-    together = images(specs, max_batch=5)
-    for spec, mixed in zip(specs, together, strict=True):
-        np.testing.assert_array_equal(images([spec], max_batch=64)[0], mixed)
+    engines = [Engine(copy.deepcopy(model), device=f"cuda:{i}") for i in (0, 1)]
+    together = _scheduled_images(engines, MIXED_SPECS * 4, max_batch=3)
+    for spec, mixed in zip(MIXED_SPECS * 4, together, strict=True):
+        np.testing.assert_array_equal(_scheduled_images(engines[:1], [spec], max_batch=64)[0], mixed)
