@@ -856,7 +856,8 @@ class Scheduler:
                 ended = self._finish(device, launched)
             except Exception as e:  # a bug: fail the batch's requests, keep finishing
                 logger.exception("finishing a batch of model %s failed", launched.lane.name)
-                ended = self._fail_runs(launched.lane, launched.runs, EngineFailure(f"finishing failed ({e!r})"))
+                error = EngineFailure(f"finishing the batch failed ({type(e).__name__})")
+                ended = self._fail_runs(launched.lane, launched.runs, error)
             with self._cond:
                 device.in_flight -= 1
                 device.wake.notify()  # its engine thread may be held until now
