@@ -67,13 +67,16 @@ if want public; then
     --steps 1,2 --duration 8 --json "$OUT/serve_imagenet64_bf16.json"
 fi
 if want frontends; then
-  # About 5 minutes on an H100: the traced matrix (16 scenarios of 0.8 + 3 s, the engine alone, the load generator
-  # against the bare endpoint, a server start) ~2 min; CM_FRONTENDS=4 (4 scenarios) ~1 min; reduce-overhead ~2 min,
+  # About 5.5 minutes on an H100: the traced matrix (16 scenarios of 0.8 + 3 s, the engine alone, the load generator
+  # against the bare endpoint, a server start) ~2 min; CM_PIPELINE=false (2 scenarios) ~0.5 min; CM_FRONTENDS=4 (4 scenarios) ~1 min; reduce-overhead ~2 min,
   # most of it compiling buckets 1 and 16 in the engine-alone process and 1-16 in the server (a shape compiled once
   # comes from inductor's cache the second time). Cut CM_BATCH_BUCKETS to 1,4,16 if compiling runs long.
   log "serving at the network's speed (issue 18): served against the engine alone and the load generator alone"
   $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --concurrency 1,16,64,256 --n 1,8 --steps 1,2 --duration 3 \
     --engine-seconds 0.5 --json "$OUT/serve_frontends_cifar10_bf16.json"
+  log "the A/B of pipelining: CM_PIPELINE=false, concurrency 64"
+  CM_PIPELINE=false $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --concurrency 64 --n 1,8 --steps 1 \
+    --duration 3 --engine-seconds 0.5 --json "$OUT/serve_no_pipeline_cifar10_bf16.json"
   log "the same with CM_FRONTENDS=4, concurrency 64 and 256"
   $PY -m bench.gpu_serve --preset cifar10 --dtype bf16 --concurrency 64,256 --n 1,8 --steps 1 --duration 3 \
     --engine-seconds 0.5 --frontends 4 --json "$OUT/serve_frontends4_cifar10_bf16.json"

@@ -394,10 +394,12 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         schedule: str = "shortest",
         devices: Sequence[str] = ("0",),  # a label per device; each model then has one engine per device
+        pipeline: bool = True,  # an asynchronous device's batches finished on a thread of their own (see above)
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.schedule = schedule
+        self.pipeline = pipeline
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -745,7 +747,7 @@ class Scheduler:
         except BaseException:
             self._evaluation(started=False)
             raise
-        if pipelined and engine.asynchronous:
+        if pipelined and self.pipeline and engine.asynchronous:
             self._hand_over(device, launched)
             return ended
         return ended + self._finish(device, launched)

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         "among equals; an image waiting more than 10 evaluations' time goes before all), `started` = every "
         "requeued image before any new one",
     )
+    pipeline: bool = Field(
+        True,
+        description="On a GPU, finish each batch (wait for it, copy its images out, answer its requests) on a thread "
+        "of its own while the engine thread launches the next; false: the engine thread waits for every batch",
+    )
     max_queue: int = Field(
         4096, ge=1, description="Most images waiting for the device; a request beyond it gets 503 + Retry-After"
     )

@@ -35,6 +35,7 @@ class ServiceState:
             observer=self.metrics,
             schedule=settings.schedule,
             devices=devices,
+            pipeline=settings.pipeline,
         )
         self.encoder: Encoder | None = None
         self._ready = False

@@ -669,6 +669,29 @@ def test_multistep_images_on_an_asynchronous_device_are_the_same_as_alone() -> N
         torch.testing.assert_close(job.result, alone(seed, n, sig), rtol=0, atol=0)
 
 
+def test_without_pipelining_the_engine_thread_waits_for_each_batch_of_an_asynchronous_device() -> None:
+    """CM_PIPELINE=false: the A/B of the finishing thread; a full batch waits for the one before to be done."""
+    engine = FakeEngine(asynchronous=True)
+    scheduler = Scheduler(max_batch=2, max_wait_s=0.0, max_queue=100, pipeline=False)
+    scheduler.add_model("m", engine)
+    done = Finished()
+    jobs = [make_job(seed, 2, ONE, on_done=done) for seed in (1, 2)]
+    scheduler.start()
+    try:
+        for job in jobs:
+            scheduler.submit(job)
+        wait_until(lambda: len(engine.calls) == 1, "the first batch was not launched")
+        time.sleep(0.05)
+        assert len(engine.calls) == 1 and not done.jobs  # the engine thread waits for the device
+        engine.done(1)
+        wait_until(lambda: len(engine.calls) == 2 and done.jobs == jobs[:1], "the first batch did not finish")
+        engine.done(1)
+        wait_until(lambda: done.jobs == jobs, "the second batch did not finish")
+    finally:
+        scheduler.stop()
+    assert scheduler._devices[0].finisher is None
+
+
 def test_stop_finishes_the_batches_in_flight() -> None:
     engine = FakeEngine(asynchronous=True)
     scheduler = scheduler_for(engine, max_batch=1)
