@@ -108,23 +108,14 @@ MIXED_SPECS = [(7, 3, [80.0, 17.5, 2.5, 0.17]), (1000, 1, [80.0]), (42, 4, [80.0
 
 def _scheduled_images(engines: list, specs: list[tuple[int, int, list[float]]], max_batch: int) -> list[np.ndarray]:
     """Each job's uint8 images from a started Scheduler with one engine per device."""
-    import threading
-
     from service.scheduler import Job, Scheduler
+    from tests.unit.service.test_scheduler import serve_jobs
 
     scheduler = Scheduler(max_batch=max_batch, max_wait_s=0.0, max_queue=1000,
                           devices=[str(engine.device) for engine in engines])
     scheduler.add_model("m", *engines)
-    finished = threading.Semaphore(0)
-    jobs = [Job("m", sigmas, seed, n, None, 1e12, lambda _: finished.release()) for seed, n, sigmas in specs]
-    scheduler.start()
-    try:
-        for job in jobs:
-            scheduler.submit(job)
-        for _ in jobs:
-            assert finished.acquire(timeout=60)
-    finally:
-        scheduler.stop()
+    jobs = [Job("m", sigmas, seed, n, None, 1e12) for seed, n, sigmas in specs]
+    serve_jobs(scheduler, jobs, timeout=60)
     assert all(job.error is None for job in jobs)
     return [job.images.copy() for job in jobs]
 

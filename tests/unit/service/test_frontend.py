@@ -171,6 +171,17 @@ def remote_run(address: str, body: object) -> object:
     return asyncio.run(main())
 
 
+async def answered(remote: RemoteScheduler, jobs: list[Job], timeout: float = 10) -> None:
+    """Submit the jobs through the remote scheduler and wait until each is answered."""
+    waits = []
+    for job in jobs:
+        done = asyncio.get_running_loop().create_future()
+        job.on_done = done.set_result
+        remote.submit(job)
+        waits.append(done)
+    await asyncio.wait_for(asyncio.gather(*waits), timeout)
+
+
 def test_jobs_come_back_as_the_local_scheduler_makes_them(engine_host: tuple[str, Scheduler, Engine]) -> None:
     address, _, _ = engine_host
     local = scheduler_for(FakeEngine())
@@ -181,14 +192,8 @@ def test_jobs_come_back_as_the_local_scheduler_makes_them(engine_host: tuple[str
 
     async def body(remote: RemoteScheduler, described: wire.Description) -> None:
         assert [m.name for m in described.models] == ["m"] and described.default == "m"
-        waits = []
         jobs = [Job("m", list(TWO), job.seed, job.n, None, 1e12) for job in expected]
-        for job in jobs:
-            done = asyncio.get_running_loop().create_future()
-            job.on_done = done.set_result
-            remote.submit(job)
-            waits.append(done)
-        await asyncio.wait_for(asyncio.gather(*waits), 10)
+        await answered(remote, jobs)
         for job, want in zip(jobs, expected, strict=True):
             assert job.error is None and job.finished
             assert np.array_equal(job.images, want.images) and job.class_labels == want.class_labels
@@ -242,15 +247,8 @@ def test_an_image_out_of_memory_fails_its_request_alone_across_the_boundary(
     engine.fail_label = 9
 
     async def body(remote: RemoteScheduler, described: wire.Description) -> None:
-        loop = asyncio.get_running_loop()
         jobs = [Job("m", list(TWO), 1, 2, 9, 1e12), Job("m", list(TWO), 2, 2, 3, 1e12)]
-        waits = []
-        for job in jobs:
-            done = loop.create_future()
-            job.on_done = done.set_result
-            remote.submit(job)
-            waits.append(done)
-        await asyncio.wait_for(asyncio.gather(*waits), 10)
+        await answered(remote, jobs)
         failed, fine = jobs
         assert isinstance(failed.error, OutOfMemory) and failed.error.reason == "oom"
         assert fine.error is None and fine.images.shape[0] == 2
@@ -278,13 +276,7 @@ def test_out_of_memory_above_two_images_halves_the_batches_and_every_request_suc
 
     async def body(remote: RemoteScheduler, described: wire.Description) -> None:
         jobs = [Job("m", list(sigmas), seed, n, None, 1e12) for seed, n, sigmas in specs]
-        waits = []
-        for job in jobs:
-            done = asyncio.get_running_loop().create_future()
-            job.on_done = done.set_result
-            remote.submit(job)
-            waits.append(done)
-        await asyncio.wait_for(asyncio.gather(*waits), 30)
+        await answered(remote, jobs, timeout=30)
         for job, want in zip(jobs, expected, strict=True):
             assert job.error is None
             np.testing.assert_array_equal(job.images, want.images)

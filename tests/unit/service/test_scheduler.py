@@ -637,13 +637,27 @@ def test_an_asynchronous_device_holds_a_partial_batch_until_the_one_in_flight_is
         scheduler.stop()
 
 
+def serve_jobs(scheduler: Scheduler, jobs: list[Job], timeout: float = 30) -> None:
+    """Start the scheduler's threads, submit the jobs, wait until each is answered, and stop."""
+    finished = threading.Semaphore(0)
+    for job in jobs:
+        job.on_done = lambda _: finished.release()
+    scheduler.start()
+    try:
+        for job in jobs:
+            scheduler.submit(job)
+        for _ in jobs:
+            assert finished.acquire(timeout=timeout)
+    finally:
+        scheduler.stop()
+
+
 def test_multistep_images_on_an_asynchronous_device_are_the_same_as_alone() -> None:
     """Images with steps left are requeued at launch, their estimates taken from the batch still in flight."""
     engine = FakeEngine(asynchronous=True)
     scheduler = scheduler_for(engine, max_batch=5)
     specs = [(7, 3, FOUR), (1000, 1, ONE), (42, 4, TWO), (9, 2, ONE), (77, 3, FOUR)]
-    finished = threading.Semaphore(0)
-    jobs = [make_job(seed, n, sig, on_done=lambda _: finished.release()) for seed, n, sig in specs]
+    jobs = [make_job(seed, n, sig) for seed, n, sig in specs]
     stop = threading.Event()
 
     def device() -> None:  # finishes each batch soon after its launch
@@ -653,14 +667,9 @@ def test_multistep_images_on_an_asynchronous_device_are_the_same_as_alone() -> N
 
     runner = threading.Thread(target=device, daemon=True)
     runner.start()
-    scheduler.start()
     try:
-        for job in jobs:
-            scheduler.submit(job)
-        for _ in jobs:
-            assert finished.acquire(timeout=30)
+        serve_jobs(scheduler, jobs)
     finally:
-        scheduler.stop()
         stop.set()
         runner.join()
     assert sum(engine.sizes) == sum(n * len(sig) for _, n, sig in specs)
