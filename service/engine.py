@@ -122,6 +122,8 @@ class Engine:
         if compile_mode not in (None, "default") and not compile:
             raise ValueError(f"compile_mode={compile_mode!r} needs compile=True")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # its index, so tensors' devices compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = DTYPES[dtype]
         if self.device.type == "cuda" and dtype == "fp32":
             # Same seed, same image in any batch: with cuDNN's default TF32 convolutions some uint8 values
@@ -337,7 +339,7 @@ class Engine:
         """The network on a padded device batch, its first `size` rows clamped, as float32 (a tensor of its own:
         a CUDA graph's output memory is overwritten by its next replay)."""
         with torch.inference_mode():
-            if self._graph_thread is not None:  # the last call's outputs were copied out: its graph memory is free
+            if self._graph_thread is not None:  # the last call's outputs were clamped into tensors of their own
                 torch.compiler.cudagraph_mark_step_begin()
             out = self._forward(x, sigma, labels)[:size].clamp(-1, 1)  # (B, C, H, W), CM Algorithm 1 clamp
             return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
