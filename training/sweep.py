@@ -25,6 +25,7 @@ import logging
 import math
 import signal
 import statistics
+import threading
 import time
 import tomllib
 import warnings
@@ -294,6 +295,8 @@ def fd_score(checkpoint: Path, spec: SweepSpec, samples: int, device: str) -> tu
             checkpoint, spec.objective_steps, n_samples=samples, seed=spec.eval_seed, device=device
         )
     except ValueError as e:  # non-finite samples of a diverged model
+        if INTERRUPTED.is_set():  # a signal raised inside torch's `with torch.device(...)` comes out as this error
+            raise KeyboardInterrupt(f"interrupted while scoring {checkpoint}") from e
         log.warning("scoring %s failed (%s): counted as NaN", checkpoint, e)
         return math.nan, {}
     fds = {row["steps"]: row["frechet_distance"] for row in report["results"]}
@@ -556,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+INTERRUPTED = threading.Event()  # set by a signal: the interrupt stands even if a library swallowed its exception
+
+
 def raise_interrupt(signum: int, _frame: Any) -> None:
+    INTERRUPTED.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -572,6 +579,7 @@ def command(argv: Sequence[str] | None = None) -> None:
         raise SweepError(f"--heartbeat {args.heartbeat}: must be >= 1 second")
     spec = load_spec(args.space)
     study_dir = args.out or Path("sweeps") / spec.name
+    INTERRUPTED.clear()
     previous = signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM fails the running trial like Ctrl-C
     try:
         done = sweep(spec, study_dir, args.trials or spec.trials, args.storage, args.heartbeat)

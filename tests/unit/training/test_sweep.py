@@ -223,3 +223,24 @@ def test_results_table_csv_and_plots(tmp_path: Path) -> None:
 def test_sigterm_becomes_a_keyboard_interrupt() -> None:
     with pytest.raises(KeyboardInterrupt, match="signal 15"):
         sweep.raise_interrupt(signal.SIGTERM, None)
+
+
+def test_a_signal_swallowed_while_scoring_still_interrupts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """SIGTERM inside `with torch.device("meta")` surfaces as torch's "pop from empty mode stack" RuntimeError,
+    which the checkpoint reader turns into a CheckpointError (a ValueError): that must not score NaN and go on."""
+    def evaluate(*args: object, **kwargs: object) -> dict:
+        try:
+            sweep.raise_interrupt(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            raise ValueError("the network cannot be built (trying to pop from empty mode stack)") from None
+        return {}
+
+    monkeypatch.setattr(sweep, "evaluate_checkpoint", evaluate)
+    spec = sweep.load_spec(write(tmp_path, VALID))
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted while scoring"):
+            sweep.fd_score(tmp_path / "step.safetensors", spec, 10, "cpu")
+    finally:
+        sweep.INTERRUPTED.clear()
+    monkeypatch.setattr(sweep, "evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ValueError("nan")))
+    assert math.isnan(sweep.fd_score(tmp_path / "step.safetensors", spec, 10, "cpu")[0])  # no signal: diverged
