@@ -96,10 +96,12 @@ class RunConfig:
     init: str | None = None  # ECT: the pretrained denoiser to tune, a run folder (its newest checkpoint) or a file
     teacher_model: str | None = None  # CD: the pretrained denoiser to distil, a file or a run folder
     ect_stages: int | None = None  # ECT: stages of the mapping function over the run (default 8)
+    ect_stage_steps: int | None = None  # ECT: iterations per stage; None: the run's steps / ect_stages
     cd_levels: int | None = None  # CD: Karras levels N of the teacher's steps (default 18; CM: 40 on ImageNet 64)
 
     def recipe_obj(self) -> Recipe:
-        fields = (*TECHNIQUE_FLAGS.values(), "s0", "s1", "mu0", "huber_c", "ect_stages", "cd_levels")
+        fields = (*TECHNIQUE_FLAGS.values(), "s0", "s1", "mu0", "huber_c", "ect_stages", "ect_stage_steps",
+                  "cd_levels")
         overrides = {f: getattr(self, f) for f in fields}
         return recipe(self.recipe, **overrides)
 
@@ -126,6 +128,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "huber_c": (lambda v: v is None or (v > 0 and math.isfinite(v)), "> 0"),
     "mid_sigma": (lambda v: 0.002 < v < 80, "strictly between sigma_min and sigma_max"),
     "ect_stages": (lambda v: v is None or v >= 1, ">= 1"),
+    "ect_stage_steps": (lambda v: v is None or v >= 1, ">= 1"),
     "cd_levels": (lambda v: v is None or v >= 2, ">= 2"),
 }
 # Options only some recipes read: option -> those recipes. The others refuse them rather than ignore them.
@@ -133,6 +136,7 @@ CONSISTENCY_TRAINING = ("ict", "ct")
 RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
     "init": ("ect",),
     "ect_stages": ("ect",),
+    "ect_stage_steps": ("ect",),
     "teacher_model": ("cd",),
     "cd_levels": ("cd",),
     "curriculum": CONSISTENCY_TRAINING,

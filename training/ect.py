@@ -20,8 +20,11 @@ B = 1.0
 STAGES = 8  # ours: the stages over the run (ECT doubles every fixed number of images; we split the run's K steps)
 
 
-def stage(k: int, total_steps: int, stages: int = STAGES) -> int:
-    """⌊k·S/K⌋ ∈ 0…S−1: the stage of iteration k of K when the run advances through S stages evenly."""
+def stage(k: int, total_steps: int, stages: int = STAGES, every: int | None = None) -> int:
+    """The stage of iteration k of K, in 0…S−1: ⌊k·S/K⌋ when the run advances through S stages evenly, or with
+    `every` = d, ⌊k/d⌋ (ECT's schedule: the next stage every d iterations, the last one kept to the end)."""
+    if every is not None:
+        return min(k // every, stages - 1)
     return min(k * stages // total_steps, stages - 1)
 
 

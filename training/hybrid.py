@@ -250,7 +250,7 @@ class ECTTrainer(PretrainedTrainer):
         y, labels = self.batch(k)
         y, extra = self.augmented(y, k)
         # Phase 1: the stage, t ~ lognormal(P_mean, P_std), r = max(0, t·(1 − n(t)/q^(stage+1))) (ECT §3).
-        stage = ect.stage(k, self.loop.total_steps, self.recipe.ect_stages)
+        stage = ect.stage(k, self.loop.total_steps, self.recipe.ect_stages, self.recipe.ect_stage_steps)
         t = edm.sample_sigmas(y.shape[0], self.recipe.p_mean, self.recipe.p_std, self.device)  # (B,)
         r = ect.r_of_t(t, stage, self.recipe.ect_q)
         # Phase 2: one shared ε; f(x_t, t) and the stop-gradient f(x_r, r) from the same RNG state; the loss.

@@ -43,6 +43,7 @@ class Recipe:
     p_std: float = ict.P_STD
     objective: Objective = "ct"  # ct: consistency training (iCT, CT); edm: denoising; ect: tuning; cd: distillation
     ect_stages: int = ect.STAGES  # ECT: stages of the mapping function over the run, r = t·(1 − n(t)/q^(stage+1))
+    ect_stage_steps: int | None = None  # ECT: iterations per stage (ECT's schedule); None: the run's K / ect_stages
     ect_q: float = ect.Q  # ECT: t − r shrinks by q per stage
     cd_levels: int = cd.LEVELS  # CD: N, the Karras levels whose adjacent pairs (t′, t) the teacher steps between
 
@@ -61,6 +62,8 @@ class Recipe:
             raise ValueError(f"recipe huber_c {self.huber_c} must be > 0")
         if self.objective not in get_args(Objective):
             raise ValueError(f"recipe objective {self.objective!r} is not one of {list(get_args(Objective))}")
+        if self.ect_stage_steps is not None and self.ect_stage_steps < 1:
+            raise ValueError(f"recipe ect_stage_steps {self.ect_stage_steps} must be >= 1")
         if self.ect_stages < 1 or self.ect_q <= 1 or self.cd_levels < 2:
             raise ValueError(
                 f"recipe needs ect_stages >= 1, ect_q > 1 and cd_levels >= 2, got {self.ect_stages}, "

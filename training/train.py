@@ -46,6 +46,7 @@ NUMBER_FLAGS = (
     ("dropout", float, "dropout rate (default: the preset's)"),
     ("mid_sigma", float, "middle σ of the recommended 2-step schedule"),
     ("ect_stages", int, "ECT: stages of r = t·(1 − n(t)/2^(stage+1)) over the run (default 8)"),
+    ("ect_stage_steps", int, "ECT: steps per stage, the last stage kept to the end (default: steps / ect-stages)"),
     ("cd_levels", int, "CD: Karras levels N whose adjacent pairs the teacher steps between (default 18; CM: 40)"),
 )
 # Choice options: name -> help; the allowed values are RunConfig's Literal types.

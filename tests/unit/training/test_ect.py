@@ -43,6 +43,12 @@ def test_stage_advances_evenly_over_the_run(k: int, stage: int) -> None:
     assert ect.stage(k, 100, 8) == stage
 
 
+@pytest.mark.parametrize(("k", "stage"), [(0, 0), (374, 0), (375, 1), (1124, 2), (1125, 3), (4000, 3)])
+def test_stage_advances_every_d_steps_and_keeps_the_last(k: int, stage: int) -> None:
+    """--ect-stage-steps 375 with S = 4: ⌊k/375⌋, capped at 3, whatever the run's K."""
+    assert ect.stage(k, 4295, 4, every=375) == stage
+
+
 def test_n_of_t_is_one_plus_eight_sigmoid_minus_t() -> None:
     got = ect.n_of_t(torch.tensor([0.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(got, torch.tensor([5.0, 1 + 8 * sigmoid(-2.0)], dtype=torch.float64))
@@ -137,6 +143,8 @@ def test_init_only_with_ect_which_needs_an_existing_denoiser(tmp_path: Path, den
             resolve([*out, *argv])
     cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--ect-stages", "4"])
     assert cfg.recipe_obj().ect_stages == 4 and cfg.recipe_obj().objective == "ect"
+    cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--ect-stage-steps", "375"])
+    assert cfg.recipe_obj().ect_stage_steps == 375
 
 
 def test_init_names_a_denoiser_file_or_a_run_folder(tmp_path: Path, denoiser_file: Path) -> None:
