@@ -62,6 +62,8 @@ def test_defaults_are_the_digits_preset_and_valid() -> None:
         ({"compile": 1}, "--compile 1 must be of type bool"),
         ({"dropout": 1.5}, "recipe dropout 1.5 is not in [0, 1) (see --recipe and the technique flags)"),
         ({"s0": 5, "s1": 4}, "recipe needs 1 <= s0 <= s1, got s0=5, s1=4"),
+        ({"recipe": "ect", "init": "x", "ect_stage_steps": 0}, "--ect-stage-steps 0 must be >= 1"),
+        ({"ect_stage_steps": 5}, "--ect-stage-steps is only used with --recipe ect, not --recipe ict"),
     ],
 )
 def test_validation_names_the_flag_the_value_and_what_is_allowed(change: dict, message: str) -> None:
