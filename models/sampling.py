@@ -180,7 +180,7 @@ def sample(
 
 def uint8_images(x: torch.Tensor) -> torch.Tensor:
     """A batch in [-1, 1], (B, C, H, W), as uint8 images (B, H, W, C) on its own device (a permuted view)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x.detach().float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)  # in place after the clamp's copy
     return x.permute(0, 2, 3, 1)
 
 

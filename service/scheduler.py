@@ -135,6 +135,7 @@ class Job:
     interpolation: tuple[int, list[float]] | None = None  # (seed b, α_i): image i's x_T is slerp(seed's, b's, α_i)
     # Made by the engine thread before the job's first evaluation (no torch work on the event loop).
     noise: torch.Tensor = field(init=False, repr=False)  # (n, steps, C, H, W) float32: image i's z_1 … z_steps
+    step_noise: tuple[torch.Tensor, ...] = field(init=False, repr=False)  # noise[:, j] for each step j (views)
     labels: list[int] | None = field(init=False, default=None, repr=False)  # image i's class label
     # (n, C, H, W) current estimates, on the device that made them; None before the first evaluation
     x: torch.Tensor | None = field(init=False, default=None, repr=False)
@@ -183,6 +184,7 @@ class Job:
             self.noise = image_noise(seed, shape, self.steps, generator).unsqueeze(0)
         else:
             self.noise = torch.stack([image_noise(seed + i, shape, self.steps, generator) for i in range(self.n)])
+        self.step_noise = self.noise.unbind(1)  # a batch takes its images' step noise without indexing ops
         if num_classes:
             seeds = [seed] * self.n if self.interpolation is not None else range(seed, seed + self.n)
             self.labels = [self.class_label] * self.n if self.class_label is not None else [
@@ -755,13 +757,13 @@ class Scheduler:
     def _store(self, lane: Lane, runs: list[Run], out: torch.Tensor, engine: EngineLike, started: float) -> Launched:
         """Each image's estimate (projected, for an edit) into its job, the finishing images' pixels on their way
         to host memory, and the fence that says when both are done."""
-        out, row = project_rows(out, [(run.job.projection, run.size) for run in runs]), 0
+        out = project_rows(out, [(run.job.projection, run.size) for run in runs])
         finishing = any(run.step + 1 == run.job.steps for run in runs)
         pixels = engine.to_host(uint8_images(out)) if finishing else None  # one conversion for the whole batch
-        for run in runs:
+        for run, rows in zip(runs, out.split([run.size for run in runs]), strict=True):  # one op for every run
             job = run.job
             if run.size == job.n:  # the whole job: its estimates are these rows of `out` (a new tensor each time)
-                job.x = out[row : row + run.size]
+                job.x = rows
             else:
                 with self._jobs_lock:  # another device may be storing the job's other images
                     if job.x is None:  # the other images' estimates: the start, or zeros
@@ -770,8 +772,7 @@ class Scheduler:
                                  else engine.stage(start).repeat(job.n, 1, 1, 1))
                     elif job.x.is_inference():  # rows of an earlier `out` (the job was whole then): a copy to write in
                         job.x = job.x.clone()
-                    job.x[run.start : run.stop] = out[row : row + run.size]
-            row += run.size
+                    job.x[run.start : run.stop] = rows
         return Launched(lane, runs, pixels, engine.fence(), started)
 
     def _after_launch(self, lane: Lane, runs: list[Run], failed_rows: list[int]) -> list[Job]:
@@ -902,7 +903,7 @@ def _batch_inputs(runs: list[Run], engine: EngineLike) -> tuple[torch.Tensor, to
     if len(runs) == 1:
         run = runs[0]
         job, a, b, j = run.job, run.start, run.stop, run.step
-        noise = engine.stage(renoise(None, job.scales[j], job.noise[a:b, j]))  # (B, C, H, W)
+        noise = engine.stage(renoise(None, job.scales[j], _step_noise(run)))  # (B, C, H, W)
         estimates = _estimates(run, engine)
         x = noise if estimates is None else estimates + noise
         sigma = torch.full((b - a,), job.sigma32[j])
@@ -910,13 +911,21 @@ def _batch_inputs(runs: list[Run], engine: EngineLike) -> tuple[torch.Tensor, to
         return x, sigma, labels
     scale = torch.tensor([run.job.scales[run.step] for run in runs for _ in range(run.size)])
     sigma = torch.tensor([run.job.sigma32[run.step] for run in runs for _ in range(run.size)])
-    z = torch.cat([run.job.noise[run.start : run.stop, run.step] for run in runs])  # (B, C, H, W)
+    z = torch.cat([_step_noise(run) for run in runs])  # (B, C, H, W)
     noise = engine.stage(renoise(None, scale, z))
     # the estimates: at their first step an edit's start, else zeros, and none at all when no image has either
     estimates = [_estimates(run, engine) for run in runs]
-    if any(e is not None for e in estimates):
-        x = torch.cat([torch.zeros(run.size, *z.shape[1:], device=noise.device) if e is None else e
-                       for run, e in zip(runs, estimates, strict=True)]) + noise
+    present = [e is not None for e in estimates]
+    if all(present):
+        x = torch.cat(estimates) + noise  # type: ignore[arg-type]
+    elif any(present):  # rows without one keep scale·z; the others get estimate + scale·z, the same bits
+        rows, row = [], 0
+        for run, e in zip(runs, estimates, strict=True):
+            if e is not None:
+                rows.extend(range(row, row + run.size))
+            row += run.size
+        x = noise.index_add_(0, torch.tensor(rows, device=noise.device),
+                             torch.cat([e for e in estimates if e is not None]))
     else:
         x = noise
     labels = None
@@ -926,12 +935,18 @@ def _batch_inputs(runs: list[Run], engine: EngineLike) -> tuple[torch.Tensor, to
     return x, sigma, labels
 
 
+def _step_noise(run: Run) -> torch.Tensor:
+    """(size, C, H, W) the noise of the run's images at its step (a view of the job's noise)."""
+    noise = run.job.step_noise[run.step]
+    return noise if run.size == run.job.n else noise[run.start : run.stop]
+
+
 def _estimates(run: Run, engine: EngineLike) -> torch.Tensor | None:
     """The run's images' current estimates on the device: before the first step the job's start (editing), or
     None (zeros)."""
     job = run.job
     if job.x is not None:  # on the device that made them, which with CM_DEVICES may be another
-        return engine.stage(job.x[run.start : run.stop])
+        return engine.stage(job.x if run.size == job.n else job.x[run.start : run.stop])
     start = job.start
     if start is None:
         return None
