@@ -924,8 +924,8 @@ def _batch_inputs(runs: list[Run], engine: EngineLike) -> tuple[torch.Tensor, to
             if e is not None:
                 rows.extend(range(row, row + run.size))
             row += run.size
-        x = noise.index_add_(0, torch.tensor(rows, device=noise.device),
-                             torch.cat([e for e in estimates if e is not None]))
+        index = engine.stage(torch.tensor(rows))  # staged: a plain copy to a GPU would wait for the batch in flight
+        x = noise.index_add_(0, index, torch.cat([e for e in estimates if e is not None]))
     else:
         x = noise
     labels = None
