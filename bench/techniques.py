@@ -7,6 +7,7 @@
     python -m bench.techniques train cd --minutes 12             # (c) = EDM 8 min + CD 12 min
     python -m bench.techniques train small --minutes 8           # 10% of the digits split, no augmentation
     python -m bench.techniques train small-aug --minutes 8       # the same with --augment 0.12
+    python -m bench.techniques train small-aug-geom --minutes 8  # ... and --augment-ops translate,scale,aniso
     python -m bench.techniques report --json bench/results/techniques_cpu.json
 
 Every arm trains the embedded default's model (digits preset, 64 channels, class-conditional, batch 128, lr 5e-4,
@@ -45,7 +46,11 @@ ARMS: dict[str, list[str]] = {  # arm -> its training flags beyond COMMON (the p
     "cd": ["--recipe", "cd", "--teacher-model", "{edm}"],
     "small": ["--recipe", "ict", "--data-fraction", "0.1"],
     "small-aug": ["--recipe", "ict", "--data-fraction", "0.1", "--augment", "0.12"],
+    # the same without the ops that change a digit's meaning (mirrors; rotations turn a 6 into a 9)
+    "small-aug-geom": ["--recipe", "ict", "--data-fraction", "0.1", "--augment", "0.12", "--augment-ops",
+                       "translate,scale,aniso"],
 }
+SMALL_DATA = ("small", "small-aug", "small-aug-geom")  # arms scored for memorisation too
 PRETRAINED = {"ect": "edm", "ect-s4": "edm", "cd": "edm"}  # arms that start from another arm's final checkpoint
 CHECKPOINTS = 8
 HEUN_STEPS = (10, 18)  # 19 and 35 evaluations (Heun: 2N − 1)
@@ -130,7 +135,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         final = checkpoints(out / "edm")[-1]
         heun = evaluate.evaluate_checkpoint(final, heun_steps=list(HEUN_STEPS), n_samples=args.samples)
         result["edm_heun"] = {str(r["nfe"]): r["frechet_distance"] for r in heun["results"]}
-    for arm in ("small", "small-aug"):
+    for arm in SMALL_DATA:
         if arm in done:
             result[arm] = score(checkpoints(out / arm)[-1], args.samples, memorisation=True)
     print(format_report(result))
@@ -169,7 +174,7 @@ def format_report(result: dict[str, Any]) -> str:
             ratio = curves[arm][-1]["fd2"] / result["edm_heun"]["35"]
             lines.append(f"  {arm} 2-step / EDM's 35 evaluations: {ratio:.2f} at the end, "
                          f"{best / result['edm_heun']['35']:.2f} at its best checkpoint (target ≤ 1.1)")
-    for arm in ("small", "small-aug"):
+    for arm in SMALL_DATA:
         if arm in result:
             r = result[arm]
             lines.append(f"  {arm}: FD 1 step {r['fd1']:.2f}, 2 steps {r['fd2']:.2f}; nearest-training-digit "

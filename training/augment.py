@@ -28,6 +28,7 @@ SCALE_STD = 0.2  # log2 std of isotropic scaling (EDM scale_std)
 ANISO_STD = 0.2  # log2 std of anisotropic scaling (EDM aniso_std)
 ANISO_ROTATE_PROB = 0.5  # probability that the anisotropy's axis is rotated (EDM aniso_rotate_prob)
 TRANSLATE_STD = 0.125  # std of the translation as a fraction of the image size (EDM translate_frac_std)
+OPS = ("xflip", "yflip", "translate", "scale", "rotate", "aniso")  # AugmentPipe's ops, in EDM's order
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ class AugmentPipe:
     def __post_init__(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"augmentation probability p must be in [0, 1], got {self.p}")
+
+    @classmethod
+    def of(cls, p: float, ops: tuple[str, ...] | None = None) -> AugmentPipe:
+        """The pipe with only `ops` (names of OPS; None: all, EDM's): the others never apply, their labels stay
+        zero. Images that a mirror or a rotation changes the meaning of (digits: 6 and 9) leave those out."""
+        unknown = sorted(set(ops or ()) - set(OPS))
+        if unknown:
+            raise ValueError(f"unknown augmentation ops {unknown}; the ops are {', '.join(OPS)}")
+        return cls(p) if ops is None else cls(p, **{op: getattr(cls, op) if op in ops else 0.0 for op in OPS})
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(augmented images, labels (B, 9)); with p = 0 the images themselves and zero labels."""

@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 from models.cli import CliError
 from models.config import ModelConfig, preset
 
-from .augment import AUGMENT_DIM
+from .augment import AUGMENT_DIM, OPS
 from .recipe import TECHNIQUE_FLAGS, Curriculum, Distance, Recipe, Teacher, Timesteps, Weighting, recipe
 
 PresetName = Literal["digits", "cifar10", "imagenet64"]  # the keys of models.config.PRESETS
@@ -62,6 +62,7 @@ class RunConfig:
     data: str = "digits"  # digits | cifar10:PATH | folder:PATH
     data_fraction: float = 1.0  # train on this fixed, seeded fraction of the data (small-data experiments)
     augment: float = 0.0  # EDM augmentation: probability p of each op (EDM: 0.12), labels fed to the model; 0 = off
+    augment_ops: str | None = None  # comma-separated subset of augment.OPS; None: all of them (EDM's)
     steps: int = 6000  # K, the total iterations (the curriculum's horizon)
     batch: int = 128  # global batch, split across ranks
     lr: float = 1e-3  # RAdam learning rate
@@ -202,6 +203,23 @@ def validate(cfg: RunConfig, origin: Mapping[str, str] | None = None) -> None:
     except ValueError as e:
         raise ConfigError(f"{e} (see --recipe and the technique flags)") from None
     validate_recipe_options(cfg)
+    validate_augment_ops(cfg)
+
+
+def augment_ops(cfg: RunConfig) -> tuple[str, ...] | None:
+    """--augment-ops as names (None: every op)."""
+    return None if cfg.augment_ops is None else tuple(op.strip() for op in cfg.augment_ops.split(","))
+
+
+def validate_augment_ops(cfg: RunConfig) -> None:
+    ops = augment_ops(cfg)
+    if ops is None:
+        return
+    if cfg.augment == 0:
+        raise ConfigError("--augment-ops needs --augment P > 0 (the probability of each op)")
+    unknown = [op for op in ops if op not in OPS]
+    if unknown or len(set(ops)) != len(ops):
+        raise ConfigError(f"--augment-ops {cfg.augment_ops!r}: each op once, from {', '.join(OPS)}")
 
 
 def validate_recipe_options(cfg: RunConfig) -> None:

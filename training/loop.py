@@ -142,6 +142,7 @@ class LoopConfig:
     compile: bool = False
     seed: int = 0
     augment: float = 0.0  # EDM augmentation probability per op; 0 = off (the model then has no augment input)
+    augment_ops: tuple[str, ...] | None = None  # the ops applied (augment.OPS); None: all
     pretrained: str | None = None  # ECT, CD: the denoiser file they start from (training.hybrid)
 
 
@@ -198,7 +199,7 @@ class Trainer:
             raise ConfigError(
                 f"--augment {loop.augment} needs a model with augment_dim {AUGMENT_DIM}, got {cfg.augment_dim}"
             )
-        self.augment_pipe = AugmentPipe(loop.augment) if loop.augment > 0 else None
+        self.augment_pipe = AugmentPipe.of(loop.augment, loop.augment_ops) if loop.augment > 0 else None
         seed_rank_rngs(loop.seed, dist_info.rank)
 
     # -- what is trained (training.hybrid's trainers override these)

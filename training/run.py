@@ -21,7 +21,7 @@ from models.denoiser import sample_heun
 from models.sampling import sample, to_uint8
 
 from . import rundir
-from .config import ConfigError, RunConfig, schedules
+from .config import ConfigError, RunConfig, augment_ops, schedules
 from .data import load_data, subset
 from .hybrid import TRAINERS, pretrained_path, run_model_config
 from .loop import DistInfo, LoopConfig, StepResult, Trainer, setup_distributed, teardown_distributed
@@ -134,7 +134,8 @@ def _train(
     class_names = list(data.class_names) if model_cfg.num_classes else None
     loop = LoopConfig(total_steps=cfg.steps, global_batch=cfg.batch, lr=cfg.lr, ema_decay=cfg.ema_decay,
                       ema_warmup=cfg.ema_warmup, grad_clip=cfg.grad_clip, precision=cfg.precision,
-                      compile=cfg.compile, seed=cfg.seed, augment=cfg.augment, pretrained=pretrained_path(cfg))
+                      compile=cfg.compile, seed=cfg.seed, augment=cfg.augment, augment_ops=augment_ops(cfg),
+                      pretrained=pretrained_path(cfg))
     trainer = TRAINERS[rec.objective](model_cfg, rec, loop, data, dist_info, device)
     run = Run(cfg, folder, trainer, CheckpointDir(folder / "checkpoints", cfg.keep), class_names, dist_info)
     if dist_info.is_main:

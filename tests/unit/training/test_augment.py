@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.augment import AUGMENT_DIM, AugmentPipe, resample_reflect, rotate2d, scale2d
+from training.augment import AUGMENT_DIM, OPS, AugmentPipe, resample_reflect, rotate2d, scale2d
 from training.config import ConfigError, RunConfig, model_config, validate
 from training.data import load_digits_train, subset
 from training.run import train
@@ -121,6 +121,17 @@ def test_the_pipe_refuses_a_probability_outside_zero_one() -> None:
         AugmentPipe(1.5)
 
 
+def test_a_pipe_of_some_ops_applies_only_those_and_of_all_is_edms() -> None:
+    assert AugmentPipe.of(0.12) == AugmentPipe.of(0.12, OPS) == AugmentPipe(0.12)
+    pipe = AugmentPipe.of(1.0, ("translate", "scale", "aniso"))
+    assert pipe == AugmentPipe(1.0, **(NO_OPS | {"translate": 1.0, "scale": 1.0, "aniso": 1.0}))
+    _, labels = run_pipe(pipe, images(500))
+    assert not labels[:, [0, 1, 3, 4]].any()  # no flip, no rotation
+    assert labels[:, 2].any() and labels[:, 5:7].any() and labels[:, 7:9].any()
+    with pytest.raises(ValueError, match="unknown augmentation ops \\['mirror'\\]"):
+        AugmentPipe.of(0.1, ("mirror",))
+
+
 # --- the run config and the loop -----------------------------------------------------------------------------------
 
 
@@ -133,6 +144,12 @@ def test_the_pipe_refuses_a_probability_outside_zero_one() -> None:
         ({"augment": "yes"}, "--augment 'yes' must be of type float"),
         ({"data_fraction": 0.0}, "--data-fraction 0.0 must be in (0, 1]"),
         ({"data_fraction": 1.5}, "--data-fraction 1.5 must be in (0, 1]"),
+        ({"augment_ops": "translate"}, "--augment-ops needs --augment P > 0 (the probability of each op)"),
+        ({"augment": 0.1, "augment_ops": "translate,mirror"},
+         "--augment-ops 'translate,mirror': each op once, from xflip, yflip, translate, scale, rotate, aniso"),
+        ({"augment": 0.1, "augment_ops": "scale,scale"},
+         "--augment-ops 'scale,scale': each op once, from xflip, yflip, translate, scale, rotate, aniso"),
+        ({"augment": 0.1, "augment_ops": 3}, "--augment-ops 3 must be of type str | None"),
     ],
 )
 def test_augment_and_data_fraction_are_validated(change: dict, message: str) -> None:
@@ -175,3 +192,13 @@ def test_a_short_augmented_run_trains_and_resumes_exactly(tmp_path: Path) -> Non
     for key in ("student", "ema"):
         for name, value in straight[key].items():
             assert torch.equal(value, halves[key][name]), f"{key}.{name}"
+
+
+def test_ops_left_out_never_reach_the_model(tmp_path: Path) -> None:
+    """The augmentation input is zero-initialised: only the labels of ops that applied move its weights."""
+    cfg = RunConfig(out=str(tmp_path / "run"), steps=4, save_every=4, augment=1.0, augment_ops="translate",
+                    data_fraction=0.1, **TINY)
+    train(cfg)
+    weight = final_state(tmp_path / "run")["student"]["backbone.augment_emb.weight"]  # (channels, 9)
+    assert not weight[:, :7].any()  # flips, scale, rotation, anisotropy: never applied
+    assert weight[:, 7:].abs().sum() > 0  # translation
