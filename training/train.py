@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from models import cli
 
+from .augment import OPS
 from .config import RunConfig, choices, flag, resolve_options
 from .recipe import CHOICES
 from .run import train
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="digits | cifar10:PATH | folder:PATH")
     p.add_argument("--init", metavar="RUN_OR_FILE", help="--recipe ect: the pretrained denoiser (an edm run or file)")
     p.add_argument("--teacher-model", metavar="RUN_OR_FILE", help="--recipe cd: the pretrained denoiser to distil")
-    p.add_argument("--augment-ops", metavar="OPS", help="--augment: only these ops, comma-separated, of xflip, yflip, "
-                   "translate, scale, rotate, aniso (default: all, EDM's; leave out mirrors for digits or text)")
+    p.add_argument("--augment-ops", metavar="OPS", help=f"--augment: only these ops, comma-separated, of "
+                   f"{', '.join(OPS)} (default: all, EDM's; leave out mirrors for digits or text)")
     for name, kind, help_ in NUMBER_FLAGS:
         p.add_argument(flag(name), type=kind, help=help_)
     for name, help_ in CHOICE_FLAGS.items():
