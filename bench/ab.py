@@ -8,8 +8,9 @@ Each CONFIG is `K=V,K=V` (CM_ settings for `python -m service`; '' for the defau
 with `DIR::` to run the service from another checkout (its code; this checkout's model file and load). Every
 round runs each configuration once, in turn, each on a fresh server of the embedded default model: 1 s of
 warm-up, then wrk (bench/wrk/post.lua) for --duration seconds with --concurrency connections, or for
-`--steps mix` half of them 1-step and half 4-step. Printed per run: images/s, mean images per network
-evaluation (from /metrics) and p50 / p99 per step count. A shared VM drifts by more than most changes gain
+`--steps mix` half of them 1-step and half 4-step, or for `--steps random` each request 1- or 4-step at
+random (random.lua). Printed per run: images/s, mean images per network evaluation (from /metrics) and
+p50 / p99 per step count. A shared VM drifts by more than most changes gain
 (BENCHMARKS.md, "Reading the serving figures"), so compare configurations within a round, over several
 rounds, and alternate their order (--reverse) between invocations.
 """
@@ -20,7 +21,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench.harness import MIX, REPO, Scenario, require_wrk, run_scenario, service, warm_up
+from bench.harness import MIX, RANDOM, REPO, Scenario, require_wrk, run_scenario, service, warm_up
 
 
 def parse_config(text: str) -> tuple[Path, dict[str, str]]:
@@ -39,7 +40,7 @@ def parse_config(text: str) -> tuple[Path, dict[str, str]]:
 def run(where: Path, settings: dict[str, str], args: argparse.Namespace) -> str:
     """One fresh server of `where` with `settings`: warm-up, the scenario, one line of figures."""
     log = Path(tempfile.mkdtemp(prefix="cmserve-ab-")) / "service.log"
-    scenario = Scenario(args.concurrency, args.n, MIX if args.steps == MIX else int(args.steps))
+    scenario = Scenario(args.concurrency, args.n, args.steps if args.steps in (MIX, RANDOM) else int(args.steps))
     with service({"CM_MAX_IMAGES_PER_REQUEST": str(max(args.n, 1)), **settings}, log, cwd=where) as server:
         warm_up(server.url)
         run_scenario(server.url, scenario, args.duration)
@@ -52,13 +53,13 @@ def main() -> None:
     parser.add_argument("configs", nargs="+", metavar="CONFIG")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--n", type=int, default=1)
-    parser.add_argument("--steps", default="1", help="1, 2, 4 or mix")
+    parser.add_argument("--steps", default="1", help="1, 2, 4, mix or random")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--reverse", action="store_true", help="run the configurations in reverse order each round")
     args = parser.parse_args()
-    if args.steps != MIX and not args.steps.isdigit():
-        parser.error("--steps must be a number of steps or mix")
+    if args.steps not in (MIX, RANDOM) and not args.steps.isdigit():
+        parser.error("--steps must be a number of steps, mix or random")
     if args.steps == MIX and args.concurrency < 2:
         parser.error("--steps mix needs --concurrency of at least 2")
     require_wrk()

@@ -2,18 +2,19 @@
 
     python -m bench.timeline                         # 1 worker, c=64 n=1 1-step, wrk 5 s
     python -m bench.timeline --concurrency 4 --n 8
+    python -m bench.timeline --steps random          # each request 1 or 4 steps (bench/wrk/random.lua)
     python -m bench.timeline --env CM_CPU_PARALLEL=operators
 
 Starts `python -m service` (the embedded default model) with its scheduler and requests timed (this module,
 run with --serve, wraps Scheduler._run, Engine.evaluate, Scheduler.submit and the requests' end, and writes
-their timestamps when the server exits), drives it with wrk (bench/wrk/post.lua) after a 1 s warm-up, and
+their timestamps when the server exits), drives it with wrk (bench/wrk/post.lua, random.lua) after a 1 s warm-up, and
 prints: images/s, images per evaluation, the share of time the engine evaluates, an evaluation's wall time
 per image by batch size and its parts (the inputs, the network, the results), the gaps between evaluations,
 and for batches that follow a batch of the same size the anatomy of the gap: when the last response of the
 batch before went out, when the first and last new requests reached the scheduler, and when the next
 evaluation started (ms after the batch before ended).
 An evaluation here is Scheduler._run: the engine's own Python (each image's noise, the batch's inputs, the
-results) and the network. Server log: --log. BENCHMARKS.md ("Where a served cycle goes") has what it showed.
+results) and the network. Server log: --log. docs/perf-log.md ("Where a served cycle goes") has what it showed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -34,47 +36,51 @@ from typing import Any
 from bench.harness import WrkRun, drive, require_wrk, service, warm_up
 
 
-def serve(out: Path) -> int:
-    """The service, timed: evaluations (start, end, images), submissions, requests (arrival, end)."""
+def instrument(patch: Callable[[Any, str, Any], None] = setattr) -> dict[str, list]:
+    """Time the scheduler's evaluations, the network, submissions and the requests' ends; returns the lists the
+    timestamps go to (`patch`: how to replace a method, setattr or a test's monkeypatch.setattr)."""
     from service import engine, scheduler
-    from service.__main__ import main
     from service.api.generate import GenerateHandler
 
-    evaluations: list[tuple[float, float, int]] = []
-    networks: list[tuple[float, float]] = []
-    submits: list[float] = []
-    requests: list[tuple[float, float]] = []
+    data: dict[str, list] = {"evaluations": [], "networks": [], "submits": [], "requests": []}
     run, submit, end = scheduler.Scheduler._run, scheduler.Scheduler.submit, GenerateHandler.end
     evaluate = engine.Engine.evaluate
 
-    def timed_run(self: Any, device: Any, lane: Any, runs: Any) -> Any:
+    def timed_run(self: Any, device: Any, lane: Any, runs: Any, *args: Any, **kwargs: Any) -> Any:
         start = time.monotonic()
         try:
-            return run(self, device, lane, runs)
+            return run(self, device, lane, runs, *args, **kwargs)
         finally:
-            evaluations.append((start, time.monotonic(), sum(r.size for r in runs)))
+            data["evaluations"].append((start, time.monotonic(), sum(r.size for r in runs)))
 
     def timed_evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
         start = time.monotonic()
         try:
             return evaluate(self, *args, **kwargs)
         finally:
-            networks.append((start, time.monotonic()))
+            data["networks"].append((start, time.monotonic()))
 
     def timed_submit(self: Any, job: Any) -> None:
-        submits.append(time.monotonic())
+        data["submits"].append(time.monotonic())
         submit(self, job)
 
     def timed_end(self: Any, log: Any, status: int) -> None:
-        requests.append((log.started, time.monotonic()))  # arrival; the response went out just before
+        data["requests"].append((log.started, time.monotonic()))  # arrival; the response went out just before
         end(self, log, status)
 
-    scheduler.Scheduler._run = timed_run  # type: ignore[method-assign]
-    scheduler.Scheduler.submit = timed_submit  # type: ignore[method-assign]
-    engine.Engine.evaluate = timed_evaluate  # type: ignore[method-assign]
-    GenerateHandler.end = timed_end  # type: ignore[method-assign]  # both entry points end a request here
-    atexit.register(lambda: out.write_text(json.dumps({"evaluations": evaluations, "networks": networks,
-                                                       "submits": submits, "requests": requests})))
+    patch(scheduler.Scheduler, "_run", timed_run)
+    patch(scheduler.Scheduler, "submit", timed_submit)
+    patch(engine.Engine, "evaluate", timed_evaluate)
+    patch(GenerateHandler, "end", timed_end)  # both entry points end a request here
+    return data
+
+
+def serve(out: Path) -> int:
+    """The service, timed; the timestamps go to `out` when it exits."""
+    from service.__main__ import main
+
+    data = instrument()
+    atexit.register(lambda: out.write_text(json.dumps(data)))
     return main([])
 
 
@@ -104,7 +110,7 @@ def report(data: dict[str, list], window: tuple[float, float]) -> None:
     networks = data["networks"]
     split: list[tuple[float, float, float]] = []  # per evaluation: before the network, the network, after it
     for start, end, _ in evals:
-        i = bisect.bisect_left(networks, [start])
+        i = bisect.bisect_left(networks, start, key=lambda n: n[0])
         if i < len(networks) and networks[i][1] <= end:
             split.append(((networks[i][0] - start) * 1e3, (networks[i][1] - networks[i][0]) * 1e3,
                           (end - networks[i][1]) * 1e3))
@@ -137,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--n", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", default="1", help="steps of every request, or random: 1 or 4, drawn per request")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--env", action="append", default=[], metavar="CM_NAME=VALUE", help="a server setting")
     parser.add_argument("--log", type=Path, help="keep the server's log here")
@@ -156,13 +162,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-timeline-"))
     out = tmp / "timeline.json"
     argv = [sys.executable, "-m", "bench.timeline", "--serve", str(out)]
-    body = {"n": args.n, "steps": args.steps}
+    if args.steps != "random" and not args.steps.isdigit():
+        parser.error(f"--steps {args.steps}: expected a step count or random")
+    bodies = [{"n": args.n, "steps": k} for k in (1, 4)] if args.steps == "random" else None
+    body = {"n": args.n, "steps": 1 if bodies else int(args.steps)}
     with service(settings, args.log or tmp / "service.log", argv=argv) as server:
         warm_up(server.url, body, args.concurrency)
         start = time.monotonic()
-        run = WrkRun(body, args.concurrency)
+        run = WrkRun(body, args.concurrency, bodies=bodies)
         drive(server.url, [run], args.duration)
         end = time.monotonic()
+    if run.errors:
+        raise SystemExit(f"{run.errors} requests failed (server log: {args.log or tmp / 'service.log'})")
     print(f"c={args.concurrency} n={args.n} steps={args.steps}: wrk {run.requests_per_s * args.n:.0f} images/s")
     report(json.loads(out.read_text()), (start + 0.5, end - 0.5))
 
