@@ -10,9 +10,9 @@ round runs each configuration once, in turn, each on a fresh server of the embed
 warm-up, then wrk (bench/wrk/post.lua) for --duration seconds with --concurrency connections, or for
 `--steps mix` half of them 1-step and half 4-step, or for `--steps random` each request 1- or 4-step at
 random (random.lua). Printed per run: images/s, mean images per network evaluation (from /metrics) and
-p50 / p99 per step count. A shared VM drifts by more than most changes gain
-(BENCHMARKS.md, "Reading the serving figures"), so compare configurations within a round, over several
-rounds, and alternate their order (--reverse) between invocations.
+p50 / p99 per step count. A shared VM drifts by more than most changes gain (BENCHMARKS.md, "Reading the
+serving figures"), so compare configurations within a round, over several rounds, and alternate their order
+(--reverse) between invocations.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ arms also the memorisation ratio) and checks the issue's targets. Arms run as se
 can share the machine's cores side by side; each records its wall time.
 
 `seeds` scores final checkpoints again over several sampling seeds: one 2,000-sample Fréchet distance moves by
-about ±1 with the seed on digits, more than most differences between arms, while models compared on the same
-seed move together. Seeds start at 1 because `training.evaluate --search-mid-sigma` picks a 2-step middle σ on
+about ±0.7 with the seed on digits, as much as most differences between arms, while models compared on the
+same seed move together. Seeds start at 1 because `training.evaluate --search-mid-sigma` picks a 2-step middle σ on
 seed 0's images.
 """
 

@@ -7,12 +7,12 @@
 
 Starts `python -m service` (the embedded default model) with its scheduler and requests timed (this module,
 run with --serve, wraps Scheduler._run, Engine.evaluate, Scheduler.submit and the requests' end, and writes
-their timestamps when the server exits), drives it with wrk (bench/wrk/post.lua, random.lua) after a 1 s warm-up, and
-prints: images/s, images per evaluation, the share of time the engine evaluates, an evaluation's wall time
-per image by batch size and its parts (the inputs, the network, the results), the gaps between evaluations,
-and for batches that follow a batch of the same size the anatomy of the gap: when the last response of the
-batch before went out, when the first and last new requests reached the scheduler, and when the next
-evaluation started (ms after the batch before ended).
+their timestamps when the server exits), drives it with wrk (bench/wrk/post.lua, or random.lua) after a 1 s
+warm-up, and prints: images/s, images per evaluation, the share of time the engine evaluates, an
+evaluation's wall time per image by batch size and its parts (the inputs, the network, the results), the gaps
+between evaluations, and for batches that follow a batch of the same size the anatomy of the gap: when the
+last response of the batch before went out, when the first and last new requests reached the scheduler, and
+when the next evaluation started (ms after the batch before ended).
 An evaluation here is Scheduler._run: the engine's own Python (each image's noise, the batch's inputs, the
 results) and the network. Server log: --log. docs/perf-log.md ("Where a served cycle goes") has what it showed.
 """
