@@ -11,6 +11,7 @@ import contextlib
 import copy
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -342,6 +343,20 @@ class Trainer:
 def ema_decay_at(k: int, decay: float) -> float:
     """min(decay, (1 + k)/(10 + k)): the EMA forgets the random initial weights in a short run (TF's EMA warmup)."""
     return min(decay, (1 + k) / (10 + k))
+
+
+def ema_warmup_note(decay: float, steps: int) -> str | None:
+    """What to tell the user when the warmup keeps the EMA below --ema-decay for the whole run, else None: the ramp
+    (1 + k)/(10 + k) reaches `decay` only at step index k = (10·decay − 1)/(1 − decay) (8,990 for 0.999)."""
+    last = ema_decay_at(steps - 1, decay)
+    if last >= decay:
+        return None
+    k = math.floor((10 * decay - 1) / (1 - decay))
+    while ema_decay_at(k, 1.0) < decay:  # the formula's rounding: the first index whose ramp is there
+        k += 1
+    return (f"--ema-decay {decay:g} is never reached: with --ema-warmup the decay is min({decay:g}, (1 + k)/(10 + k)), "
+            f"which needs {k + 1:,} steps, and this run's last step uses {last:.5f}; "
+            f"--no-ema-warmup uses {decay:g} from the first step")
 
 
 def seed_rank_rngs(seed: int, rank: int) -> None:

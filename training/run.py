@@ -24,7 +24,7 @@ from . import rundir
 from .config import ConfigError, RunConfig, augment_ops, schedules
 from .data import load_data, subset
 from .hybrid import TRAINERS, pretrained_path, run_model_config
-from .loop import DistInfo, LoopConfig, StepResult, Trainer, setup_distributed, teardown_distributed
+from .loop import DistInfo, LoopConfig, StepResult, Trainer, ema_warmup_note, setup_distributed, teardown_distributed
 from .state import CheckpointDir, gather_rng, restore_rng
 
 log = logging.getLogger("training.run")
@@ -145,6 +145,8 @@ def _train(
     start = trainer.step_index
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     if dist_info.is_main:
+        if cfg.ema_warmup and (note := ema_warmup_note(cfg.ema_decay, cfg.steps)):
+            log.warning("%s", note)
         log.info("training %s (%.2f M parameters) with recipe %s on %s, steps %d -> %d of %d, %d rank(s)",
                  cfg.preset, trainer.student.num_parameters() / 1e6, cfg.recipe, device, start, stop, cfg.steps,
                  dist_info.world_size)

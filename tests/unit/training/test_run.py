@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,17 +10,19 @@ import pytest
 from models.config import preset
 from models.consistency import ConsistencyModel
 from training.config import ConfigError, RunConfig
-from training.loop import DistInfo
+from training.loop import DistInfo, ema_decay_at, ema_warmup_note
 from training.run import SAMPLE_SEEDS_PER_ROW, Run, sample_grid, train
 from training.state import CheckpointDir
 
 TINY = {"model_channels": 8, "batch": 16, "sample_every": 0, "log_every": 2, "device": "cpu"}
 
 
-def test_a_tiny_run_writes_its_folder_and_stops_after(tmp_path: Path) -> None:
+def test_a_tiny_run_writes_its_folder_and_stops_after(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = RunConfig(out=str(tmp_path / "run"), steps=6, save_every=2, stop_after=3, **TINY)
     seen = []
-    trainer = train(cfg, on_step=lambda r: seen.append(r.n_k))
+    with caplog.at_level(logging.WARNING, logger="training.run"):
+        trainer = train(cfg, on_step=lambda r: seen.append(r.n_k))
+    assert "--ema-decay 0.999 is never reached" in caplog.text  # 6 steps of warmup end at (1 + 5)/(10 + 5)
     assert trainer.step_index == 3 and len(seen) == 3
     folder = tmp_path / "run"
     assert (folder / "config.json").is_file()
@@ -40,3 +43,13 @@ def test_resume_needs_the_same_number_of_ranks(tmp_path: Path) -> None:
     run = Run(RunConfig(out=str(tmp_path)), tmp_path, None, CheckpointDir(tmp_path), None, DistInfo())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^--resume: the checkpoint was written by 2 ranks, this job has 1;"):
         run.resume_from({"world_size": 2})
+
+
+def test_the_ema_warmup_note_says_when_the_decay_is_reached() -> None:
+    note = ema_warmup_note(0.999, 5011)
+    assert note is not None
+    assert "needs 8,991 steps" in note and f"{ema_decay_at(5010, 0.999):.5f}" in note and "--no-ema-warmup" in note
+    assert ema_decay_at(8989, 0.999) < 0.999 == ema_decay_at(8990, 0.999)  # step index 8,990: the 8,991st step
+    assert ema_warmup_note(0.999, 8990) is not None
+    assert ema_warmup_note(0.999, 8991) is None
+    assert ema_warmup_note(0.9, 100) is None
