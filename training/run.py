@@ -145,8 +145,8 @@ def _train(
     start = trainer.step_index
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     if dist_info.is_main:
-        if cfg.ema_warmup and (note := ema_warmup_note(cfg.ema_decay, cfg.steps)):
-            log.warning("%s", note)
+        if cfg.ema_warmup and (note := ema_warmup_note(cfg.ema_decay, cfg.steps)):  # a warning if the user set it
+            log.log(logging.WARNING if "ema_decay" in explicit else logging.INFO, "%s", note)
         log.info("training %s (%.2f M parameters) with recipe %s on %s, steps %d -> %d of %d, %d rank(s)",
                  cfg.preset, trainer.student.num_parameters() / 1e6, cfg.recipe, device, start, stop, cfg.steps,
                  dist_info.world_size)

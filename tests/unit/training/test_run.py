@@ -20,9 +20,10 @@ TINY = {"model_channels": 8, "batch": 16, "sample_every": 0, "log_every": 2, "de
 def test_a_tiny_run_writes_its_folder_and_stops_after(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = RunConfig(out=str(tmp_path / "run"), steps=6, save_every=2, stop_after=3, **TINY)
     seen = []
-    with caplog.at_level(logging.WARNING, logger="training.run"):
+    with caplog.at_level(logging.INFO, logger="training.run"):
         trainer = train(cfg, on_step=lambda r: seen.append(r.n_k))
-    assert "--ema-decay 0.999 is never reached" in caplog.text  # 6 steps of warmup end at (1 + 5)/(10 + 5)
+    note = [r for r in caplog.records if "--ema-decay 0.999 is never reached" in r.message]  # ends at 6/15
+    assert len(note) == 1 and note[0].levelno == logging.INFO  # the preset's decay: not the user's doing
     assert trainer.step_index == 3 and len(seen) == 3
     folder = tmp_path / "run"
     assert (folder / "config.json").is_file()
@@ -43,6 +44,15 @@ def test_resume_needs_the_same_number_of_ranks(tmp_path: Path) -> None:
     run = Run(RunConfig(out=str(tmp_path)), tmp_path, None, CheckpointDir(tmp_path), None, DistInfo())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^--resume: the checkpoint was written by 2 ranks, this job has 1;"):
         run.resume_from({"world_size": 2})
+
+
+def test_a_decay_the_user_set_and_the_warmup_never_reaches_is_a_warning(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    cfg = RunConfig(out=str(tmp_path / "run"), steps=2, save_every=2, ema_decay=0.99, **TINY)
+    with caplog.at_level(logging.INFO, logger="training.run"):
+        train(cfg, explicit={"ema_decay"})
+    note = [r for r in caplog.records if "--ema-decay 0.99 is never reached" in r.message]
+    assert len(note) == 1 and note[0].levelno == logging.WARNING
 
 
 def test_the_ema_warmup_note_says_when_the_decay_is_reached() -> None:
