@@ -5,9 +5,9 @@
 
 The three ways the service can evaluate a CPU batch (CM_CPU_PARALLEL, service/engine.py): one torch thread;
 `operators`, torch's intra-op parallelism over all usable CPUs; `slices`, the batch cut into slices of at
-most 16 images that as many threads as CPUs take in turn, each with one torch thread. The network is traced,
-as the server runs it. Printed per batch size: the best over --reps runs of the mean time of one evaluation
-(each run evaluates for at least --seconds), and µs per image. Nothing else should run meanwhile.
+most SLICE_IMAGES (24) images that as many threads as CPUs take in turn, each with one torch thread. The
+network is traced, as the server runs it. Printed per batch size: the best over --reps runs of the mean time
+of one evaluation (each run evaluates for at least --seconds), and µs per image. Nothing else should run meanwhile.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     cpu_parallel: Literal["slices", "operators"] = Field(
         "slices",
         description="How a worker's torch threads share a CPU evaluation: slices = the batch is cut into slices of "
-        "at most 16 images (at least one per thread) and each thread evaluates the next with one torch thread (the "
+        "at most 24 images (at least one per thread) and each thread evaluates the next with one torch thread (the "
         "threads never wait for each other mid-evaluation: faster when HTTP work shares the cores); operators = "
         "torch's intra-op parallelism inside every operator",
     )

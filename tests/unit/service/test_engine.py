@@ -411,11 +411,11 @@ def test_cpu_slices_run_at_once_on_one_torch_thread_each_and_match_each_slice_al
 
 
 def test_a_large_batch_is_cut_into_slices_that_two_threads_share(tiny_model: ConsistencyModel) -> None:
-    x, sigma, labels = batch(40)
+    x, sigma, labels = batch(60)
     engine = Rendezvous(tiny_model, trace=True, cpu_slices=2, parties=1)
     out = on_own_thread(lambda: engine.evaluate(x, sigma, labels).out)
-    # at most SLICE_IMAGES = 16 each, and a whole number of rounds of one slice per thread: four, not three
-    assert sorted(size for size, _, _ in engine.calls) == [10, 10, 10, 10]
+    # at most SLICE_IMAGES = 24 each, and a whole number of rounds of one slice per thread: four, not three
+    assert sorted(size for size, _, _ in engine.calls) == [15, 15, 15, 15]
     expected = one_thread_evaluation(Engine(tiny_model, trace=True), x, sigma, labels)
     np.testing.assert_array_equal(to_uint8(out), to_uint8(expected))
 
