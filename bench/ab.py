@@ -10,9 +10,9 @@ round runs each configuration once, in turn, each on a fresh server of the embed
 warm-up, then wrk (bench/wrk/post.lua) for --duration seconds with --concurrency connections, or for
 `--steps mix` half of them 1-step and half 4-step, or for `--steps random` each request 1- or 4-step at
 random (random.lua). Printed per run: images/s, mean images per network evaluation (from /metrics) and
-p50 / p99 per step count. A shared VM drifts by more than most changes gain (BENCHMARKS.md, "Reading the
-serving figures"), so compare configurations within a round, over several rounds, and alternate their order
-(--reverse) between invocations.
+p50 / p99 per step count (in a step mix, the server's own, from its access log). A shared VM drifts by more
+than most changes gain (BENCHMARKS.md, "Reading the serving figures"), so compare configurations within a
+round, over several rounds, and alternate their order (--reverse) between invocations.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench.harness import MIX, RANDOM, REPO, Scenario, require_wrk, run_scenario, service, warm_up
+from bench.harness import MIX, RANDOM, REPO, Scenario, percentile, require_wrk, run_scenario, service, warm_up
 
 
 def parse_config(text: str) -> tuple[Path, dict[str, str]]:
@@ -43,8 +43,12 @@ def run(where: Path, settings: dict[str, str], args: argparse.Namespace) -> str:
     scenario = Scenario(args.concurrency, args.n, args.steps if args.steps in (MIX, RANDOM) else int(args.steps))
     with service({"CM_MAX_IMAGES_PER_REQUEST": str(max(args.n, 1)), **settings}, log, cwd=where) as server:
         warm_up(server.url)
-        run_scenario(server.url, scenario, args.duration)
-    latency = "  ".join(r.latency(50, 99) + " ms" for r in scenario.runs)
+        run_scenario(server.url, scenario, args.duration, log if scenario.steps in (MIX, RANDOM) else None)
+    if scenario.by_steps:  # a step mix: the server's own latencies per step count (wrk's mix them)
+        latency = "  ".join(f"{k}-step {percentile(v, 50):.1f} / {percentile(v, 99):.1f} ms (server)"
+                            for k, v in sorted(scenario.by_steps.items()))
+    else:
+        latency = "  ".join(r.latency(50, 99) + " ms" for r in scenario.runs)
     return f"{scenario.images_per_s:8.0f} images/s  {scenario.images_per_forward:6.1f} img/eval  {latency}"
 
 
