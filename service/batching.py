@@ -8,6 +8,9 @@ from __future__ import annotations
 QUIET_GAPS = 3.0
 QUIET_EVALUATION = 0.1
 MIN_QUIET_S = 0.25e-3
+# Clients are coming back (a closed pool) while at least this share of an evaluation's answered images were sent
+# again by the next one's end, in the running mean over evaluations (`came_back`).
+COMING_BACK = 0.9
 
 
 def batch_wait(
@@ -17,6 +20,7 @@ def batch_wait(
     idle: bool,  # the device had no work when these images came (else: it has just evaluated a batch)
     answered: int,  # images of the requests the model's latest evaluation ended (0: the latest was another model's)
     returned: int,  # images submitted to the model since that evaluation
+    came_back: float,  # the running mean share of answered images sent again by the next evaluation's end
     gap: float,  # seconds between the two latest arrivals
     since_arrival: float,  # seconds since the latest arrival
     evaluation_s: float,  # an evaluation's mean duration
@@ -39,6 +43,11 @@ def batch_wait(
              max(max_wait, an evaluation). Without this, closed-loop clients that once fell into two groups
              stay in two for good: each group's batch runs while the other is answered, the device never
              idles and never waits, and two half batches serve fewer images/s than one whole one.
+             When it answered fewer, wait the same way only while answered clients have been coming back
+             (came_back ≥ COMING_BACK). In a mix of 1- and 4-step requests the continuing 4-step images would
+             otherwise start the next evaluation at once, and a 1-step request sent meanwhile would wait for
+             that evaluation and then its own. Clients that do not come back (each request its own client)
+             bring the share down, and then the waiting images run at once.
     """
     if queued >= max_batch:
         return 0.0
@@ -48,6 +57,6 @@ def batch_wait(
             return 0.0
         quiet = max(QUIET_GAPS * gap, QUIET_EVALUATION * evaluation_s if awaited > 0 else 0.0, MIN_QUIET_S)
         return min(max_wait - waited, quiet - since_arrival)
-    if awaited <= 0 or answered < max(1, queued - returned):
+    if awaited <= 0 or (answered < max(1, queued - returned) and came_back < COMING_BACK):
         return 0.0
     return max(max_wait, evaluation_s) - waited

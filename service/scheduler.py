@@ -73,6 +73,7 @@ PREPARE_AHEAD = 2  # jobs submitted within this many batches of the queue's fron
 MAX_IN_FLIGHT = 2  # batches queued on an asynchronous device at once: the one it runs and the next
 SCHEDULES = ("shortest", "started")  # queue orders (module docstring)
 STARVATION_EVALUATIONS = 10  # "shortest": a request older than this many evaluations' time goes first
+CAME_BACK_WEIGHT = 0.25  # weight of an evaluation's share in the running mean of answered clients coming back
 
 
 class EngineLike(Protocol):
@@ -320,6 +321,7 @@ class Arrivals:
     lane: Lane | None = None  # the model of the latest evaluation
     answered: int = 0  # images of the jobs that evaluation ended: their clients may send again
     returned: int = 0  # images submitted to that model since
+    came_back: float = 0.0  # running mean of min(1, returned / answered) at the next evaluation of the same model
 
     def arrive(self, lane: Lane, n: int, now: float) -> bool:
         """Count a submission of n images; True when it brings back the last of the images answered."""
@@ -330,6 +332,8 @@ class Arrivals:
         return self.returned - n < self.answered <= self.returned
 
     def evaluated(self, lane: Lane, answered: int) -> None:
+        if lane is self.lane and self.answered:  # how many of the evaluation before's clients came back since
+            self.came_back += CAME_BACK_WEIGHT * (min(1.0, self.returned / self.answered) - self.came_back)
         self.lane, self.answered, self.returned = lane, answered, 0
 
     def of(self, lane: Lane) -> tuple[int, int]:
@@ -674,8 +678,8 @@ class Scheduler:
         answered, returned = arrivals.of(waiting.lane)
         return batch_wait(
             queued=waiting.lane.queued, max_batch=self.max_batch, idle=device.idle, answered=answered,
-            returned=returned, gap=arrivals.gap, since_arrival=now - arrivals.last, evaluation_s=self._evaluation_s,
-            waited=now - waiting.since, max_wait=self.max_wait_s,
+            returned=returned, came_back=arrivals.came_back, gap=arrivals.gap, since_arrival=now - arrivals.last,
+            evaluation_s=self._evaluation_s, waited=now - waiting.since, max_wait=self.max_wait_s,
         )
 
     @staticmethod

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
-from service.batching import MIN_QUIET_S, QUIET_EVALUATION, QUIET_GAPS, batch_wait
+from service.batching import COMING_BACK, MIN_QUIET_S, QUIET_EVALUATION, QUIET_GAPS, batch_wait
 
-# An idle device, 2 of 8 images waiting, arrivals 1 ms apart and one just now, 100 ms evaluations, max_wait 30 ms.
-BASE: dict[str, Any] = dict(queued=2, max_batch=8, idle=True, answered=0, returned=0, gap=0.001,
+# An idle device, 2 of 8 images waiting, arrivals 1 ms apart and one just now, 100 ms evaluations, max_wait 30 ms,
+# no answered client seen coming back yet.
+BASE: dict[str, Any] = dict(queued=2, max_batch=8, idle=True, answered=0, returned=0, came_back=0.0, gap=0.001,
                             since_arrival=0.0, evaluation_s=0.1, waited=0.0, max_wait=0.03)
 RUN = 0.0  # any answer <= 0: run now
 
@@ -36,6 +37,13 @@ CASES = [
     ("busy: all are back: run", dict(idle=False, queued=4, answered=2, returned=2), RUN),
     ("busy: more answered than waited", dict(idle=False, queued=2, answered=5), 0.1),
     ("busy: fewer answered than waited: run", dict(idle=False, queued=3, answered=2), RUN),
+    ("busy: fewer answered than waited, and fewer than COMING_BACK came back before: run",
+     dict(idle=False, queued=3, answered=2, came_back=COMING_BACK - 0.01), RUN),
+    ("busy: fewer answered than waited, but answered clients have been coming back: wait",
+     dict(idle=False, queued=3, answered=2, came_back=COMING_BACK), 0.1),
+    ("busy: ... until all are back", dict(idle=False, queued=5, answered=2, returned=2, came_back=1.0), RUN),
+    ("busy: ... or an evaluation has passed", dict(idle=False, queued=3, answered=2, came_back=1.0, waited=0.1),
+     RUN),
     ("busy: none answered (another model's, or no request ended): run", dict(idle=False, queued=1), RUN),
     ("busy: waited an evaluation: run", dict(idle=False, answered=2, waited=0.1), RUN),
     ("busy: a full batch runs now", dict(idle=False, queued=8, answered=8), RUN),

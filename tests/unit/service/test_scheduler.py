@@ -14,6 +14,7 @@ import torch
 from models.consistency import ConsistencyModel
 from models.editing import Projection, inpainting
 from models.sampling import image_class_label, sample, to_uint8
+from service.batching import COMING_BACK
 from service.engine import Engine, Evaluation
 from service.errors import (
     Cancelled,
@@ -25,9 +26,11 @@ from service.errors import (
     QueueFull,
 )
 from service.scheduler import (
+    CAME_BACK_WEIGHT,
     MAX_IN_FLIGHT,
     PREPARE_AHEAD,
     STARVATION_EVALUATIONS,
+    Arrivals,
     EngineLike,
     Job,
     Scheduler,
@@ -937,6 +940,43 @@ def test_no_wait_after_an_evaluation_that_answered_fewer_than_wait() -> None:
     scheduler, engines = after_a_first_evaluation(clock, answered=1, waiting=2)
     assert ends(engine_cycle(scheduler))  # runs at once: the fake clock never moves, so a wait would not end
     assert engines["m"].sizes == [1, 2]
+
+
+def test_clients_that_have_been_coming_back_are_waited_for_even_behind_more_waiting_images() -> None:
+    """A closed pool of clients in a 1/4-step mix: A was answered while B's and C's images wait (continuing ones,
+    in the mix). Since answered clients have been coming back, the engine waits for A rather than run B and C at
+    once and leave A's next request a whole evaluation behind."""
+    clock = FakeClock()
+    scheduler, engines = after_a_first_evaluation(clock, answered=1, waiting=2)
+    scheduler._devices[0].arrivals.came_back = COMING_BACK
+    runner = engine_cycle(scheduler)
+    assert asleep(scheduler) and engines["m"].sizes == [1]
+    arrive(scheduler, clock, (7,))  # A's next request
+    assert ends(runner)
+    assert engines["m"].sizes == [1, 3]
+
+
+def test_the_share_of_answered_clients_that_come_back_is_a_running_mean_over_evaluations() -> None:
+    """A closed pool (every answered client sends again before the next evaluation ends) reaches COMING_BACK
+    within a few evaluations; open-loop traffic, where a quarter as many requests come in, never does."""
+    model, other = object(), object()
+
+    def share_after(evaluations: int, back: int) -> float:
+        arrivals = Arrivals()
+        for _ in range(evaluations):
+            arrivals.evaluated(model, 4)  # type: ignore[arg-type]  # answered four images
+            for _ in range(back):
+                arrivals.arrive(model, 1, 0.0)  # type: ignore[arg-type]
+        return arrivals.came_back
+
+    assert share_after(2, 4) == pytest.approx(CAME_BACK_WEIGHT)  # the first evaluation has none before it
+    assert share_after(10, 4) >= COMING_BACK
+    assert share_after(100, 1) == pytest.approx(0.25)
+    assert share_after(2, 9) == pytest.approx(CAME_BACK_WEIGHT)  # more submissions than answered count as all
+    arrivals = Arrivals()
+    arrivals.evaluated(model, 4)  # type: ignore[arg-type]
+    arrivals.evaluated(other, 4)  # type: ignore[arg-type]  # another model's evaluation in between: no share
+    assert arrivals.came_back == 0.0
 
 
 def test_no_wait_after_an_evaluation_for_clients_of_another_model() -> None:
