@@ -79,8 +79,9 @@ class Settings(BaseSettings):
         description="When the device is idle and images arrive faster than this, wait up to this long for a "
         "fuller batch while they keep coming (it ends once none came for 3 of the latest gaps between arrivals, and "
         "for a tenth of an evaluation while clients answered by the latest evaluation have not all sent again). After "
-        "an evaluation that answered at least as many images as wait, the engine waits for those clients' next "
-        "requests, up to this long or an evaluation's time if longer (service/batching.py)",
+        "an evaluation that answered at least as many images as wait (or fewer, while the clients answered so far "
+        "have been sending again: a closed pool of clients), the engine waits for those clients' next requests, up "
+        "to this long or an evaluation's time if longer (service/batching.py)",
     )
     schedule: Literal["shortest", "started"] = Field(
         "shortest",

@@ -54,9 +54,20 @@ def reference(path: Path, seeds: list[int], sigmas: list[float], labels: list[in
     return to_uint8(sample(model, seeds, sigmas, class_labels=labels))
 
 
+def assert_matches_reference(served: np.ndarray, expected: np.ndarray) -> None:
+    """The served pixels are models.sampling's, computed here at another batch size and thread count. On CPUs
+    whose convolution kernels round differently by batch shape and thread count (an AVX2 EPYC: f moves by ~3e-6
+    between batch 3 and 4) a pixel on a rounding edge lands one level off; anything else would be a real
+    difference (a wrong σ, noise or label moves most pixels by many levels)."""
+    assert served.shape == expected.shape
+    diff = np.abs(served.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= max(1, diff.size // 1000), (diff.max(), np.count_nonzero(diff))
+
+
 @pytest.mark.anyio
 async def test_public_models_next_to_digits(public_models: dict[str, Path]) -> None:
-    """One app start (three models warm up): listing, class labels, bit-identical images, per-size limits."""
+    """One app start (three models warm up): listing, class labels, images bit-identical alone and in a batch and
+    models.sampling's, per-size limits."""
     async with running_app(settings(public_models)) as (app, client):
         listing = (await client.get("/v1/models")).json()
         await check_class_labels(client, public_models)
@@ -86,8 +97,8 @@ async def check_class_labels(client: httpx.AsyncClient, public_models: dict[str,
     unknown = await client.post("/v1/generate", json={"model": "imagenet64", "class_label": "tabby"})
     conditional = await client.post("/v1/generate", json={"model": "bedroom256", "class_label": 3})
     assert by_index["images"] == by_name["images"] and by_index["images"][0]["class_label"] == 207
-    np.testing.assert_array_equal(decode_b64(by_index["images"][0]["b64"]),
-                                  reference(public_models["imagenet64"], [9], [80.0], [207])[0])
+    assert_matches_reference(decode_b64(by_index["images"][0]["b64"]),
+                             reference(public_models["imagenet64"], [9], [80.0], [207])[0])
     assert unknown.status_code in (400, 422) and "tabby" in unknown.text
     assert conditional.status_code in (400, 422) and "unconditional" in conditional.text
 
@@ -106,8 +117,8 @@ async def check_alone_and_in_a_batch(client: httpx.AsyncClient, public_models: d
     images_64 = [decode_b64(i["b64"]) for i in batch_64["images"]]
     for i, response in enumerate(alone_64):
         np.testing.assert_array_equal(decode_b64(response.json()["images"][0]["b64"]), images_64[i])
-    np.testing.assert_array_equal(np.stack(images_64),
-                                  reference(public_models["imagenet64"], [40, 41, 42], batch_64["sigmas"], [1] * 3))
+    assert_matches_reference(np.stack(images_64),
+                             reference(public_models["imagenet64"], [40, 41, 42], batch_64["sigmas"], [1] * 3))
     assert images_64[0].shape == (64, 64, 3)
     second = decode_b64(batch_256["images"][1]["b64"])
     assert second.shape == (256, 256, 3) and batch_256["sigmas"] == pytest.approx([80.0, 4.3655616857])
