@@ -57,6 +57,8 @@ class FakeEngine(EngineLike):
         self.fail_label = fail_label
         self._asynchronous = asynchronous
         self.fences: list[threading.Event] = []  # asynchronous: one per launched batch, set when it is done
+        self._finished = 0  # asynchronous: how many batches, in launch order, the test has said are done
+        self._lock = threading.Lock()
 
     @property
     def asynchronous(self) -> bool:
@@ -72,13 +74,19 @@ class FakeEngine(EngineLike):
         if not self._asynchronous:
             return lambda: None
         event = threading.Event()
-        self.fences.append(event)
+        with self._lock:
+            self.fences.append(event)
+            if len(self.fences) <= self._finished:
+                event.set()
         return lambda: event.wait(10)
 
     def done(self, batches: int = 1) -> None:
-        """Asynchronous: the device finishes its next `batches` launched batches."""
-        for event in [e for e in self.fences if not e.is_set()][:batches]:
-            event.set()
+        """Asynchronous: the device finishes its next `batches` batches, in launch order; one whose evaluation has
+        begun but whose fence the engine thread has not taken yet is done as soon as it takes it."""
+        with self._lock:
+            self._finished += batches
+            for event in self.fences[: self._finished]:
+                event.set()
 
     def evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Evaluation:
         self.calls.append((sigma.tolist(), [] if labels is None else labels.tolist()))
