@@ -2,6 +2,7 @@
 
     python -m bench.cpu_parallel                 # the embedded default model, batches 1 … 256
     python -m bench.cpu_parallel --batches 16,64 --reps 9
+    python -m bench.cpu_parallel --oneDNN        # without the batch-invariant kernels (CM_BATCH_INVARIANT=false)
 
 The three ways the service can evaluate a CPU batch (CM_CPU_PARALLEL, service/engine.py): one torch thread;
 `operators`, torch's intra-op parallelism over all usable CPUs; `slices`, the batch cut into slices of at
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int_list, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], help="e.g. 16,64")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--oneDNN", action="store_true",
+                        help="oneDNN's kernels, as with CM_BATCH_INVARIANT=false (default: the per-image ones)")
     args = parser.parse_args()
     batches = args.batches
     loaded = checkpoint.load(args.checkpoint)
@@ -51,13 +54,14 @@ def main() -> None:
     ways = [("1 thread", 1, 1), (f"{cpus} threads", cpus, 1), (f"{cpus} slices", 1, cpus)]
     if cpus == 1:
         ways = ways[:1]
-    print(f"{args.checkpoint.name}, torch {torch.__version__}, {cpus} usable CPUs; ms per evaluation "
+    print(f"{args.checkpoint.name}, torch {torch.__version__}, {cpus} usable CPUs, "
+          f"{'oneDNN' if args.oneDNN else 'batch-invariant'} kernels; ms per evaluation "
           f"(µs per image), best of {args.reps}")
     print(f"{'batch':>6}" + "".join(f"{name:>22}" for name, _, _ in ways))
     results: dict[int, list[float]] = {b: [] for b in batches}
     for _, threads, slices in ways:  # every batch size with one engine, then the next way
         torch.set_num_threads(threads)
-        engine = Engine(loaded.model, trace=True, cpu_slices=slices)
+        engine = Engine(loaded.model, trace=True, cpu_slices=slices, batch_invariant=not args.oneDNN)
         for b in batches:
             results[b].append(best_time(engine, evaluation_inputs(loaded, b), args.reps, args.seconds))
     for b in batches:

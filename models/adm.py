@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .layers import Conv2d, Linear, linear
 from .unet import add_augment_labels
 
 NORM_EPS = 1e-5  # cm/nn.py normalization(): GroupNorm32(32, channels), torch's default eps
@@ -45,18 +46,18 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_ch: int, cfg: ModelConfig, resample: str | None = None) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(cfg.num_groups, cin, eps=NORM_EPS), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1)
+            GroupNorm32(cfg.num_groups, cin, eps=NORM_EPS), nn.SiLU(), Conv2d(cin, cout, 3, padding=1)
         )
         self.resample = resample  # None, "up" (nearest ×2) or "down" (2×2 average), applied before in_layers' conv
         self.scale_shift = cfg.scale_shift_norm
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * cout if self.scale_shift else cout))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_ch, 2 * cout if self.scale_shift else cout))
         self.out_layers = nn.Sequential(
             GroupNorm32(cfg.num_groups, cout, eps=NORM_EPS),
             nn.SiLU(),
             nn.Dropout(cfg.dropout),
-            nn.Conv2d(cout, cout, 3, padding=1),
+            Conv2d(cout, cout, 3, padding=1),
         )
-        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.skip_connection = nn.Identity() if cin == cout else Conv2d(cin, cout, 1)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.resample == "up":
@@ -81,25 +82,27 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over pixels, residual; qkv rows are (three, heads, head_channels), as cm/unet.py's flash path."""
 
+    per_image = False  # layers.set_per_image: the projections one image at a time on the CPU
+
     def __init__(self, channels: int, cfg: ModelConfig) -> None:
         super().__init__()
         if channels % cfg.head_channels:
             raise ValueError(f"attention channels {channels} are not a multiple of head_channels {cfg.head_channels}")
         self.heads = channels // cfg.head_channels
         self.norm = GroupNorm32(cfg.num_groups, channels, eps=NORM_EPS)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.qkv = Conv2d(channels, 3 * channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         # The 1×1 convolutions as matmuls over pixel rows, so that q, k, v come out with contiguous head channels:
         # SDPA then takes its fused kernels (a strided layout falls back to the slow math path, ~3× on CPU).
         tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
-        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        qkv = linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias, self.per_image)  # (B, HW, 3C)
         qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads)  # split in three first, then heads
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, c/heads)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)  # (B, HW, C)
-        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        out = linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias, self.per_image)  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -120,12 +123,12 @@ class ADMUNet(nn.Module):
         self.cfg = cfg
         mc = cfg.model_channels
         emb_ch = cfg.emb_mult * mc
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.time_embed = nn.Sequential(Linear(mc, emb_ch), nn.SiLU(), Linear(emb_ch, emb_ch))
         if cfg.num_classes:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
 
         ch = mc * cfg.channel_mult[0]
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.image_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepSequential(Conv2d(cfg.image_channels, ch, 3, padding=1))])
         skip_chs = [ch]
         levels = len(cfg.channel_mult)
         for level, mult in enumerate(cfg.channel_mult):
@@ -160,12 +163,12 @@ class ADMUNet(nn.Module):
         assert not skip_chs
 
         self.out = nn.Sequential(
-            GroupNorm32(cfg.num_groups, ch, eps=NORM_EPS), nn.SiLU(), nn.Conv2d(ch, cfg.image_channels, 3, padding=1)
+            GroupNorm32(cfg.num_groups, ch, eps=NORM_EPS), nn.SiLU(), Conv2d(ch, cfg.image_channels, 3, padding=1)
         )
         # EDM's augmentation labels (not in OpenAI's checkpoints, which have augment_dim 0), added to the noise
         # embedding; bias-free and zero, so that it starts as a no-op.
         if cfg.augment_dim:
-            self.augment_emb = nn.Linear(cfg.augment_dim, mc, bias=False)
+            self.augment_emb = Linear(cfg.augment_dim, mc, bias=False)
             nn.init.zeros_(self.augment_emb.weight)
         else:
             self.augment_emb = None

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .layers import Conv2d, Linear
 
 SKIP_SCALE = 1 / math.sqrt(2)  # NCSN++ residual scaling keeps activations at unit variance
 
@@ -72,8 +73,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         self.norm = group_norm(channels, num_groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qkv = Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -89,12 +90,12 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_ch: int, cfg: ModelConfig, attention: bool) -> None:
         super().__init__()
         self.norm0 = group_norm(cin, cfg.num_groups)
-        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.affine = nn.Linear(emb_ch, 2 * cout)
+        self.conv0 = Conv2d(cin, cout, 3, padding=1)
+        self.affine = Linear(emb_ch, 2 * cout)
         self.norm1 = group_norm(cout, cfg.num_groups)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.conv1 = zero_init(nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.conv1 = zero_init(Conv2d(cout, cout, 3, padding=1))
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.attn = Attention(cout, cfg.head_channels, cfg.num_groups) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,7 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -120,7 +121,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -138,13 +139,13 @@ class UNet(nn.Module):
             self.noise_emb: nn.Module = FourierEmbedding(mc, cfg.fourier_scale)
         else:
             self.noise_emb = PositionalEmbedding(mc)
-        self.map0 = nn.Linear(mc, emb_ch)
+        self.map0 = Linear(mc, emb_ch)
         self.label_emb = nn.Embedding(cfg.num_classes, emb_ch) if cfg.num_classes else None
-        self.map1 = nn.Linear(emb_ch, emb_ch)
+        self.map1 = Linear(emb_ch, emb_ch)
 
         # Encoder: each level's blocks, then a downsample to the next level.
         ch = mc * cfg.channel_mult[0]
-        self.conv_in = nn.Conv2d(cfg.image_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.image_channels, ch, 3, padding=1)
         self.enc = nn.ModuleList()
         skip_chs = [ch]
         for level, mult in enumerate(cfg.channel_mult):
@@ -179,10 +180,10 @@ class UNet(nn.Module):
         assert not skip_chs
 
         self.norm_out = group_norm(ch, cfg.num_groups)
-        self.conv_out = zero_init(nn.Conv2d(ch, cfg.image_channels, 3, padding=1))
+        self.conv_out = zero_init(Conv2d(ch, cfg.image_channels, 3, padding=1))
         # EDM's augmentation labels, added to the noise embedding; made last so that the other layers draw the
         # same initial weights as without it, and zero so that it starts as a no-op.
-        self.augment_emb = zero_init(nn.Linear(cfg.augment_dim, mc, bias=False)) if cfg.augment_dim else None
+        self.augment_emb = zero_init(Linear(cfg.augment_dim, mc, bias=False)) if cfg.augment_dim else None
 
     def embed(
         self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, augment_labels: torch.Tensor | None = None

@@ -21,6 +21,11 @@ at a barrier after each: whenever the event loop or the client takes one of the 
 for the thread that lost it. Slices never wait for each other until the end of the evaluation, and a thread
 that shares its core takes fewer of them (measured under HTTP load: BENCHMARKS.md).
 
+Batch-invariant on the CPU (`batch_invariant`, CM_BATCH_INVARIANT, on by default): every convolution and linear
+layer computes each image with a product of the same shape whatever the batch (models/layers.py), so an image's
+pixels do not depend on what else is in its batch or slice. oneDNN, the default otherwise, picks its kernels by
+batch size, and a pixel on a rounding edge then moves by one level.
+
 Why trace: eager PyTorch takes Python's GIL back between every one of the network's ~480 operators, so
 while the event loop runs Python (parsing, answering) each operator waits for it (BENCHMARKS.md). A trace
 runs the whole graph in C++ without the GIL. It is the same operators in the same order (no graph
@@ -46,6 +51,7 @@ from itertools import pairwise
 import torch
 
 from models.consistency import ConsistencyModel
+from models.layers import set_per_image
 
 logger = logging.getLogger("cmserve.engine")
 
@@ -114,6 +120,7 @@ class Engine:
         pad: bool | None = None,  # pad batches to the next bucket; default: only when compiling
         cpu_slices: int = 1,  # CPU: evaluate a batch in slices on this many threads (see above)
         cpu_threads: int = 0,  # CPU without slices: torch threads of the evaluating thread (0: as the process)
+        batch_invariant: bool = True,  # CPU: each image by the same kernels whatever its batch (see above)
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -132,6 +139,8 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.channels_last = channels_last
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.batch_invariant = batch_invariant and self.device.type == "cpu"
+        set_per_image(self.model, self.batch_invariant)  # before the trace, which records the layers' kernels
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.cfg = model.cfg

@@ -232,6 +232,7 @@ def load_model(spec: ModelSpec, settings: Settings, engine_factory: EngineFactor
             buckets=settings.buckets,
             cpu_slices=threads if settings.cpu_parallel == "slices" else 1,
             cpu_threads=threads if cpu_engines > 1 else 0,
+            batch_invariant=settings.batch_invariant,
         )
         engine.warmup()
         engines.append(engine)

@@ -154,6 +154,13 @@ class Settings(BaseSettings):
         "threads never wait for each other mid-evaluation: faster when HTTP work shares the cores); operators = "
         "torch's intra-op parallelism inside every operator",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="CPU: compute every image with kernels of the same shape whatever its batch (ATen's image-by-"
+        "image convolution instead of oneDNN's, one matrix product per image in linear layers), so that a seed "
+        "gives the same pixels alone or in any batch; false = oneDNN, faster at large batches, but a pixel on a "
+        "rounding edge may then differ by one level with the batch",
+    )
     cpu_affinity: bool = Field(
         True,
         description="With CM_WORKERS > 1, pin each worker to its own share of the usable CPUs (split evenly, in "

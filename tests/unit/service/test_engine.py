@@ -417,7 +417,23 @@ def test_a_large_batch_is_cut_into_slices_that_two_threads_share(tiny_model: Con
     # at most SLICE_IMAGES = 24 each, and a whole number of rounds of one slice per thread: four, not three
     assert sorted(size for size, _, _ in engine.calls) == [15, 15, 15, 15]
     expected = one_thread_evaluation(Engine(tiny_model, trace=True), x, sigma, labels)
-    np.testing.assert_array_equal(to_uint8(out), to_uint8(expected))
+    assert torch.equal(out, expected)  # per-image kernels: a slice computes its images as the whole batch does
+
+
+@pytest.mark.parametrize(("slices", "threads"), [(2, 0), (1, 2)], ids=["slices", "operators"])
+def test_an_image_has_the_same_bits_alone_and_in_any_batch_on_the_cpu(
+    tiny_model: ConsistencyModel, slices: int, threads: int
+) -> None:
+    x, sigma, labels = batch(24, seed=3)
+    engine = Engine(tiny_model, trace=True, cpu_slices=slices, cpu_threads=threads)
+    assert engine.batch_invariant
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        return on_own_thread(lambda: engine.evaluate(x[a:b], sigma[a:b], labels[a:b]).out)
+
+    alone = torch.cat([rows(i, i + 1) for i in range(24)])
+    for size in (2, 3, 7, 16, 24):
+        assert torch.equal(rows(0, size), alone[:size]), size
 
 
 def test_a_batch_of_one_is_not_sliced(tiny_model: ConsistencyModel) -> None:
@@ -461,3 +477,12 @@ def test_the_service_cuts_cpu_batches_into_one_slice_per_thread_by_default(paral
     settings = Settings(cpu_parallel=parallel, torch_threads=2, batch_buckets=[1, 2], max_batch=2, device="cpu")
     served = on_own_thread(lambda: load_model(model_specs(settings)[0], settings))
     assert served.engine.cpu_slices == slices
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_batch_invariance_is_a_setting_of_the_cpu_engine(invariant: bool) -> None:
+    settings = Settings(batch_invariant=invariant, batch_buckets=[1, 2], max_batch=2, device="cpu")
+    served = on_own_thread(lambda: load_model(model_specs(settings)[0], settings))
+    assert served.engine.batch_invariant is invariant
+    layers = [m for m in served.engine.model.modules() if hasattr(m, "per_image")]
+    assert layers and all(m.per_image is invariant for m in layers)
