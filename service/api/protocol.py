@@ -23,9 +23,10 @@
 
 `GenerateProtocol` adds the accelerator: on the CPU at thousands of requests per second the event loop's
 work per request limits the server, and uvicorn's request cycle, FastAPI's routing and Starlette's response
-objects are a large share of it (BENCHMARKS.md, "HTTP layers"). A request that `may_take` accepts is answered
-by the same `GenerateHandler` as the FastAPI route (generate.py), from its arrival on; this module only
-supplies the body as it arrives, the disconnect as the connection reports it, and one write of the response.
+objects are a large share of it (docs/perf-log.md, "What each HTTP layer costs"). A request that `may_take`
+accepts is answered by the same `GenerateHandler` as the FastAPI route (generate.py), from its arrival on; this
+module only supplies the body as it arrives, the disconnect as the connection reports it, and one write of the
+response.
 Every other request goes to the ASGI app as without it. CM_PROTOCOL_FAST_PATH=false turns it off.
 """
 
