@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Per-image convolutions of feature maps up to this many pixels run channels-last (each image's GEMM then has its
+# pixels as rows, which suits small maps); on larger maps channels-last was no faster, so they stay contiguous.
+CHANNELS_LAST_PIXELS = 256
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_image: bool) -> torch.Tensor:
     """F.linear over x's last dimension; with `per_image` on the CPU, one product per image (x: (B, ..., K))."""
@@ -39,6 +43,8 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_image and x.device.type == "cpu":
+            if x.shape[-2] * x.shape[-1] <= CHANNELS_LAST_PIXELS:
+                x = x.contiguous(memory_format=torch.channels_last)
             return torch._C._nn.thnn_conv2d(x, self.weight, self.kernel_size, self.bias, self.stride, self.padding)
         return super().forward(x)
 

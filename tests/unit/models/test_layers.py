@@ -34,12 +34,13 @@ def test_a_per_image_linear_is_the_same_alone_and_in_any_batch(shape: tuple[int,
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "padding"), [(64, 64, 3, 1, 1), (96, 64, 1, 1, 0),
-                                                                          (32, 32, 3, 2, 1)])
-def test_a_per_image_convolution_is_the_same_alone_and_in_any_batch(cin, cout, kernel, stride, padding) -> None:
+@pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "padding", "size"),
+                         [(64, 64, 3, 1, 1, 8), (96, 64, 1, 1, 0, 16), (32, 32, 3, 2, 1, 16), (16, 16, 3, 1, 1, 24)])
+def test_a_per_image_convolution_is_the_same_alone_and_in_any_batch(cin, cout, kernel, stride, padding, size) -> None:
+    """Feature maps up to CHANNELS_LAST_PIXELS run channels-last, larger ones (24×24) contiguous."""
     torch.manual_seed(0)
     layer = Conv2d(cin, cout, kernel, stride=stride, padding=padding)
-    x = torch.randn(24, cin, 16, 16)
+    x = torch.randn(24, cin, size, size)
     set_per_image(layer)
     assert_rows_as_alone(layer, x)
     torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, layer.bias, stride, padding), rtol=0, atol=1e-5)
