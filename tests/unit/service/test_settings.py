@@ -76,6 +76,7 @@ def test_buckets_stop_at_the_first_that_holds_max_batch() -> None:
         ({"CM_LOG_LEVEL": "loud"}, "CM_LOG_LEVEL: Input should be"),
         ({"CM_WORKERS": "0"}, "CM_WORKERS: Input should be greater than or equal to 1"),
         ({"CM_WORKERS": "2", "CM_DEVICE": "cuda:0"}, "CM_WORKERS=2 needs CM_DEVICE=cpu"),
+        ({"CM_BATCH_INVARIANT": "maybe"}, "CM_BATCH_INVARIANT: Input should be a valid boolean"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(
