@@ -32,6 +32,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def train_argv(arm: str, out: Path, steps: int, save_every: int) -> list[str]:
 def seconds_per_step(arm: str, out: Path, env: dict[str, str]) -> float:
     """The arm's seconds per step from a 12-step run (steps 4…12 of its metrics.csv; the first ones warm up)."""
     folder = out / "calibrate"
+    shutil.rmtree(folder / arm, ignore_errors=True)  # a previous calibration's run would refuse the new one
     argv = train_argv(arm, folder.parent, 12, 100)
     argv[argv.index("--out") + 1] = str(folder / arm)
     argv[argv.index("--log-every") + 1] = "4"
