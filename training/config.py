@@ -23,7 +23,17 @@ from models.cli import CliError
 from models.config import ModelConfig, preset
 
 from .augment import AUGMENT_DIM, OPS
-from .recipe import TECHNIQUE_FLAGS, Curriculum, Distance, Recipe, Teacher, Timesteps, Weighting, recipe
+from .recipe import (
+    TECHNIQUE_FLAGS,
+    Curriculum,
+    Distance,
+    EctWeighting,
+    Recipe,
+    Teacher,
+    Timesteps,
+    Weighting,
+    recipe,
+)
 
 PresetName = Literal["digits", "cifar10", "imagenet64"]  # the keys of models.config.PRESETS
 RecipeName = Literal["ict", "ct", "edm", "ect", "cd"]  # the keys of training.recipe.RECIPES
@@ -98,11 +108,12 @@ class RunConfig:
     teacher_model: str | None = None  # CD: the pretrained denoiser to distil, a file or a run folder
     ect_stages: int | None = None  # ECT: stages of the mapping function over the run (default 8)
     ect_stage_steps: int | None = None  # ECT: iterations per stage; None: the run's steps / ect_stages
+    ect_weighting: EctWeighting | None = None  # ECT: gap, 1/(t − r) (default), or edm, EDM's λ(t)
     cd_levels: int | None = None  # CD: Karras levels N of the teacher's steps (default 18; CM: 40 on ImageNet 64)
 
     def recipe_obj(self) -> Recipe:
         fields = (*TECHNIQUE_FLAGS.values(), "s0", "s1", "mu0", "huber_c", "ect_stages", "ect_stage_steps",
-                  "cd_levels")
+                  "ect_weighting", "cd_levels")
         overrides = {f: getattr(self, f) for f in fields}
         return recipe(self.recipe, **overrides)
 
@@ -138,6 +149,7 @@ RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
     "init": ("ect",),
     "ect_stages": ("ect",),
     "ect_stage_steps": ("ect",),
+    "ect_weighting": ("ect",),
     "teacher_model": ("cd",),
     "cd_levels": ("cd",),
     "curriculum": CONSISTENCY_TRAINING,

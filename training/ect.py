@@ -3,7 +3,8 @@
 A consistency model tuned from a pretrained EDM denoiser: t from iCT's lognormal, r < t from the mapping
 function p(r|t), whose gap t − r shrinks stage by stage (Δt → dt, so the objective moves from denoising towards
 the consistency condition), shared ε, a stop-gradient target f(x_r, r) (y itself where r = 0), pseudo-Huber
-distance weighted by 1/(t − r). One pure function per formula, named for the paper's symbols.
+distance weighted by 1/(t − r) (or EDM's λ(t), `--ect-weighting edm`). One pure function per formula, named
+for the paper's symbols.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def r_of_t(t: torch.Tensor, stage: int, q: float = Q) -> torch.Tensor:
 def loss_weights(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """w(t, r) = 1/(t − r) (ECT §3, weighting function; iCT's 1/Δt in continuous t)."""
     return 1 / (t - r)
+
+
+def edm_weights(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """w(t) = (t² + σ_d²)/(t·σ_d)² = SNR(t) + 1/σ_d² (EDM Table 1's λ; the weight of locuslab/ect's EDM2 configs)."""
+    return (t**2 + sigma_data**2) / (t * sigma_data) ** 2
+
+
+def weights(kind: str, t: torch.Tensor, r: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """The per-sample weight of the tuning loss: `gap` 1/(t − r) (ECT §3) or `edm` EDM's λ(t)."""
+    return edm_weights(t, sigma_data) if kind == "edm" else loss_weights(t, r)
 
 
 def target(f_r: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

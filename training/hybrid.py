@@ -144,12 +144,13 @@ def tuning_loss(
     t: torch.Tensor,
     r: torch.Tensor,
     eps: torch.Tensor,
+    weights: torch.Tensor,
     distance: Distance,
     c: float,
     devices: list[int],
     **extra: Any,
 ) -> torch.Tensor:
-    """E[w(t, r)·d(f_θ(y + t·ε, t), stopgrad f_θ(y + r·ε, r))], the target y where r = 0 (ECT §3)."""
+    """E[w·d(f_θ(y + t·ε, t), stopgrad f_θ(y + r·ε, r))], the target y where r = 0 (ECT §3); w of shape (B,)."""
     x_t = y + t[:, None, None, None] * eps  # (B, C, H, W), the same ε in both terms
     x_r = y + r[:, None, None, None] * eps
     # Student pass from a forked RNG: the target pass replays its dropout masks (CPU and CUDA).
@@ -159,7 +160,7 @@ def tuning_loss(
     with torch.no_grad():
         f_r = target_fn(x_r, torch.where(r > 0, r, t), labels, **extra)
     target = ect.target(f_r.float(), y.float(), r)
-    return (ect.loss_weights(t, r) * distance(f_t.float(), target, c)).mean()
+    return (weights * distance(f_t.float(), target, c)).mean()
 
 
 def distillation_loss(
@@ -264,6 +265,7 @@ class ECTTrainer(PretrainedTrainer):
                 t,
                 r,
                 eps,
+                ect.weights(self.recipe.ect_weighting, t, r, self.cfg.sigma_data),
                 self.recipe.distance_fn(),
                 self.c,
                 rng_devices(self.device),

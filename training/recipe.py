@@ -21,6 +21,7 @@ Timesteps = Literal["lognormal", "uniform"]
 Curriculum = Literal["ict", "ct"]
 Teacher = Literal["student", "ema"]
 Weighting = Literal["ict", "uniform"]
+EctWeighting = Literal["gap", "edm"]  # ECT §3's 1/(t − r), or EDM's λ(t)
 Objective = Literal["ct", "edm", "ect", "cd"]  # the keys of training.hybrid.TRAINERS
 
 
@@ -45,6 +46,7 @@ class Recipe:
     ect_stages: int = ect.STAGES  # ECT: stages of the mapping function over the run, r = t·(1 − n(t)/q^(stage+1))
     ect_stage_steps: int | None = None  # ECT: iterations per stage (ECT's schedule); None: the run's K / ect_stages
     ect_q: float = ect.Q  # ECT: t − r shrinks by q per stage
+    ect_weighting: EctWeighting = "gap"  # ECT: w(t, r) = 1/(t − r) (ECT §3), or edm: λ(t) = (t² + σ_d²)/(t·σ_d)²
     cd_levels: int = cd.LEVELS  # CD: N, the Karras levels whose adjacent pairs (t′, t) the teacher steps between
 
     def __post_init__(self) -> None:
@@ -127,6 +129,7 @@ CHOICES: dict[str, Any] = {
     "curriculum": Curriculum,
     "teacher": Teacher,
     "weighting": Weighting,
+    "ect_weighting": EctWeighting,
 }
 DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
     "pseudo_huber": ict.pseudo_huber,

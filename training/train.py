@@ -57,6 +57,7 @@ CHOICE_FLAGS = {
     "device": "where to train (auto: CUDA when available)",
     "recipe": "ict (default); ct, the CT baseline; edm, diffusion pretraining; ect (--init); cd (--teacher-model)",
     **{name: f"override the recipe's {name}" for name in CHOICES},
+    "ect_weighting": "ECT: the loss weight, gap 1/(t − r) (ECT §3, default) or edm, EDM's λ(t) = SNR(t) + 1/σ_d²",
     "class_cond": "class-conditional model (auto: when the preset is and the data have labels)",
 }
 

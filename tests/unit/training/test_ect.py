@@ -77,6 +77,10 @@ def test_r_is_below_t_and_the_gap_shrinks_stage_by_stage() -> None:
 
 def test_weights_and_target() -> None:
     torch.testing.assert_close(ect.loss_weights(torch.tensor([2.0]), torch.tensor([1.5])), torch.tensor([2.0]))
+    # EDM's λ(t) = (t² + σ_d²)/(t·σ_d)²: t = 2 → 4.25/1; t = 0.5 → 0.5/0.0625 = 8 (σ_d = 0.5)
+    torch.testing.assert_close(ect.edm_weights(torch.tensor([2.0, 0.5]), 0.5), torch.tensor([4.25, 8.0]))
+    t, r = torch.tensor([2.0]), torch.tensor([1.5])
+    assert ect.weights("gap", t, r, 0.5).item() == 2.0 and ect.weights("edm", t, r, 0.5).item() == 4.25
     f_r, y = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     target = ect.target(f_r, y, torch.tensor([0.0, 0.3]))
     assert torch.equal(target[0], y[0]) and torch.equal(target[1], f_r[1])  # y where r = 0
@@ -92,11 +96,14 @@ def test_the_student_starts_as_the_denoiser_and_trains_with_edm_scalings(digits:
         assert torch.equal(trainer.ema.state_dict()[name], value)
 
 
-@pytest.mark.parametrize(("k", "dropout"), [(0, 0.0), (0, 0.3), (40, 0.3)])  # stage 0 (many r = 0) and stage 4
+@pytest.mark.parametrize(  # stage 0 (many r = 0) and stage 4; ECT §3's weight and EDM's λ(t)
+    ("k", "dropout", "weighting"), [(0, 0.0, "gap"), (0, 0.3, "gap"), (40, 0.3, "gap"), (40, 0.3, "edm")]
+)
 def test_ect_step_loss_and_gradients_match_the_ect_objective(
-    digits: Dataset, denoiser_file: Path, k: int, dropout: float
+    digits: Dataset, denoiser_file: Path, k: int, dropout: float, weighting: str
 ) -> None:
-    trainer = make_trainer("ect", RECIPES["ect"], digits, small_cfg(dropout), denoiser_file)
+    recipe = RECIPES["ect"].replace(ect_weighting=weighting)
+    trainer = make_trainer("ect", recipe, digits, small_cfg(dropout), denoiser_file)
     trainer.step_index = k
     stage = k * 8 // 80
     model = copy.deepcopy(trainer.student)
@@ -116,7 +123,9 @@ def test_ect_step_loss_and_gradients_match_the_ect_objective(
     target = torch.where((r > 0)[:, None, None, None], f_r, y)
     c = 0.00054 * 8
     distance = (((f_t - target) ** 2).sum(dim=(1, 2, 3)) + c * c).sqrt() - c
-    expected = (distance / (t - r)).mean()
+    sd = trainer.cfg.sigma_data
+    weight = 1 / (t - r) if weighting == "gap" else (t * t + sd * sd) / (t * sd) ** 2
+    expected = (distance * weight).mean()
     grads = torch.autograd.grad(expected, list(model.parameters()))
     torch.set_rng_state(state)
     result = trainer.step()
@@ -137,6 +146,7 @@ def test_init_only_with_ect_which_needs_an_existing_denoiser(tmp_path: Path, den
             r"^--model-channels: --recipe ect keeps the architecture of --init",
         ),
         (["--recipe", "ect", "--init", str(denoiser_file), "--cd-levels", "40"], r"^--cd-levels is only used"),
+        (["--ect-weighting", "edm"], r"^--ect-weighting is only used with --recipe ect, not --recipe ict$"),
     ]
     for argv, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -144,7 +154,9 @@ def test_init_only_with_ect_which_needs_an_existing_denoiser(tmp_path: Path, den
     cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--ect-stages", "4"])
     assert cfg.recipe_obj().ect_stages == 4 and cfg.recipe_obj().objective == "ect"
     cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--ect-stage-steps", "375"])
-    assert cfg.recipe_obj().ect_stage_steps == 375
+    assert cfg.recipe_obj().ect_stage_steps == 375 and cfg.recipe_obj().ect_weighting == "gap"
+    cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--ect-weighting", "edm"])
+    assert cfg.recipe_obj().ect_weighting == "edm"
 
 
 def test_init_names_a_denoiser_file_or_a_run_folder(tmp_path: Path, denoiser_file: Path) -> None:
