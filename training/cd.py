@@ -16,7 +16,7 @@ MU = 0.95  # CM Table 3: EMA decay of the target network θ⁻ in CD
 
 
 def target_decay(teacher: str, mu: float = MU) -> float:
-    """μ of the EMA target, fixed in CD (CM Algorithm 2: θ⁻ ← stopgrad(μθ⁻ + (1 − μ)θ)); 0 for the stopgrad student."""
+    """μ of the EMA target, fixed in CD and ECT (CM Algorithm 2: θ⁻ ← stopgrad(μθ⁻ + (1 − μ)θ)); 0 for the student."""
     return mu if teacher == "ema" else 0.0
 
 

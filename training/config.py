@@ -157,8 +157,8 @@ RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
     "s1": CONSISTENCY_TRAINING,
     "timesteps": (*CONSISTENCY_TRAINING, "cd"),  # CD: the law of the level index on its fixed grid
     "weighting": (*CONSISTENCY_TRAINING, "cd"),
-    "teacher": (*CONSISTENCY_TRAINING, "cd"),  # CD: the target, the stop-gradient student or θ⁻ (EMA, μ = --mu0)
-    "mu0": (*CONSISTENCY_TRAINING, "cd"),
+    "teacher": (*CONSISTENCY_TRAINING, "ect", "cd"),  # ECT, CD: stop-gradient student or θ⁻ (EMA, fixed μ = --mu0)
+    "mu0": (*CONSISTENCY_TRAINING, "ect", "cd"),
     "distance": (*CONSISTENCY_TRAINING, "ect", "cd"),
     "huber_c": (*CONSISTENCY_TRAINING, "ect", "cd"),
 }

@@ -6,7 +6,8 @@ Heun step are models/denoiser.py. `TRAINERS` maps a recipe's objective to its tr
 
 - edm: the student is a `Denoiser` (EDM's scalings); its export is a denoiser file, sampled by Heun.
 - ect: the student is a `ConsistencyModel` initialised from the denoiser (--init); the loss evaluates its backbone
-  under EDM's unshifted scalings (ECT trains D_θ), the export samples with the σ_min-shifted ones.
+  (and the EMA target's, --teacher ema) under EDM's unshifted scalings (ECT trains D_θ), the export samples with
+  the σ_min-shifted ones.
 - cd: the student is a `ConsistencyModel` initialised from the denoiser (--teacher-model), which stays frozen
   as the teacher whose probability-flow ODE it distils.
 """
@@ -199,6 +200,13 @@ class HybridTrainer(Trainer):
         decay = ema_decay_at(k, self.loop.ema_decay) if self.loop.ema_warmup else self.loop.ema_decay
         lerp_params(self.ema, self.student, 1.0 - decay)
 
+    def update_target(self) -> float:
+        """θ⁻ ← μθ⁻ + (1 − μ)θ with a fixed μ (CM Algorithm 2) when the target is an EMA; its μ, 0 without one."""
+        mu = cd.target_decay(self.recipe.teacher, self.recipe.mu0)
+        if self.teacher is not None:
+            lerp_params(self.teacher, self.student, 1.0 - mu)
+        return mu
+
 
 class EDMTrainer(HybridTrainer):
     """EDM pretraining: the denoising loss on the preset's backbone under EDM's scalings (EDM §5, Table 1)."""
@@ -242,9 +250,9 @@ class PretrainedTrainer(HybridTrainer):
 class ECTTrainer(PretrainedTrainer):
     """Easy Consistency Tuning (Geng et al. 2024): r from the mapping function, stage by stage over the run."""
 
-    def trained_function(self) -> nn.Module:
+    def trained_function(self, model: nn.Module) -> nn.Module:
         # ECT trains f with EDM's unshifted scalings; the exported student samples with the σ_min-shifted ones.
-        return Denoiser(self.student.backbone, self.cfg)
+        return Denoiser(model.backbone, self.cfg)
 
     def step(self) -> StepResult:
         k = self.step_index
@@ -271,11 +279,12 @@ class ECTTrainer(PretrainedTrainer):
                 rng_devices(self.device),
                 **extra,
             )
-        # Phase 3: backward, clip, RAdam step; EMA.
+        # Phase 3: backward, clip, RAdam step; EMA; the EMA target with a fixed μ (--teacher ema, as CD's).
         grad_norm = self.optimizer_step(loss)
         self.update_ema(k)
+        mu = self.update_target()
         self.step_index = k + 1
-        return StepResult(loss.detach(), grad_norm, 0, 0.0, stage=stage)
+        return StepResult(loss.detach(), grad_norm, 0, mu, stage=stage)
 
 
 class CDTrainer(PretrainedTrainer):
@@ -318,9 +327,7 @@ class CDTrainer(PretrainedTrainer):
         # Phase 4: backward, clip, RAdam step; EMA of the student; CD's EMA target with a fixed μ (--teacher ema).
         grad_norm = self.optimizer_step(loss)
         self.update_ema(k)
-        mu = cd.target_decay(self.recipe.teacher, self.recipe.mu0)
-        if self.teacher is not None:
-            lerp_params(self.teacher, self.student, 1.0 - mu)
+        mu = self.update_target()
         self.step_index = k + 1
         return StepResult(loss.detach(), grad_norm, n, mu)
 

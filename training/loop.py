@@ -181,7 +181,7 @@ class Trainer:
         self.student = self.build_student().to(device).train()
         if device.type == "cuda":
             self.student = self.student.to(memory_format=torch.channels_last)
-        trained = self.trained_function()
+        trained = self.trained_function(self.student)
         self.forward: nn.Module = torch.compile(trained) if loop.compile else trained
         self.student_fn: nn.Module = self.forward
         if dist_info.enabled:
@@ -192,7 +192,8 @@ class Trainer:
         self.teacher = copy.deepcopy(self.student).requires_grad_(False) if recipe.teacher == "ema" else None
         self.teacher_fn: nn.Module = self.forward
         if self.teacher is not None:
-            self.teacher_fn = torch.compile(self.teacher) if loop.compile else self.teacher
+            teacher = self.trained_function(self.teacher)
+            self.teacher_fn = torch.compile(teacher) if loop.compile else teacher
         self.optimizer = torch.optim.RAdam(self.student.parameters(), lr=loop.lr)
         self.scaler = torch.amp.GradScaler(device.type) if loop.precision == "fp16" else None
         self.grids: dict[int, NoiseGrid] = {}
@@ -209,9 +210,9 @@ class Trainer:
         """The network whose weights are trained, EMA'd and exported: a freshly initialised consistency model."""
         return ConsistencyModel.from_config(self.cfg)
 
-    def trained_function(self) -> nn.Module:
-        """The function of the student's weights that the loss evaluates: the student itself."""
-        return self.student
+    def trained_function(self, model: nn.Module) -> nn.Module:
+        """The function of a model's weights (the student's, the EMA target's) that the loss evaluates: the model."""
+        return model
 
     # -- the pieces of one step
 

@@ -38,7 +38,7 @@ class Recipe:
     dropout: float | None = None  # None keeps the model preset's rate (iCT: 0.3 on CIFAR-10); CT: 0
     s0: int | None = None  # curriculum start; None = the curriculum's own (iCT 10, CT 2)
     s1: int | None = None  # curriculum end; None = the curriculum's own (iCT 1280, CT 150)
-    mu0: float = ct.MU0  # EMA-teacher decay at N = s0 (CT only)
+    mu0: float = ct.MU0  # EMA-teacher decay: CT's μ(k) at N = s0; ECT and CD (--teacher ema): θ⁻'s fixed μ
     huber_c: float | None = None  # pseudo-Huber c; None = iCT's 0.00054·√d (§3.3)
     p_mean: float = ict.P_MEAN  # lognormal timesteps (iCT §3.5)
     p_std: float = ict.P_STD
@@ -161,8 +161,9 @@ RECIPES: dict[str, Recipe] = {
     ),
     # EDM pretraining (EDM Table 1): the denoiser ECT and CD start from, on the same backbone and Fourier scale.
     "edm": Recipe(objective="edm", p_mean=edm.P_MEAN, p_std=edm.P_STD),
-    # ECT (Geng et al. 2024): iCT's lognormal t, pseudo-Huber, stop-gradient target; r from the mapping function.
-    "ect": Recipe(objective="ect", p_mean=ect.P_MEAN, p_std=ect.P_STD),
+    # ECT (Geng et al. 2024): iCT's lognormal t, pseudo-Huber, stop-gradient target (--teacher ema: θ⁻ with CD's
+    # μ = 0.95); r from the mapping function.
+    "ect": Recipe(objective="ect", p_mean=ect.P_MEAN, p_std=ect.P_STD, mu0=cd.MU),
     # CD (CM Algorithm 2): n ~ U[1, N−1], λ = 1; iCT's stop-gradient target (--teacher ema: CM's θ⁻ with μ = 0.95).
     "cd": Recipe(objective="cd", timesteps="uniform", weighting="uniform", mu0=cd.MU),
 }

@@ -39,7 +39,7 @@ NUMBER_FLAGS = (
     ("stop_after", int, "stop after this many steps in this invocation"),
     ("s0", int, "curriculum start s0"),
     ("s1", int, "curriculum end s1"),
-    ("mu0", float, "EMA-teacher decay μ0"),
+    ("mu0", float, "EMA-teacher decay: CT's μ0 at N = s0 (0.9); ECT and CD with --teacher ema, the fixed μ (0.95)"),
     ("huber_c", float, "pseudo-Huber c (default: iCT's 0.00054·√d)"),
     ("model_channels", int, "preset override: model_channels"),
     ("num_res_blocks", int, "preset override: num_res_blocks"),

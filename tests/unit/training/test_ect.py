@@ -13,6 +13,7 @@ import torch
 from models import checkpoint
 from models.consistency import ConsistencyModel
 from models.denoiser import Denoiser
+from tests.conftest import randomize
 from training import ect
 from training.config import ConfigError
 from training.data import Dataset, load_digits_train
@@ -96,17 +97,28 @@ def test_the_student_starts_as_the_denoiser_and_trains_with_edm_scalings(digits:
         assert torch.equal(trainer.ema.state_dict()[name], value)
 
 
-@pytest.mark.parametrize(  # stage 0 (many r = 0) and stage 4; ECT §3's weight and EDM's λ(t)
-    ("k", "dropout", "weighting"), [(0, 0.0, "gap"), (0, 0.3, "gap"), (40, 0.3, "gap"), (40, 0.3, "edm")]
+@pytest.mark.parametrize(  # stage 0 (many r = 0) and stage 4; ECT §3's weight and EDM's λ(t); CM's EMA target θ⁻
+    ("k", "dropout", "weighting", "teacher"),
+    [
+        (0, 0.0, "gap", "student"),
+        (0, 0.3, "gap", "student"),
+        (40, 0.3, "gap", "student"),
+        (40, 0.3, "edm", "student"),
+        (0, 0.3, "gap", "ema"),
+        (40, 0.3, "gap", "ema"),
+    ],
 )
 def test_ect_step_loss_and_gradients_match_the_ect_objective(
-    digits: Dataset, denoiser_file: Path, k: int, dropout: float, weighting: str
+    digits: Dataset, denoiser_file: Path, k: int, dropout: float, weighting: str, teacher: str
 ) -> None:
-    recipe = RECIPES["ect"].replace(ect_weighting=weighting)
+    recipe = RECIPES["ect"].replace(ect_weighting=weighting, teacher=teacher)
     trainer = make_trainer("ect", recipe, digits, small_cfg(dropout), denoiser_file)
+    if teacher == "ema":  # make θ⁻ differ from θ, so that the replay can tell which one gave the target
+        randomize(trainer.teacher, seed=3)
     trainer.step_index = k
     stage = k * 8 // 80
     model = copy.deepcopy(trainer.student)
+    target_model = copy.deepcopy(trainer.teacher) if teacher == "ema" else model
     y, labels = trainer.batch(k)
     torch.manual_seed(5)
     state = torch.get_rng_state()
@@ -119,7 +131,8 @@ def test_ect_step_loss_and_gradients_match_the_ect_objective(
     before = torch.get_rng_state()
     f_t = edm_by_hand(model.backbone, y + t[:, None, None, None] * eps, t, labels)
     torch.set_rng_state(before)  # the target replays the student's dropout masks
-    f_r = edm_by_hand(model.backbone, y + r[:, None, None, None] * eps, torch.where(r > 0, r, t), labels).detach()
+    x_r = y + r[:, None, None, None] * eps
+    f_r = edm_by_hand(target_model.backbone, x_r, torch.where(r > 0, r, t), labels).detach()
     target = torch.where((r > 0)[:, None, None, None], f_r, y)
     c = 0.00054 * 8
     distance = (((f_t - target) ** 2).sum(dim=(1, 2, 3)) + c * c).sqrt() - c
@@ -127,12 +140,17 @@ def test_ect_step_loss_and_gradients_match_the_ect_objective(
     weight = 1 / (t - r) if weighting == "gap" else (t * t + sd * sd) / (t * sd) ** 2
     expected = (distance * weight).mean()
     grads = torch.autograd.grad(expected, list(model.parameters()))
+    target_before = [p.clone() for p in trainer.teacher.parameters()] if teacher == "ema" else []
     torch.set_rng_state(state)
     result = trainer.step()
-    assert result.stage == stage
+    assert (result.stage, result.teacher_decay) == (stage, 0.95 if teacher == "ema" else 0.0)
     torch.testing.assert_close(result.loss, expected.detach(), rtol=1e-5, atol=0)
     for p, g in zip(trainer.student.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    if teacher == "ema":  # θ⁻ ← μθ⁻ + (1 − μ)θ with CD's fixed μ = 0.95
+        after = zip(target_before, trainer.teacher.parameters(), trainer.student.parameters(), strict=True)
+        for before_p, after_p, student_p in after:
+            torch.testing.assert_close(after_p, 0.95 * before_p + 0.05 * student_p)
 
 
 def test_init_only_with_ect_which_needs_an_existing_denoiser(tmp_path: Path, denoiser_file: Path) -> None:
@@ -156,7 +174,9 @@ def test_init_only_with_ect_which_needs_an_existing_denoiser(tmp_path: Path, den
     cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--ect-stage-steps", "375"])
     assert cfg.recipe_obj().ect_stage_steps == 375 and cfg.recipe_obj().ect_weighting == "gap"
     cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--ect-weighting", "edm"])
-    assert cfg.recipe_obj().ect_weighting == "edm"
+    assert cfg.recipe_obj().ect_weighting == "edm" and cfg.recipe_obj().teacher == "student"
+    cfg, _, _ = resolve([*out, "--recipe", "ect", "--init", str(denoiser_file), "--teacher", "ema", "--mu0", "0.99"])
+    assert (cfg.recipe_obj().teacher, cfg.recipe_obj().mu0) == ("ema", 0.99)
 
 
 def test_init_names_a_denoiser_file_or_a_run_folder(tmp_path: Path, denoiser_file: Path) -> None:
@@ -168,8 +188,11 @@ def test_init_names_a_denoiser_file_or_a_run_folder(tmp_path: Path, denoiser_fil
         load_pretrained(str(consistency), "init")
 
 
-def test_an_ect_run_resumes_exactly_and_exports_a_consistency_model(tmp_path: Path, denoiser_file: Path) -> None:
-    assert_resume_is_exact(tmp_path, "--recipe", "ect", "--init", str(denoiser_file))
+@pytest.mark.parametrize("teacher", ["student", "ema"])
+def test_an_ect_run_resumes_exactly_and_exports_a_consistency_model(
+    tmp_path: Path, denoiser_file: Path, teacher: str
+) -> None:
+    assert_resume_is_exact(tmp_path, "--recipe", "ect", "--init", str(denoiser_file), "--teacher", teacher)
     exported = checkpoint.load(tmp_path / "straight" / "checkpoints" / "step-00000008.safetensors")
     assert isinstance(exported.model, ConsistencyModel) and exported.meta.config.kind == "consistency"
     assert exported.meta.schedules[1] == [80.0]
