@@ -86,7 +86,7 @@ def test_edm_run_resumes_exactly_and_exports_a_denoiser(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--teacher", "ema"], r"^--teacher is only used with --recipe ict or ct or cd, not --recipe edm$"),
+        (["--teacher", "ema"], r"^--teacher is only used with --recipe ict or ct or ect or cd, not --recipe edm$"),
         (["--curriculum", "ct"], r"^--curriculum is only used with --recipe ict or ct, not --recipe edm$"),
         (["--distance", "l2"], r"^--distance is only used with --recipe ict or ct or ect or cd, not --recipe edm$"),
     ],
