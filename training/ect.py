@@ -3,9 +3,8 @@
 A consistency model tuned from a pretrained EDM denoiser: t from iCT's lognormal, r < t from the mapping
 function p(r|t), whose gap t − r shrinks stage by stage (Δt → dt, so the objective moves from denoising towards
 the consistency condition), shared ε, a stop-gradient target f(x_r, r) (y itself where r = 0; `--teacher ema`
-evaluates it with CM's EMA weights θ⁻, as CD can), pseudo-Huber
-distance weighted by 1/(t − r) (or EDM's λ(t), `--ect-weighting edm`). One pure function per formula, named
-for the paper's symbols.
+evaluates it with CM's EMA weights θ⁻, as CD can), pseudo-Huber distance weighted by 1/(t − r) (or EDM's λ(t),
+`--ect-weighting edm`). One pure function per formula, named for the paper's symbols.
 """
 
 from __future__ import annotations
